@@ -1,0 +1,58 @@
+"""Shared test fixtures.
+
+Real data and weights live in ``../shared`` beside the checkout (never copied into the repo).
+In a user's checkout they are absent and the tests that need them skip with a reason; ``.ci/run``
+sets ``REFSEG_REQUIRE_SHARED=1`` so that their absence fails CI instead of silently skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("REFSEG_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def _require(path: Path, what: str) -> Path:
+    if path.exists():
+        return path
+    message = f"{what} not found at {path} (set REFSEG_SHARED_DIR or place ../shared beside the checkout)"
+    if os.environ.get("REFSEG_REQUIRE_SHARED") == "1":
+        pytest.fail(message + "; REFSEG_REQUIRE_SHARED=1 makes this an error", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED_DIR, "shared data directory")
+
+
+@pytest.fixture(scope="session")
+def coco_mini_dir() -> Path:
+    """Real COCO images + instances.json (543 images, all 80 classes)."""
+    return _require(SHARED_DIR / "data" / "coco_mini", "coco_mini")
+
+
+@pytest.fixture(scope="session")
+def coco20i_lists_dir() -> Path:
+    """Official HSNet COCO-20i lists: {trn,val}/fold{0-3}.json."""
+    return _require(SHARED_DIR / "data" / "splits" / "coco20i_hsnet", "HSNet COCO-20i lists")
+
+
+@pytest.fixture(scope="session")
+def pascal5i_lists_dir() -> Path:
+    return _require(SHARED_DIR / "data" / "splits" / "pascal5i_hsnet", "HSNet PASCAL-5i lists")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights() -> Path:
+    """Real ImageNet MobileNetV2 state dict (TF padding + (x-128)/128 input scaling)."""
+    return _require(SHARED_DIR / "weights" / "mobilenet_v2_imagenet.pth", "MobileNetV2 weights")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_check_dir() -> Path:
+    return _require(SHARED_DIR / "weights" / "check", "MobileNetV2 check images")
