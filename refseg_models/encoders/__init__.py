@@ -1,0 +1,91 @@
+"""Frozen encoders: SAM image encoders and class-consistent backbones, built by name.
+
+``build_encoder(name, checkpoint, **cfg)`` is the one entry point the pipeline uses. Builders are
+named as ``"module:function"`` strings and imported on first use (as ``refseg_models.build`` does).
+
+A missing weights path never silently yields random features: ``checkpoint=None`` is refused unless
+the caller passes ``allow_random_init=True`` (tests, speed benchmarks, the ``sam_vit_tiny`` demo).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from refseg_models.encoders.base import BACKBONE_LAYERS, Backbone, FrozenEncoder
+from refseg_models.encoders.checkpoint import CheckpointError
+from refseg_models.encoders.transforms import get_preprocessor
+
+# name -> (builder "module:function", fixed keyword arguments)
+ENCODER_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sam_vit_h": ("refseg_models.encoders.sam_image_encoder:build_sam_image_encoder", {"variant": "vit_h"}),
+    "sam_vit_l": ("refseg_models.encoders.sam_image_encoder:build_sam_image_encoder", {"variant": "vit_l"}),
+    "sam_vit_b": ("refseg_models.encoders.sam_image_encoder:build_sam_image_encoder", {"variant": "vit_b"}),
+    "sam_vit_tiny": ("refseg_models.encoders.sam_image_encoder:build_sam_image_encoder", {"variant": "vit_tiny"}),
+    "resnet50_v2": ("refseg_models.encoders.resnet50_v2:build_resnet50_v2_backbone", {}),
+    "resnet50_tv": ("refseg_models.encoders.resnet50_tv:build_resnet50_tv_backbone", {}),
+    "vgg16": ("refseg_models.encoders.vgg16:build_vgg16_backbone", {}),
+    "dinov2_vits14": ("refseg_models.encoders.dinov2:build_dinov2_encoder", {"variant": "vits14"}),
+    "dinov2_vitb14": ("refseg_models.encoders.dinov2:build_dinov2_encoder", {"variant": "vitb14"}),
+    "dinov2_vitl14": ("refseg_models.encoders.dinov2:build_dinov2_encoder", {"variant": "vitl14"}),
+    "mobilenet_v2": ("refseg_models.encoders.mobilenet_v2:build_mobilenet_v2_backbone", {}),
+}
+
+
+def available_encoders() -> list[str]:
+    return sorted(ENCODER_BUILDERS)
+
+
+def _resolve(target: str) -> Callable[..., nn.Module]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def build_encoder(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    allow_random_init: bool = False,
+    **cfg: Any,
+) -> nn.Module:
+    """Build the frozen encoder ``name`` (eval mode, ``requires_grad=False``).
+
+    Args:
+        name: one of :func:`available_encoders`.
+        checkpoint: weights file (loaded with ``weights_only=True``, strictly).
+        allow_random_init: permit ``checkpoint=None`` (random weights; never for real features).
+        **cfg: builder options, e.g. ``preprocessing="sam_longest1024_pad"`` for SAM encoders,
+            ``input_size=896`` / ``preprocessing=...`` for DINOv2.
+
+    Raises:
+        KeyError: unknown ``name`` (the message lists the options).
+        ValueError: ``checkpoint=None`` without ``allow_random_init``.
+        FileNotFoundError: ``checkpoint`` does not exist (the message names the path).
+        CheckpointError: the file does not match the architecture (names missing/unexpected keys).
+    """
+    if name not in ENCODER_BUILDERS:
+        raise KeyError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+    if checkpoint is None and not allow_random_init:
+        raise ValueError(
+            f"encoder {name!r} needs a checkpoint path; pass allow_random_init=True to build it with random "
+            "weights (tests and speed benchmarks only: random features are meaningless)"
+        )
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint file for encoder {name!r} not found: {checkpoint}")
+    target, fixed = ENCODER_BUILDERS[name]
+    return _resolve(target)(checkpoint=checkpoint, **fixed, **cfg)
+
+
+__all__ = [
+    "BACKBONE_LAYERS",
+    "Backbone",
+    "CheckpointError",
+    "ENCODER_BUILDERS",
+    "FrozenEncoder",
+    "available_encoders",
+    "build_encoder",
+    "get_preprocessor",
+]
