@@ -1,0 +1,126 @@
+"""``refseg predict``: segment in a target image what a reference annotation marks.
+
+    refseg predict --checkpoint CK --reference-image R.jpg \\
+        (--reference-mask M.png | --box X0 Y0 X1 Y1 | --points X,Y [X,Y ...] | --scribble S.png) \\
+        --target-image T.jpg --out-dir DIR [--sam-checkpoint SAM.pth] [--backbone-checkpoint BB.pth]
+
+writes DIR/mask.png (0/255) and DIR/overlay.png. ``--persam`` runs the training-free PerSAM baseline
+from ``--sam-checkpoint`` alone (no method checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.images import load_rgb
+from pipeline.errors import ConfigError, DataError
+
+
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a point is X,Y (e.g. 120,45), got {text!r}") from exc
+    return (x, y)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment a target image from a reference image + annotation (writes mask.png, overlay.png)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="method checkpoint (format refseg-model/1)")
+    model.add_argument("--persam", action="store_true", help="training-free PerSAM from --sam-checkpoint")
+    parser.add_argument("--reference-image", type=Path, required=True)
+    annotation = parser.add_mutually_exclusive_group(required=True)
+    annotation.add_argument("--reference-mask", type=Path, help="PNG mask of the reference (nonzero = object)")
+    annotation.add_argument("--scribble", type=Path, help="PNG of scribble strokes on the reference (nonzero)")
+    annotation.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
+    annotation.add_argument("--points", type=_point, nargs="+", metavar="X,Y")
+    parser.add_argument("--target-image", type=Path, required=True)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--sam-checkpoint", type=Path, default=None, help="SAM weights (sam_vit_*.pth)")
+    parser.add_argument("--backbone-checkpoint", type=Path, default=None, help="backbone weights")
+    parser.add_argument("--sam-encoder", default="sam_vit_b", help="SAM encoder for --persam (default sam_vit_b)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--allow-random-init",
+        action="store_true",
+        help="build encoders without weights when no checkpoint is given (demos/tests only: random features)",
+    )
+    parser.set_defaults(handler=run_predict)
+
+
+def _load_mask(path: Path, what: str, shape: tuple[int, int]) -> np.ndarray:
+    from pipeline.data.images import load_label_png
+
+    mask = load_label_png(path) if _is_single_channel(path) else load_rgb(path)[..., 0]
+    if mask.shape != shape:
+        raise DataError(f"{what} {path} is {mask.shape[1]} x {mask.shape[0]}, the reference image is {shape[1]} x {shape[0]}")
+    if not (mask > 0).any():
+        raise DataError(f"{what} {path} marks no pixel")
+    return mask > 0
+
+
+def _is_single_channel(path: Path) -> bool:
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"mask file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("L", "P", "I", "I;16", "1")
+    except OSError as exc:
+        raise DataError(f"unreadable mask file {path}: {exc}") from exc
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    # Imported here so `refseg --help` stays fast (torch / segment-anything load on use).
+    from refseg_models.predictor import Box, Points, RefSegPredictor, Scribble
+
+    for flag, path in (
+        ("--checkpoint", args.checkpoint),
+        ("--sam-checkpoint", args.sam_checkpoint),
+        ("--backbone-checkpoint", args.backbone_checkpoint),
+    ):
+        if path is not None and not path.is_file():
+            raise DataError(f"{flag}: file not found: {path}")
+    reference = load_rgb(args.reference_image)
+    target = load_rgb(args.target_image)
+    shape = reference.shape[:2]
+    if args.reference_mask is not None:
+        annotation: Any = _load_mask(args.reference_mask, "reference mask", shape)
+    elif args.scribble is not None:
+        annotation = Scribble(_load_mask(args.scribble, "scribble", shape))
+    elif args.box is not None:
+        annotation = Box(*args.box)
+    else:
+        annotation = Points(tuple(args.points))
+    try:
+        if args.persam:
+            predictor = RefSegPredictor.for_persam(
+                args.sam_checkpoint, args.sam_encoder, device=args.device, allow_random_init=args.allow_random_init
+            )
+        else:
+            predictor = RefSegPredictor.from_checkpoint(
+                args.checkpoint,
+                sam_checkpoint=args.sam_checkpoint,
+                backbone_checkpoint=args.backbone_checkpoint,
+                device=args.device,
+                allow_random_init=args.allow_random_init,
+            )
+        mask = predictor.predict(reference, annotation, target)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(str(exc)) from exc
+    from pipeline.inference.overlay import write_outputs
+
+    mask_path, overlay_path = write_outputs(args.out_dir, target, mask)
+    print(f"mask: {mask_path} ({int(mask.sum())} of {mask.size} pixels)\noverlay: {overlay_path}")
+    return 0

@@ -1,0 +1,429 @@
+"""The user-facing predictor and the ``predict`` CLI command.
+
+End to end on real coco_mini images with the real MobileNetV2: a SegIC decoder is trained briefly
+in feature space (the same geometry the predictor uses), saved as a ``refseg-model/1`` checkpoint,
+and the predictor, run on the RAW images, must reproduce its accuracy against the GT mask at the
+target's original size (a wrong frame mapping would not). PerSAM and VRP-SAM run through the same
+predictor with a random-init ``sam_vit_tiny`` (no real SAM weights exist here): shapes, geometry and
+agreement with a hand-run pipeline are checked, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from refseg_models import build_model
+from refseg_models.modeling.segic_instructions import masks_to_boxes
+from refseg_models.modeling.segic_training import segic_mask_loss
+from refseg_models.predictor import (
+    CHECKPOINT_FORMAT,
+    Box,
+    Frame,
+    Points,
+    RefSegPredictor,
+    Scribble,
+    annotation_to_mask,
+    frame_of,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+SEGIC_CONFIG = dict(
+    in_channels=1280,
+    input_size=128,
+    feature_size=16,
+    mask_down_strides=[4, 2],
+    similarity_size=16,
+    feature_key="layer4",
+)
+
+
+# ----------------------------------------------------------------------------- annotations
+
+
+def test_annotation_types_become_binary_masks() -> None:
+    shape = (40, 60, 3)
+    box = annotation_to_mask(Box(10, 5, 20, 15), shape)
+    assert box.sum() == 11 * 11 and box[5, 10] and box[15, 20] and not box[16, 20]
+    assert np.array_equal(annotation_to_mask((10, 5, 20, 15), shape), box)  # flat 4-tuple = box
+    points = annotation_to_mask(Points(((30.0, 20.0),)), shape)
+    assert points[20, 30] and points.sum() > 1 and points.sum() < 20  # a small disc
+    assert np.array_equal(annotation_to_mask([(30, 20)], shape), points)
+    raw = np.zeros((40, 60), np.uint8)
+    raw[3:9, 4:7] = 255
+    assert np.array_equal(annotation_to_mask(raw, shape), raw > 0)
+    assert np.array_equal(annotation_to_mask(Scribble(raw), shape), raw > 0)
+
+
+@pytest.mark.parametrize(
+    "annotation, message",
+    [
+        (np.zeros((40, 60)), "covers no pixel"),
+        (np.ones((41, 60)), "shape"),
+        (Box(20, 5, 10, 15), "x0 <= x1"),
+        ([(70, 5)], "outside"),
+        ([], "no reference points"),
+        ("mask.png", "unsupported"),
+    ],
+)
+def test_bad_annotations_are_refused(annotation, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        annotation_to_mask(annotation, (40, 60, 3))
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_frame_round_trip(padded: bool) -> None:
+    mask = np.zeros((300, 500), bool)
+    mask[40:200, 100:420] = True
+    frame = Frame((300, 500), 256, padded)
+    inside = frame.mask_to_frame(mask)
+    assert inside.shape == (256, 256)
+    if padded:
+        assert frame.valid == (154, 256) and inside[154:].sum() == 0
+    else:
+        assert frame.valid == (256, 256)
+    back = frame.logits_to_image((inside * 2 - 1)[None, None])
+    iou = (back & mask).sum() / (back | mask).sum()
+    assert back.shape == (300, 500) and iou > 0.97
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("segic", **SEGIC_CONFIG)
+    path = save_checkpoint(model, "segic", SEGIC_CONFIG, tmp_path / "ck" / "segic.pt", {"backbone": "mobilenet_v2"})
+    payload = torch.load(path, weights_only=True)  # plain data only
+    assert payload["format"] == CHECKPOINT_FORMAT and payload["method"] == "segic"
+    rebuilt = model_from_checkpoint(load_checkpoint(path))
+    for (k, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), k
+
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        load_checkpoint(tmp_path / "nothere.pt")
+    torch.save({"format": "other/2"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="refseg-model/1"):
+        load_checkpoint(tmp_path / "bad.pt")
+    payload["state_dict"].pop("neck.layers.0.weight")
+    payload["state_dict"]["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing=\['neck.layers.0.weight'\].*unexpected=\['extra.weight'\]"):
+        model_from_checkpoint(payload, "edited")
+    with pytest.raises(ValueError, match="needs encoders"):
+        save_checkpoint(model, "segic", SEGIC_CONFIG, tmp_path / "x.pt", {"sam": "sam_vit_b"})
+    with pytest.raises(ValueError, match="config.path"):
+        save_checkpoint(model, "segic", {**SEGIC_CONFIG, "path": Path("x")}, tmp_path / "x.pt", {"backbone": "mobilenet_v2"})
+
+
+def test_predictor_refuses_missing_encoder_weights(tmp_path: Path) -> None:
+    model = build_model("segic", **SEGIC_CONFIG)
+    path = save_checkpoint(model, "segic", SEGIC_CONFIG, tmp_path / "segic.pt", {"backbone": "mobilenet_v2"})
+    with pytest.raises(ValueError, match="needs a checkpoint path"):
+        RefSegPredictor.from_checkpoint(path)  # no backbone weights and no allow_random_init
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        RefSegPredictor.from_checkpoint(path, backbone_checkpoint=tmp_path / "missing.pth")
+
+
+# ----------------------------------------------------------------------------- real pairs
+
+
+def _pairs(coco_dir: Path, count: int):
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(coco_dir / "instances.json"))
+    pairs = []
+    for category in sorted(coco.cats):
+        found = []
+        for image_id in sorted(coco.getImgIds(catIds=[category])):
+            info = coco.imgs[image_id]
+            mask = np.zeros((info["height"], info["width"]), np.uint8)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, catIds=[category], iscrowd=False)):
+                mask |= coco.annToMask(ann).astype(np.uint8)
+            if 0.1 < mask.mean() < 0.5:
+                found.append((coco_dir / "images" / info["file_name"], mask))
+            if len(found) == 2:
+                pairs.append(found)
+                break
+        if len(pairs) == count:
+            return pairs
+    raise AssertionError("too few suitable coco_mini pairs")
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def trained_segic(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path):
+    """SegIC trained in feature space on 2 real pairs, saved as a method checkpoint."""
+    from refseg_models.encoders import build_encoder
+    from refseg_models.losses import point_sampled_mask_loss
+
+    torch.manual_seed(0)
+    pairs = _pairs(coco_mini_dir, 2)
+    backbone = build_encoder("mobilenet_v2", mobilenet_v2_weights)
+    model = build_model("segic", **SEGIC_CONFIG)
+    size = SEGIC_CONFIG["input_size"]
+    ref_images = [_rgb(p[0][0]) for p in pairs]
+    tgt_images = [_rgb(p[1][0]) for p in pairs]
+    with torch.no_grad():
+        ref = backbone(torch.stack([backbone.preprocess(i) for i in ref_images]))["layer4"]
+        tgt = backbone(torch.stack([backbone.preprocess(i) for i in tgt_images]))["layer4"]
+    # the predictor's own frame mapping (squash 512 frame, scaled to the model input size)
+    ref_masks = torch.stack(
+        [frame_of(backbone, i).scaled(size).mask_to_frame(p[0][1] > 0) for i, p in zip(ref_images, pairs)]
+    )[:, None]
+    tgt_masks = torch.stack([frame_of(backbone, i).scaled(size).mask_to_frame(p[1][1] > 0) for i, p in zip(tgt_images, pairs)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    boxes = masks_to_boxes(tgt_masks)
+    for _ in range(20):
+        out = model(tgt, ref[:, None], ref_masks, target_boxes=boxes, generator=g)
+        loss = segic_mask_loss(out, tgt_masks, lambda l, t: point_sampled_mask_loss(l, t, num_points=64 * 64, generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = save_checkpoint(
+        model.eval(), "segic", SEGIC_CONFIG, tmp_path_factory.mktemp("ck") / "segic.pt", {"backbone": "mobilenet_v2"}
+    )
+    return path, pairs
+
+
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    return float((pred & (gt > 0)).sum() / max((pred | (gt > 0)).sum(), 1))
+
+
+@pytest.mark.real_data
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_predictor_reproduces_trained_segic_at_original_size(trained_segic, mobilenet_v2_weights: Path) -> None:
+    path, pairs = trained_segic
+    predictor = RefSegPredictor.from_checkpoint(path, backbone_checkpoint=mobilenet_v2_weights)
+    ious = []
+    for (ref_path, ref_mask), (tgt_path, tgt_mask) in pairs:
+        target = _rgb(tgt_path)
+        pred = predictor.predict(_rgb(ref_path), ref_mask, target)
+        assert pred.dtype == bool and pred.shape == target.shape[:2]
+        ious.append(_iou(pred, tgt_mask))
+    print(f"predictor IoU at original size: {ious}")
+    assert np.mean(ious) >= 0.6
+    # every annotation type runs (box / points / scribble rasterised, then the same path)
+    (ref_path, ref_mask), (tgt_path, _) = pairs[0]
+    x0, y0, x1, y1 = masks_to_boxes(torch.from_numpy(ref_mask)[None].float())[0].tolist()
+    ys, xs = np.nonzero(ref_mask)
+    reference, target = _rgb(ref_path), _rgb(tgt_path)
+    for annotation in (Box(x0, y0, x1, y1), Points(tuple(zip(xs[::500][:20], ys[::500][:20]))), Scribble(ref_mask)):
+        assert predictor.predict(reference, annotation, target).shape == target.shape[:2]
+    # k-shot: two references
+    assert predictor.predict([reference, reference], [ref_mask, Box(x0, y0, x1, y1)], target).shape == target.shape[:2]
+
+
+@pytest.mark.real_data
+def test_persam_predictor_geometry_matches_a_hand_run(coco_mini_dir: Path) -> None:
+    pairs = _pairs(coco_mini_dir, 1)
+    (ref_path, ref_mask), (tgt_path, _) = pairs[0]
+    reference, target = _rgb(ref_path), _rgb(tgt_path)
+    torch.manual_seed(0)
+    predictor = RefSegPredictor.for_persam(None, "sam_vit_tiny", allow_random_init=True)
+    pred = predictor.predict(reference, ref_mask, target)
+    assert pred.shape == target.shape[:2] and pred.dtype == bool
+    # by hand: SAM's longest-side frame, mask mapped into it, logits cropped to the valid region
+    encoder, model = predictor.sam_encoder, predictor.model
+    with torch.no_grad():
+        emb_t = encoder(encoder.preprocess(target)[None])["image_embedding"]
+        emb_r = encoder(encoder.preprocess(reference)[None])["image_embedding"]
+        h, w = target.shape[:2]
+        scale = 1024 / max(h, w)
+        vh, vw = int(h * scale + 0.5), int(w * scale + 0.5)
+        rh, rw = reference.shape[:2]
+        rs = 1024 / max(rh, rw)
+        rmask = F.interpolate(torch.from_numpy(ref_mask > 0).float()[None, None], (int(rh * rs + 0.5), int(rw * rs + 0.5)), mode="nearest")
+        rmask = F.pad(rmask, (0, 1024 - rmask.shape[-1], 0, 1024 - rmask.shape[-2]))
+        out = model(emb_t, emb_r[:, None], rmask, valid_sizes=[(vh, vw)])
+        full = F.interpolate(out["mask_logits"], (1024, 1024), mode="bilinear", align_corners=False)[..., :vh, :vw]
+        expected = (F.interpolate(full, (h, w), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
+    assert np.array_equal(pred, expected)
+    assert (out["points"][0, :, 0] < vw).all() and (out["points"][0, :, 1] < vh).all()
+
+
+@pytest.mark.real_data
+@pytest.mark.real_weights
+@pytest.mark.parametrize("method", ["vrp_sam", "prosam", "fcp"])
+def test_sam_prompt_methods_run_through_the_predictor(
+    method: str, tmp_path: Path, coco_mini_dir: Path, mobilenet_v2_weights: Path
+) -> None:
+    torch.manual_seed(0)
+    config = {"backbone_channels": [32, 96, 1280]}
+    model = build_model(method, **config)
+    path = save_checkpoint(model, method, config, tmp_path / "m.pt", {"sam": "sam_vit_tiny", "backbone": "mobilenet_v2"})
+    predictor = RefSegPredictor.from_checkpoint(path, backbone_checkpoint=mobilenet_v2_weights, allow_random_init=True)
+    (ref_path, ref_mask), (tgt_path, _) = _pairs(coco_mini_dir, 1)[0]
+    reference, target = _rgb(ref_path), _rgb(tgt_path)
+    pred = predictor.predict(reference, ref_mask, target)
+    assert pred.shape == target.shape[:2] and pred.dtype == bool
+    if method == "vrp_sam":
+        # by hand: 512 squash frame, VRP-SAM's 512 x 512 logits resized to the original size
+        from refseg_models.modeling.inputs import EpisodeFeatures
+        from refseg_models.modeling.pseudo_mask import masked_reference_layer4
+
+        backbone, sam = predictor.backbone, predictor.sam_encoder
+        with torch.no_grad():
+            tgt = backbone(backbone.preprocess(target)[None])
+            ref = backbone(backbone.preprocess(reference)[None])
+            small = Image.fromarray(ref_mask * 255).resize((512, 512), Image.NEAREST)
+            mask = torch.from_numpy(np.asarray(small) > 127).float()[None, None]
+            features = EpisodeFeatures(
+                target_sam=sam(sam.preprocess(target)[None])["image_embedding"],
+                target_backbone=tgt,
+                reference_backbone={k: v[:, None] for k, v in ref.items()},
+                reference_masks=mask,
+                reference_masked_layer4=masked_reference_layer4(backbone, ref["layer3"], mask[:, 0])[:, None],
+            )
+            logits = predictor.model(features)["mask_logits"]
+            expected = F.interpolate(logits, target.shape[:2], mode="bilinear", align_corners=False)[0, 0] > 0
+        assert (pred == expected.numpy()).mean() > 0.999  # nearest-resize rounding may differ on edges
+        with pytest.raises(ValueError, match="vrp512_to1024_imagenet"):
+            RefSegPredictor(predictor.model, method, _sam_pad_encoder(), predictor.backbone)
+
+
+def _sam_pad_encoder():
+    from refseg_models.encoders import build_encoder
+
+    return build_encoder("sam_vit_tiny", allow_random_init=True, preprocessing="sam_longest1024_pad")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pipeline.inference.commands import register
+
+    parser = argparse.ArgumentParser(prog="refseg")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+@pytest.mark.real_data
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_cli_predict_writes_mask_and_overlay(tmp_path: Path, trained_segic, mobilenet_v2_weights: Path) -> None:
+    checkpoint, pairs = trained_segic
+    (ref_path, ref_mask), (tgt_path, tgt_mask) = pairs[0]
+    mask_png = tmp_path / "ref_mask.png"
+    Image.fromarray(ref_mask * 255).save(mask_png)
+    out_dir = tmp_path / "out"
+    args = _parser().parse_args(
+        [
+            "predict",
+            "--checkpoint", str(checkpoint),
+            "--reference-image", str(ref_path),
+            "--reference-mask", str(mask_png),
+            "--target-image", str(tgt_path),
+            "--out-dir", str(out_dir),
+            "--backbone-checkpoint", str(mobilenet_v2_weights),
+        ]
+    )
+    assert args.handler(args) == 0
+    mask = np.asarray(Image.open(out_dir / "mask.png"))
+    overlay = np.asarray(Image.open(out_dir / "overlay.png"))
+    target = _rgb(tgt_path)
+    assert mask.shape == target.shape[:2] and set(np.unique(mask)) <= {0, 255}
+    assert overlay.shape == target.shape
+    assert _iou(mask > 0, tgt_mask) >= 0.5
+    on = mask > 0
+    assert np.array_equal(overlay[~on], target[~on])  # untouched outside the mask
+    assert not np.array_equal(overlay[on], target[on])
+
+    # box and points variants
+    for extra in (["--box", "10", "20", "200", "180"], ["--points", "120,80", "130,90"]):
+        args = _parser().parse_args(
+            ["predict", "--checkpoint", str(checkpoint), "--reference-image", str(ref_path), *extra,
+             "--target-image", str(tgt_path), "--out-dir", str(tmp_path / "o2"),
+             "--backbone-checkpoint", str(mobilenet_v2_weights)]
+        )
+        assert args.handler(args) == 0
+
+
+def test_cli_missing_files_are_named(tmp_path: Path) -> None:
+    from pipeline.errors import DataError
+
+    args = _parser().parse_args(
+        ["predict", "--checkpoint", str(tmp_path / "nope.pt"), "--reference-image", "r.jpg", "--box", "1", "2", "3", "4",
+         "--target-image", "t.jpg", "--out-dir", str(tmp_path)]
+    )
+    with pytest.raises(DataError, match="nope.pt"):
+        args.handler(args)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"x")
+    args = _parser().parse_args(
+        ["predict", "--checkpoint", str(ck), "--reference-image", str(tmp_path / "missing.jpg"), "--box", "1", "2", "3", "4",
+         "--target-image", str(image), "--out-dir", str(tmp_path)]
+    )
+    with pytest.raises(DataError, match="missing.jpg"):
+        args.handler(args)
+    with pytest.raises(SystemExit):  # exactly one annotation kind
+        _parser().parse_args(["predict", "--checkpoint", "c", "--reference-image", "r", "--target-image", "t", "--out-dir", "o"])
+
+
+@pytest.mark.real_data
+def test_cli_persam_needs_no_method_checkpoint(tmp_path: Path, coco_mini_dir: Path) -> None:
+    (ref_path, _), (tgt_path, _) = _pairs(coco_mini_dir, 1)[0]
+    args = _parser().parse_args(
+        ["predict", "--persam", "--sam-encoder", "sam_vit_tiny", "--allow-random-init",
+         "--reference-image", str(ref_path), "--points", "100,120", "--target-image", str(tgt_path),
+         "--out-dir", str(tmp_path)]
+    )
+    assert args.handler(args) == 0
+    assert Image.open(tmp_path / "mask.png").size == Image.open(tgt_path).size
+    # without weights and without the explicit opt-in, PerSAM is refused with a clear error
+    from pipeline.errors import ConfigError
+
+    args = _parser().parse_args(
+        ["predict", "--persam", "--reference-image", str(ref_path), "--points", "100,120",
+         "--target-image", str(tgt_path), "--out-dir", str(tmp_path)]
+    )
+    with pytest.raises(ConfigError, match="sam_checkpoint"):
+        args.handler(args)
+
+
+@pytest.mark.real_data
+def test_segic_on_dinov2_uses_the_longest_side_pad_frame(tmp_path: Path, coco_mini_dir: Path) -> None:
+    """SegIC's real encoder path (DINOv2, longest side + pad; random ViT-S at 224 for speed)."""
+    torch.manual_seed(0)
+    config = {"encoder": "dinov2_vits14", "input_size": 224, "feature_size": 16}
+    model = build_model("segic", **config)
+    path = save_checkpoint(
+        model, "segic", config, tmp_path / "s.pt", {"backbone": {"name": "dinov2_vits14", "input_size": 224}}
+    )
+    predictor = RefSegPredictor.from_checkpoint(path, allow_random_init=True)
+    assert predictor.backbone.preprocessing_id == "longest224_pad_imagenet"
+    (ref_path, ref_mask), (tgt_path, _) = _pairs(coco_mini_dir, 1)[0]
+    reference, target = _rgb(ref_path), _rgb(tgt_path)
+    seen = {}
+    handle = predictor.model.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    pred = predictor.predict(reference, ref_mask, target)
+    handle.remove()
+    # the reference mask sits top-left in the frame, zero in the padding
+    rh, rw = reference.shape[:2]
+    vrh, vrw = int(rh * 224 / max(rh, rw) + 0.5), int(rw * 224 / max(rh, rw) + 0.5)
+    frame_mask = seen["args"][2][0, 0]
+    assert frame_mask[vrh:].sum() == 0 and frame_mask[:, vrw:].sum() == 0 and frame_mask.sum() > 0
+    # the prediction is the valid crop of the logits, resized to the original size
+    h, w = target.shape[:2]
+    vh, vw = int(h * 224 / max(h, w) + 0.5), int(w * 224 / max(h, w) + 0.5)
+    full = F.interpolate(seen["out"]["mask_logits"], (224, 224), mode="bilinear", align_corners=False)[..., :vh, :vw]
+    expected = F.interpolate(full, (h, w), mode="bilinear", align_corners=False)[0, 0] > 0
+    assert np.array_equal(pred, expected.numpy())
