@@ -15,6 +15,7 @@ from pipeline.errors import RefsegError
 
 COMMAND_MODULES = (
     "pipeline.commands",
+    "pipeline.extraction.commands",
     "pipeline.inference.commands",
 )
 

@@ -1,0 +1,38 @@
+"""Extract one feature store: ``python jobs/extract_features.py --output ... --encoder ...``.
+
+Runs on an embedded local Ray by default and unchanged under
+``ray job submit --working-dir . -- python jobs/extract_features.py ...`` (Ray then sets RAY_ADDRESS).
+Re-running the same command resumes: finished shards (those with a ``_stats.json``) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Allow running from a checkout without `pip install -e .` (ray job submit uploads the working dir).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.errors import RefsegError  # noqa: E402
+from pipeline.extraction.commands import add_extract_arguments, config_from_args  # noqa: E402
+from pipeline.extraction.run import run_extraction  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_extract_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        print(f"extraction config:\n{config.to_json()}", flush=True)
+        summary = run_extraction(config)
+    except RefsegError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    return 0 if summary.written > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""The Ray Data extraction stage: image list -> decode tasks -> encoder actor pool -> shard writer.
+
+Data flow (one Ray Data pipeline per store, only over the shards still to do)::
+
+    from_items(chunks)                      one row = one encoder batch: up to ``batch_size``
+                                            consecutive images of ONE shard (fixed by the plan)
+    .map_batches(_decode_chunk, batch_size=1, num_cpus=..)           CPU tasks: decode + preprocess
+    .map_batches(_EncodeChunk, batch_size=1,
+                 compute=ActorPoolStrategy(size=n), num_gpus=..)      encoder actors (GPU if present)
+    .iter_rows()  (preserve_order)          the driver streams rows into the shard tars in plan
+                                            order, publishes each shard when its last chunk lands
+
+Why chunks and not image rows: encoder batches never cross shard boundaries and are the same in a
+clean and a resumed run, so features (batch-size-sensitive on some kernels) and thus the shard
+bytes are reproducible; and a row is a few images, so the fat float32 pixel tensors stay bounded.
+Corrupt or missing images become failures (with reasons) in the decode tasks and never stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.extraction.encoder_source import EncoderSource
+from pipeline.store.builder import StoreBuilder
+from pipeline.store.feature_set import FeatureSetKey
+from pipeline.store.fs import Location, resolve_location
+from pipeline.store.layout import (
+    DEFAULT_TARGET_SHARD_BYTES,
+    ImageItem,
+    ShardSpec,
+    images_per_shard_for,
+    sorted_items,
+)
+from pipeline.store.shard_writer import ShardResult, ShardWriter
+from pipeline.store.version import code_version
+
+_DECODE_WORKER_BASE_BYTES = 768 * 1024**2
+
+# Per worker process: the encoder resolved from the object store once, not once per task.
+_WORKER_ENCODERS: dict[str, Any] = {}
+
+
+def _worker_encoder(holder: list) -> Any:
+    import ray
+
+    ref = holder[0]
+    key = ref.hex()
+    if key not in _WORKER_ENCODERS:
+        _WORKER_ENCODERS.clear()  # one extraction at a time per worker: drop stale encoders
+        _WORKER_ENCODERS[key] = ray.get(ref)
+    return _WORKER_ENCODERS[key]
+
+
+@dataclass
+class ExtractionSummary:
+    store: str
+    feature_set: str
+    images: int
+    written: int
+    failed: int
+    shards: int
+    shards_extracted: int
+    shards_skipped: int
+    seconds: float
+    images_per_second: float
+    failures: list[dict[str, str]] = field(default_factory=list)
+    # Process ids that ran decode tasks / encoder actors (shows the stages really ran apart).
+    processes: dict[str, list[int]] = field(default_factory=dict)
+    # True when decode tasks got a weightless (meta-device) copy of the encoder for ``preprocess``.
+    decode_weightless: bool | None = None
+
+    def text(self) -> str:
+        lines = [
+            f"store {self.store} [{self.feature_set}]",
+            f"  images {self.images}: written {self.written}, failed {self.failed}",
+            f"  shards {self.shards}: extracted now {self.shards_extracted}, already done {self.shards_skipped}",
+            f"  {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+        ]
+        lines += [f"  FAILED {f['image_id']} ({f['path']}): {f['reason']}" for f in self.failures[:20]]
+        if len(self.failures) > 20:
+            lines.append(f"  ... {len(self.failures) - 20} more failures in manifest.json")
+        return "\n".join(lines)
+
+
+def _chunk_rows(shards: Sequence[ShardSpec], batch_size: int) -> list[dict]:
+    rows = []
+    for spec in shards:
+        starts = range(0, len(spec.items), batch_size)
+        for chunk, start in enumerate(starts):
+            items = spec.items[start : start + batch_size]
+            rows.append(
+                {
+                    "shard": spec.index,
+                    "chunk": chunk,
+                    "last": chunk == len(starts) - 1,
+                    "image_ids": json.dumps([item.image_id for item in items]),
+                    "paths": json.dumps([item.path for item in items]),
+                }
+            )
+    return rows
+
+
+def _decode_chunk(batch: dict[str, np.ndarray], holder: list) -> dict[str, np.ndarray]:
+    """CPU task: decode + preprocess one chunk; bad images become failures with a reason."""
+    import torch
+
+    from pipeline.data.images import load_rgb
+
+    encoder = _worker_encoder(holder)
+    (image_ids,) = [json.loads(x) for x in batch["image_ids"]]
+    (paths,) = [json.loads(x) for x in batch["paths"]]
+    ok_ids, failures, tensors = [], [], []
+    for image_id, path in zip(image_ids, paths):
+        try:
+            image = load_rgb(path)
+        except DataError as error:
+            failures.append({"image_id": image_id, "path": path, "reason": str(error)})
+            continue
+        try:
+            tensor = encoder.preprocess(image)
+        except (ValueError, RuntimeError, TypeError) as error:
+            failures.append({"image_id": image_id, "path": path, "reason": f"preprocessing failed: {error}"})
+            continue
+        ok_ids.append(image_id)
+        tensors.append(tensor)
+    if tensors:
+        pixels = torch.stack(tensors).numpy()
+        if pixels.dtype != np.float32:
+            raise ConfigError(f"{type(encoder).__name__}.preprocess returned {pixels.dtype}, expected float32")
+        shape, payload = list(pixels.shape), pixels.tobytes()
+    else:
+        shape, payload = [], b""
+    return {
+        "decode_pid": np.array([os.getpid()]),
+        "shard": batch["shard"],
+        "chunk": batch["chunk"],
+        "last": batch["last"],
+        "image_ids": batch["image_ids"],
+        "paths": batch["paths"],
+        "ok_ids": np.array([json.dumps(ok_ids)]),
+        "failures": np.array([json.dumps(failures)]),
+        "pixels_shape": np.array([json.dumps(shape)]),
+        "pixels": np.array([payload], dtype=object),
+    }
+
+
+class _EncodeChunk:
+    """Encoder actor: one chunk in, its features (store dtype, raw bytes per feature) out."""
+
+    def __init__(
+        self, holder: list, feature_shapes: dict[str, list[int]], dtype: str, use_gpu: bool, torch_threads: int
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder = _worker_encoder(holder)
+        if hasattr(self.encoder, "to"):
+            self.encoder = self.encoder.to(self.device)
+        self.feature_shapes = {name: tuple(shape) for name, shape in feature_shapes.items()}
+        self.torch_dtype = getattr(torch, dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        shape = json.loads(batch["pixels_shape"][0])
+        keys = ("decode_pid", "shard", "chunk", "last", "image_ids", "paths", "ok_ids", "failures")
+        out = {key: batch[key] for key in keys}
+        out["encode_pid"] = np.array([os.getpid()])
+        if not shape:
+            for name in self.feature_shapes:
+                out[f"feature_{name}"] = np.array([b""], dtype=object)
+            return out
+        pixels = torch.from_numpy(np.frombuffer(batch["pixels"][0], dtype=np.float32).reshape(shape).copy())
+        with torch.inference_mode():
+            features = self.encoder(pixels.to(self.device))
+        if set(features) != set(self.feature_shapes):
+            raise DataError(f"encoder returned features {sorted(features)}, expected {sorted(self.feature_shapes)}")
+        for name, expected in self.feature_shapes.items():
+            value = features[name]
+            if tuple(value.shape) != (shape[0], *expected):
+                raise DataError(f"encoder feature {name!r} has shape {tuple(value.shape)}, expected (B, *{expected})")
+            # The store dtype cast happens here, exactly as a direct `tensor.to(dtype)` would do it.
+            array = value.to(self.torch_dtype).cpu().contiguous().numpy()
+            out[f"feature_{name}"] = np.array([array.tobytes()], dtype=object)
+        return out
+
+
+class _ShardActor:
+    """``writer="actors"``: one call = one whole shard, written by the actor itself.
+
+    Decoding still runs in separate CPU tasks (Ray core tasks launched from here, at most
+    ``decode_window`` chunks ahead); encoding and tar writing happen in this actor, which publishes
+    the shard into the store (object storage or a filesystem every node sees) and returns its stats.
+    Chunks and threads are the same as in ``writer="driver"``, so the bytes are too.
+    """
+
+    def __init__(
+        self,
+        encoder_holder: list,
+        decode_holder: list,
+        location: Location,
+        scratch_dir: str | None,
+        feature_shapes: dict[str, list[int]],
+        dtype: str,
+        use_gpu: bool,
+        torch_threads: int,
+        batch_size: int,
+        decode_num_cpus: float,
+        decode_memory: int,
+        code_version: str,
+        decode_window: int = 2,
+    ) -> None:
+        import ray
+
+        self.encode = _EncodeChunk(encoder_holder, feature_shapes, dtype, use_gpu, torch_threads)
+        self.decode = ray.remote(_decode_chunk).options(num_cpus=decode_num_cpus, memory=decode_memory)
+        self.decode_holder = decode_holder
+        self.location = location
+        self.scratch_dir = scratch_dir
+        self.feature_shapes = {name: tuple(shape) for name, shape in feature_shapes.items()}
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.decode_window = max(1, decode_window)
+        self.code_version = code_version
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tempfile
+
+        import ray
+
+        items = tuple(ImageItem(*item) for item in json.loads(batch["items"][0]))
+        spec = ShardSpec(int(batch["shard"][0]), items)
+        rows = [{key: np.array([value]) for key, value in row.items()} for row in _chunk_rows([spec], self.batch_size)]
+        scratch = self.scratch_dir or tempfile.mkdtemp(prefix="refseg-shard-")
+        writer = ShardWriter(spec, self.location, scratch, self.feature_shapes, self.dtype, self.code_version)
+        pids: set[int] = set()
+        try:
+            submitted = [self.decode.remote(row, self.decode_holder) for row in rows[: self.decode_window]]
+            for index in range(len(rows)):
+                decoded = ray.get(submitted[index])
+                submitted[index] = None  # drop the reference: the pixels are freed once encoded
+                if index + self.decode_window < len(rows):
+                    submitted.append(self.decode.remote(rows[index + self.decode_window], self.decode_holder))
+                encoded = self.encode(decoded)
+                pids.add(int(decoded["decode_pid"][0]))
+                row = {key: value[0] for key, value in encoded.items()}
+                _write_chunk(writer, row, self.feature_shapes, self.dtype)
+            result = writer.publish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if self.scratch_dir is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return {
+            "shard": batch["shard"],
+            "result": np.array([result.to_json()], dtype=object),
+            "decode_pids": np.array([json.dumps(sorted(pids))]),
+            "encode_pid": np.array([os.getpid()]),
+        }
+
+
+def _state_bytes(module: Any) -> int:
+    state = module.state_dict() if hasattr(module, "state_dict") else {}
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _weightless(encoder: Any) -> tuple[Any | None, tuple[int, ...]]:
+    """(the encoder moved to the meta device if its ``preprocess`` is then unchanged, else None;
+    the preprocessed shape). Moves ``encoder`` itself: call it after the real one is serialised."""
+    import torch
+
+    probe = np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)  # odd, non-square
+    expected = encoder.preprocess(probe)
+    if not isinstance(encoder, torch.nn.Module):
+        return None, tuple(expected.shape)
+    light = encoder.to("meta")
+    try:
+        again = light.preprocess(probe)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        return None, tuple(expected.shape)
+    if again.device.type != "cpu" or again.dtype != expected.dtype or not torch.equal(again, expected):
+        return None, tuple(expected.shape)
+    return light, tuple(expected.shape)
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # No address: connect to the cluster of `ray job submit` (RAY_ADDRESS) or start a local one.
+        ray.init(address=address)
+
+
+def extract_store(
+    items: Sequence[ImageItem | tuple[object, str]],
+    output: str,
+    encoder: EncoderSource,
+    dataset: str,
+    *,
+    dtype: str = "float16",
+    batch_size: int = 8,
+    target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
+    images_per_shard: int | None = None,
+    num_actors: int = 1,
+    actor_num_cpus: float = 1.0,
+    decode_num_cpus: float = 1.0,
+    num_gpus_per_actor: float | None = None,
+    filesystem: pafs.FileSystem | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+    on_shard_done: Callable[[ShardResult], None] | None = None,
+    ray_address: str | None = None,
+    writer: str = "driver",
+) -> ExtractionSummary:
+    """Extract ``encoder``'s features of ``items`` into the store at ``output`` (resumable).
+
+    ``items``: ``(image_id, path)`` pairs in any order (sorted by id for the shard plan).
+    ``on_shard_done``: called after each published shard (progress hooks; tests use it to interrupt).
+    ``config``: the caller's full call configuration, recorded in ``manifest.json``.
+    ``writer``: ``"driver"`` (chunks stream back to this process, which writes every shard: one node)
+    or ``"actors"`` (each encoder actor writes whole shards itself: scales out over nodes; the store
+    must be object storage or a filesystem all nodes see). Both write the same bytes.
+    """
+    import ray
+    from tqdm import tqdm
+
+    if batch_size <= 0 or num_actors <= 0:
+        raise ConfigError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be positive")
+    if writer not in ("driver", "actors"):
+        raise ConfigError(f"writer must be 'driver' or 'actors', got {writer!r}")
+    started = time.perf_counter()
+    ordered = sorted_items(items)
+    if not ordered:
+        raise ConfigError("the image list is empty")
+
+    built = encoder.build()
+    feature_shapes = {name: tuple(int(s) for s in shape) for name, shape in built.output_shapes().items()}
+    key = FeatureSetKey(dataset, built.encoder_id, encoder.weights_sha256(), built.preprocessing_id, dtype)
+    per_shard = images_per_shard or images_per_shard_for(feature_shapes, np.dtype(dtype).itemsize, target_shard_bytes)
+    location = resolve_location(output, filesystem)
+    builder = StoreBuilder(location, key, feature_shapes, ordered, per_shard)
+    pending = builder.prepare()
+    torch_threads = max(1, int(actor_num_cpus))
+    # What decides the bytes (batching, threads) is recorded next to the caller's own config.
+    record = dict(config or {})
+    record["extract"] = {
+        "dataset": dataset, "dtype": dtype, "batch_size": batch_size, "images_per_shard": per_shard,
+        "num_actors": num_actors, "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
+        "num_gpus_per_actor": num_gpus_per_actor, "actor_torch_threads": torch_threads,
+    }
+    # Where shards are written does not change their bytes: kept out of the manifest on purpose.
+
+    processes: dict[str, set[int]] = {"decode": set(), "encode": set()}
+    decode_weightless = None
+    if pending:
+        _ray_init(ray_address)
+        if num_gpus_per_actor is None:
+            num_gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        encoder_ref = ray.put(built.cpu() if hasattr(built, "cpu") else built)
+        preprocess_only, pixel_shape = _weightless(built)
+        # Decode tasks only call ``preprocess``: they get a weightless copy when it gives identical
+        # tensors (all encoders here), else the whole encoder (~2.5 GB per decode worker for ViT-H).
+        decode_ref = ray.put(preprocess_only) if preprocess_only is not None else encoder_ref
+        decode_weightless = preprocess_only is not None
+        encoder_bytes = 0 if decode_weightless else _state_bytes(built)
+        # A decode worker holds torch (~650 MiB RSS measured) and ~3 copies of a chunk's float32 pixels.
+        decode_memory = _DECODE_WORKER_BASE_BYTES + encoder_bytes + 3 * batch_size * 4 * int(np.prod(pixel_shape))
+        del built, preprocess_only
+        total = sum(len(spec.items) for spec in pending)
+        specs = {spec.index: spec for spec in pending}
+        context = ray.data.DataContext.get_current()
+        saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+        context.execution_options.preserve_order = True  # rows arrive in plan order -> streaming writes
+        context.enable_progress_bars = False  # one bar (ours, images/s) instead of one per operator
+        encoder_kwargs = {
+            "feature_shapes": {name: list(shape) for name, shape in feature_shapes.items()},
+            "dtype": dtype,
+            "use_gpu": num_gpus_per_actor > 0,
+            "torch_threads": torch_threads,
+        }
+        try:
+            if writer == "actors":
+                _check_room_for_nested_decode(ray.cluster_resources(), num_actors, actor_num_cpus, decode_num_cpus)
+                shard_rows = [
+                    {"shard": spec.index, "items": json.dumps([[item.image_id, item.path] for item in spec.items])}
+                    for spec in pending
+                ]
+                dataset_ = ray.data.from_items(shard_rows, override_num_blocks=len(shard_rows)).map_batches(
+                    _ShardActor,
+                    batch_size=1,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=num_actors),
+                    num_cpus=actor_num_cpus,
+                    num_gpus=num_gpus_per_actor,
+                    fn_constructor_kwargs={
+                        "encoder_holder": [encoder_ref],
+                        "decode_holder": [decode_ref],
+                        "location": location,
+                        "scratch_dir": str(builder.scratch_dir) if location.is_local else None,
+                        "batch_size": batch_size,
+                        "decode_num_cpus": decode_num_cpus,
+                        "decode_memory": decode_memory,
+                        "code_version": code_version(),
+                        **encoder_kwargs,
+                    },
+                )
+                _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm, processes)
+            else:
+                rows = _chunk_rows(pending, batch_size)
+                dataset_ = (
+                    ray.data.from_items(rows, override_num_blocks=len(rows))
+                    .map_batches(
+                        _decode_chunk,
+                        batch_size=1,
+                        batch_format="numpy",
+                        num_cpus=decode_num_cpus,
+                        # A memory reservation for the fat float32 pixel rows; it also keeps Ray Data from
+                        # fusing decode into the encoder actors (fused, decode would serialise with encode).
+                        memory=decode_memory,
+                        fn_kwargs={"holder": [decode_ref]},
+                    )
+                    .map_batches(
+                        _EncodeChunk,
+                        batch_size=1,
+                        batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=num_actors),
+                        num_cpus=actor_num_cpus,
+                        num_gpus=num_gpus_per_actor,
+                        fn_constructor_kwargs={
+                            "holder": [encoder_ref],
+                            **encoder_kwargs,
+                        },
+                    )
+                )
+                _write_rows(
+                    dataset_.iter_rows(),
+                    builder,
+                    specs,
+                    feature_shapes,
+                    dtype,
+                    total,
+                    progress,
+                    on_shard_done,
+                    tqdm,
+                    processes,
+                )
+        finally:
+            context.execution_options.preserve_order, context.enable_progress_bars = saved
+    manifest = builder.finalize(record)
+    seconds = time.perf_counter() - started
+    extracted_images = sum(len(spec.items) for spec in pending)
+    return ExtractionSummary(
+        store=output,
+        feature_set=key.name,
+        images=manifest.num_images,
+        written=manifest.num_written,
+        failed=manifest.num_failed,
+        shards=len(manifest.shards),
+        shards_extracted=len(pending),
+        shards_skipped=len(manifest.shards) - len(pending),
+        seconds=seconds,
+        images_per_second=extracted_images / seconds if seconds > 0 else 0.0,
+        failures=list(manifest.failures),
+        processes={stage: sorted(pids) for stage, pids in processes.items()},
+        decode_weightless=decode_weightless,
+    )
+
+
+def _check_room_for_nested_decode(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float) -> None:
+    # Actors that wait on their own decode tasks deadlock if the actors hold every CPU.
+    needed = num_actors * actor_cpus + decode_cpus
+    if resources.get("CPU", 0) < needed:
+        raise ConfigError(
+            f"writer='actors' needs {needed} CPUs ({num_actors} actors x {actor_cpus} + one decode task x "
+            f"{decode_cpus}), the cluster has {resources.get('CPU', 0)}: lower --num-actors/--actor-num-cpus"
+        )
+
+
+def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm, processes) -> None:
+    """``writer="actors"``: shards arrive finished (any order); report them."""
+    with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
+        for row in rows:
+            result = ShardResult.from_json(row["result"], location.join(f"shard {row['shard']}"))
+            processes["decode"].update(json.loads(row["decode_pids"]))
+            processes["encode"].add(int(row["encode_pid"]))
+            bar.update(result.count)
+            bar.set_postfix(shard=result.shard, failed=len(result.failures), refresh=False)
+            if on_shard_done is not None:
+                on_shard_done(result)
+
+
+def _write_chunk(writer: ShardWriter, row: dict, feature_shapes: dict, dtype: str) -> int:
+    """Append one encoded chunk (its images in plan order) to ``writer``; returns the image count."""
+    ok_ids = json.loads(row["ok_ids"])
+    failures = {f["image_id"]: f for f in json.loads(row["failures"])}
+    arrays = {
+        name: np.frombuffer(row[f"feature_{name}"], dtype=dtype).reshape(len(ok_ids), *shape)
+        for name, shape in feature_shapes.items()
+    }
+    ok_position = {image_id: i for i, image_id in enumerate(ok_ids)}
+    image_ids = json.loads(row["image_ids"])
+    for image_id, path in zip(image_ids, json.loads(row["paths"])):
+        if image_id in ok_position:
+            writer.add(image_id, {name: a[ok_position[image_id]] for name, a in arrays.items()})
+        else:
+            failure = failures.get(image_id, {"reason": "no features and no failure reason"})
+            writer.fail(image_id, path, failure["reason"])
+    return len(image_ids)
+
+
+def _write_rows(rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, processes) -> None:
+    """Stream ordered chunk rows into their shard tars; publish each shard after its last chunk."""
+    writer = None
+    current = None
+    with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
+        try:
+            for row in rows:
+                shard = int(row["shard"])
+                processes["decode"].add(int(row["decode_pid"]))
+                processes["encode"].add(int(row["encode_pid"]))
+                if shard != current:
+                    if writer is not None:
+                        raise DataError(f"shard {current} ended without its last chunk (rows out of order)")
+                    current, writer = shard, builder.writer(specs[shard])
+                bar.update(_write_chunk(writer, row, feature_shapes, dtype))
+                if bool(row["last"]):
+                    result = writer.publish()
+                    writer, current = None, None
+                    bar.set_postfix(shard=result.shard, failed=len(result.failures), refresh=False)
+                    if on_shard_done is not None:
+                        on_shard_done(result)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+    if writer is not None:
+        raise DataError(f"shard {current} was not completed (its last chunk never arrived)")

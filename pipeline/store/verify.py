@@ -1,0 +1,138 @@
+"""``verify``: every index entry readable, shapes/dtypes as the manifest says, counts consistent.
+
+Each shard is read once, sequentially, with :mod:`tarfile` in stream mode; every member is matched
+against its index row (name, data offset, size) and every ``.npy`` is decoded and checked.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from pipeline.errors import DataError
+from pipeline.store.fs import resolve_location
+from pipeline.store.index import read_index
+from pipeline.store.manifest import Manifest
+from pipeline.store.reader import decode_npy
+from pipeline.store.shard_writer import ID_MEMBER
+
+_MAX_PROBLEMS = 50
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    shards: int = 0
+    images: int = 0
+    entries: int = 0
+    bytes_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, message: str) -> None:
+        if len(self.problems) < _MAX_PROBLEMS:
+            self.problems.append(message)
+        elif len(self.problems) == _MAX_PROBLEMS:
+            self.problems.append("... (more problems not listed)")
+
+    def summary(self) -> str:
+        head = (
+            f"{self.uri}: {self.shards} shards, {self.images} images, {self.entries} feature entries, "
+            f"{self.bytes_read / 1e6:.1f} MB read"
+        )
+        if self.ok:
+            return head + ": OK"
+        return head + f": {len(self.problems)} problem(s)\n  " + "\n  ".join(self.problems)
+
+
+def verify_store(uri: str, filesystem: pafs.FileSystem | None = None, raise_on_error: bool = False) -> VerifyReport:
+    location = resolve_location(uri, filesystem)
+    report = VerifyReport(uri)
+    manifest = Manifest.read(location)
+    index = read_index(location)
+    dtype = np.dtype(manifest.feature_set.dtype)
+    rows: dict[tuple[str, str], dict] = {}
+    for row in index.to_pylist():
+        rows[(row["shard"], row["member"])] = row
+    images_in_index = {row["image_id"] for row in rows.values()}
+    expected_entries = manifest.num_written * len(manifest.feature_shapes)
+    if len(rows) != expected_entries:
+        report.problem(f"index has {len(rows)} entries, manifest implies {expected_entries}")
+    if len(images_in_index) != manifest.num_written:
+        report.problem(f"index lists {len(images_in_index)} images, manifest says {manifest.num_written} written")
+    seen: set[tuple[str, str]] = set()
+    for shard in manifest.shards:
+        path = location.join(shard.name)
+        info = location.filesystem.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            report.problem(f"{path}: shard file missing")
+            continue
+        if info.size != shard.bytes:
+            report.problem(f"{path}: {info.size} bytes, manifest says {shard.bytes}")
+        report.shards += 1
+        samples = 0
+        try:
+            with location.filesystem.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                pending: list[tuple[tarfile.TarInfo, bytes]] = []
+                for member in tar:
+                    payload = tar.extractfile(member).read() if member.isfile() else b""
+                    report.bytes_read += len(payload)
+                    if pending and pending[0][0].name.partition(".")[0] != member.name.partition(".")[0]:
+                        samples += _check_sample(pending, shard.name, path, rows, seen, manifest, dtype, report)
+                        pending = []
+                    pending.append((member, payload))
+                if pending:
+                    samples += _check_sample(pending, shard.name, path, rows, seen, manifest, dtype, report)
+        except (tarfile.TarError, OSError, DataError) as error:
+            report.problem(f"{path}: unreadable ({error})")
+        report.images += samples
+        if samples != shard.written:
+            report.problem(f"{path}: {samples} samples, manifest says {shard.written} written")
+    missing = set(rows) - seen
+    if missing:
+        report.problem(f"{len(missing)} index entries not found in their shards, e.g. {sorted(missing)[:3]}")
+    if raise_on_error and not report.ok:
+        raise DataError(report.summary())
+    return report
+
+
+def _check_sample(members, shard, path, rows, seen, manifest, dtype, report) -> int:
+    """Check one sample's adjacent members against the index; returns 1 if it has an id member."""
+    ids = [payload.decode() for member, payload in members if member.name.partition(".")[2] == ID_MEMBER]
+    image_id = ids[0] if len(ids) == 1 else None
+    if image_id is None:
+        report.problem(f"{path}: sample {members[0][0].name.partition('.')[0]} has {len(ids)} {ID_MEMBER} members")
+    for member, payload in members:
+        if member.name.partition(".")[2] == ID_MEMBER:
+            continue
+        row = rows.get((shard, member.name))
+        if row is None:
+            report.problem(f"{path}: member {member.name} is not in the index")
+            continue
+        seen.add((shard, member.name))
+        report.entries += 1
+        if row["offset"] != member.offset_data or row["size"] != member.size:
+            report.problem(
+                f"{path}: {member.name} at {member.offset_data}+{member.size}, index says {row['offset']}+{row['size']}"
+            )
+        if image_id != row["image_id"]:
+            report.problem(f"{path}: {member.name} belongs to image {image_id!r}, index says {row['image_id']!r}")
+        try:
+            array = decode_npy(payload, f"{path} {member.name}")
+        except DataError as error:
+            report.problem(str(error))
+            continue
+        expected_shape = tuple(manifest.feature_shapes.get(row["feature"], ()))
+        if array.dtype != dtype or array.shape != expected_shape or list(array.shape) != row["shape"]:
+            report.problem(
+                f"{path}: {member.name} is {array.dtype}{array.shape}, manifest says {dtype}{expected_shape}"
+            )
+        elif not np.isfinite(array).all():
+            report.problem(f"{path}: {member.name} has non-finite values")
+    return 1 if ids else 0

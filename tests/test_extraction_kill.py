@@ -1,0 +1,69 @@
+"""A really killed extraction job (SIGKILL of its whole process group) resumes to the same store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job(output: Path, coco_mini_dir: Path, weights: Path) -> list[str]:
+    return [
+        sys.executable, str(REPO / "jobs" / "extract_features.py"),
+        "--output", str(output), "--dataset", "coco_mini", "--encoder", "mobilenet_v2",
+        "--checkpoint", str(weights), "--encoder-options", '{"input_size": 256}',
+        "--coco-annotations", str(coco_mini_dir / "instances.json"), "--image-dir", str(coco_mini_dir / "images"),
+        "--limit", "24", "--batch-size", "2", "--images-per-shard", "2", "--no-progress",
+        "--ray-address", "local", "--actor-num-cpus", "1", "--decode-num-cpus", "0.5",
+    ]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file() and not p.name.endswith("_stats.json")
+    }
+
+
+def test_killed_job_resumes_to_identical_store(coco_mini_dir, mobilenet_v2_weights, tmp_path):
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", REFSEG_CODE_VERSION="refseg-test")  # commits may land meanwhile
+    env.pop("RAY_ADDRESS", None)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _job(killed, coco_mini_dir, mobilenet_v2_weights), cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(killed.glob("*_stats.json"))) < 2:
+            assert process.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the job and the local Ray it started
+        process.wait()
+    finished_before = len(list(killed.glob("*_stats.json")))
+    assert 2 <= finished_before < 12 and not (killed / "manifest.json").exists()
+
+    for output in (killed, tmp_path / "clean"):
+        result = subprocess.run(_job(output, coco_mini_dir, mobilenet_v2_weights), cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["counts"]["written"] == 24 and manifest["counts"]["shards"] == 12
+    assert "already done" in result.stdout
+    clean, resumed = _files(tmp_path / "clean"), _files(killed)
+    manifest_clean = json.loads(clean.pop("manifest.json"))
+    manifest_resumed = json.loads(resumed.pop("manifest.json"))
+    for m in (manifest_clean, manifest_resumed):
+        m["config"]["extraction"].pop("output")  # the only intended difference: where each store lives
+    assert manifest_clean == manifest_resumed
+    assert clean.keys() == resumed.keys() and all(clean[n] == resumed[n] for n in clean)

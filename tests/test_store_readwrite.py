@@ -1,0 +1,161 @@
+"""Store write/read without Ray: random access, cache bound, streaming splits, verify, refusals."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.store import (
+    FeatureSetKey,
+    StoreBuilder,
+    StoreMismatchError,
+    open_store,
+    resolve_location,
+    sorted_items,
+    verify_store,
+)
+
+SHAPES = {"layer3": (8, 4, 4), "embed": (16, 2, 2)}
+KEY = FeatureSetKey("toy", "toy_encoder", "0" * 64, "toy_pre", "float16")
+
+
+def features_of(image_id: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(int(image_id))
+    return {name: rng.standard_normal(shape).astype(np.float16) for name, shape in SHAPES.items()}
+
+
+def write_store(
+    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None
+) -> StoreBuilder:
+    items = sorted_items([(i, f"/data/{i}.jpg") for i in ids])
+    builder = StoreBuilder(resolve_location(uri, filesystem), KEY, SHAPES, items, per_shard)
+    for spec in builder.prepare():
+        writer = builder.writer(spec)
+        for item in spec.items:
+            if int(item.image_id) in failed:
+                writer.fail(item.image_id, item.path, "corrupt test image")
+            else:
+                writer.add(item.image_id, features_of(item.image_id))
+        writer.publish()
+    builder.finalize({"test": True})
+    return builder
+
+
+def test_random_access_round_trip_and_layout(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 11)), failed=(4,))
+    store = open_store(uri, expect=KEY)
+    assert len(store) == 9 and "4" not in store and 5 in store
+    assert store.manifest.num_failed == 1 and store.manifest.failures[0]["reason"] == "corrupt test image"
+    for image_id in store.image_ids:
+        got = store.get(image_id)
+        for name, expected in features_of(image_id).items():
+            assert got[name].dtype == np.float16 and np.array_equal(got[name], expected)
+    batch = store.get_batch([3, 7, 10], features=["layer3"])
+    assert batch["layer3"].shape == (3, 8, 4, 4)
+    assert np.array_equal(batch["layer3"][1].numpy(), features_of("7")["layer3"])
+    with pytest.raises(KeyError, match="'4' is not in feature store"):
+        store.get(4)
+    # WebDataset layout: keys without dots, a sample's members adjacent, fixed mtime/owner.
+    with tarfile.open(tmp_path / "store" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        assert all(member.mtime == 0 and member.uname == "refseg" for member in tar.getmembers())
+    keys = [name.split(".", 1)[0] for name in names]
+    assert keys == sorted(keys) and all("." not in key for key in keys)
+    assert names[:3] == ["000000_000000.embed.npy", "000000_000000.image_id.txt", "000000_000000.layer3.npy"]
+    stats = json.loads((tmp_path / "store" / "shard-000001_stats.json").read_text())
+    assert stats["count"] == 3 and stats["failed"] == 1 and stats["failures"][0]["image_id"] == "4"
+    assert verify_store(uri).ok
+
+
+def test_cache_is_bounded_in_bytes(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 9)))
+    per_image = sum(np.prod(shape) * 2 for shape in SHAPES.values())
+    store = open_store(uri, cache_bytes=int(2.5 * per_image))
+    for image_id in ["1", "2", "3", "1"]:
+        store.get(image_id)
+    assert store.cached_bytes <= 2.5 * per_image
+    assert (store.hits, store.misses) == (0, 4)  # "1" was evicted by "3"
+    store.get("3")
+    assert store.hits == 1
+    cached = store.get("3")["layer3"]
+    with pytest.raises(ValueError):
+        cached[0, 0, 0] = 1  # shared with the cache: read-only
+    clone = pickle.loads(pickle.dumps(store))  # DataLoader workers / Ray tasks
+    assert np.array_equal(clone.get("8")["embed"], features_of("8")["embed"]) and clone.cached_bytes > 0
+
+
+def test_streaming_splits_by_node_then_worker(tmp_path):
+    uri = str(tmp_path / "store")
+    ids = list(range(1, 15))
+    write_store(uri, ids, per_shard=2)  # 7 shards
+    store = open_store(uri)
+    everything = [sample["image_id"] for sample in store.stream()]
+    assert everything == [str(i) for i in ids]
+    parts = [[s["image_id"] for s in store.stream(rank=r, world_size=3)] for r in range(3)]
+    assert sorted(sum(parts, []), key=int) == everything
+    assert all(set(a).isdisjoint(b) for a in parts for b in parts if a is not b)
+    sample = next(iter(store.stream(features=["embed"])))
+    assert set(sample) == {"image_id", "embed"} and np.array_equal(sample["embed"], features_of("1")["embed"])
+
+    import torch
+
+    loader = torch.utils.data.DataLoader(store.stream(rank=1, world_size=3), batch_size=None, num_workers=2)
+    assert sorted(s["image_id"] for s in loader) == sorted(parts[1])
+
+
+def test_mismatched_feature_set_is_refused_on_open_and_on_resume(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, [1, 2, 3])
+    other_weights = FeatureSetKey("toy", "toy_encoder", "f" * 64, "toy_pre", "float16")
+    with pytest.raises(StoreMismatchError, match="weights_sha256: store has '0000.*requested 'ffff"):
+        open_store(uri, expect=other_weights)
+    assert len(open_store(uri, expect=KEY, expect_shapes=SHAPES)) == 3
+    with pytest.raises(StoreMismatchError, match="feature shapes"):
+        open_store(uri, expect=KEY, expect_shapes={**SHAPES, "embed": (16, 4, 4)})
+    other_dtype = FeatureSetKey("toy", "toy_encoder", "0" * 64, "toy_pre", "float32")
+    builder = StoreBuilder(resolve_location(uri), other_dtype, SHAPES, sorted_items([(1, "a")]), 3)
+    with pytest.raises(StoreMismatchError, match="dtype: store has 'float16', requested 'float32'"):
+        builder.prepare()
+    other_list = StoreBuilder(resolve_location(uri), KEY, SHAPES, sorted_items([(1, "a"), (5, "b")]), 3)
+    with pytest.raises(StoreMismatchError, match="image_list_sha256"):
+        other_list.prepare()
+
+
+def test_unfinished_store_and_bad_samples_are_clear_errors(tmp_path):
+    uri = str(tmp_path / "store")
+    items = sorted_items([(i, f"{i}.jpg") for i in range(1, 5)])
+    builder = StoreBuilder(resolve_location(uri), KEY, SHAPES, items, 2)
+    first = builder.prepare()[0]
+    writer = builder.writer(first)
+    with pytest.raises(DataError, match="feature 'layer3' is float32"):
+        writer.add("1", {name: a.astype(np.float32) for name, a in features_of("1").items()})
+    with pytest.raises(DataError, match="not planned"):
+        writer.add("3", features_of("3"))
+    writer.abort()
+    with pytest.raises(DataError, match="extraction has not finished"):
+        open_store(uri)
+
+
+def test_verify_detects_corruption(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 7)))
+    store = open_store(uri)
+    shard, offset, _ = store._rows["2"]["layer3"]
+    path = tmp_path / "store" / shard
+    data = bytearray(path.read_bytes())
+    data[offset + 2] ^= 0xFF  # break the .npy magic of one member
+    path.write_bytes(bytes(data))
+    report = verify_store(uri)
+    assert not report.ok and any("000000_000001.layer3.npy" in problem for problem in report.problems)
+    path.write_bytes(bytes(data[:1500]))  # truncated shard
+    report = verify_store(uri)
+    assert any("bytes, manifest says" in problem for problem in report.problems)
+    with pytest.raises(DataError):
+        verify_store(uri, raise_on_error=True)
