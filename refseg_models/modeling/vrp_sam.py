@@ -1,0 +1,201 @@
+"""VRP-SAM (CVPR 2024): visual reference prompt encoder + frozen SAM decoding.
+
+Trainable part (1,592,064 parameters with the ResNet-50 configuration; METHODS.md):
+  down   1x1 conv (C2 + C3)->256, no bias, ReLU, Dropout2d(0.5), shared by reference and target;
+  merge  1x1 conv (256+256+1)->256, no bias, ReLU, shared: [feat, prototype, mask*10];
+  decoder 50 learned queries; cross-attn(reference) -> self-attn -> cross-attn(target) -> self-attn,
+         4 heads, post-norm, dropout 0, no FFN, sine positions on the keys of the cross-attentions.
+Frozen: SAM's prompt encoder + mask decoder (``SamDecoder``), the backbone (features come in).
+
+k-shot (as the authors' ``predict_mask_nshot``): every shot is encoded on its own (its own pseudo
+mask) and the 50 tokens of each shot are concatenated -> 50*k sparse tokens for SAM.
+
+Deviation for non-dilated backbones (MobileNetV2 etc.): layer2 / layer3 maps smaller than the 64 x 64
+SAM grid are resized bilinearly (align_corners=True) to it, and the pseudo mask computed on layer4's
+grid likewise; with the paper's dilated ResNet-50 every map is already 64 x 64 and nothing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from refseg_models.losses import bce_dice_loss
+from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
+from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
+from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.modeling.position_encoding import sine_position_encoding
+from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
+from refseg_models.modeling.sam_decoder import SamDecoder, build_sam_decoder, upsample_logits
+
+RESNET50_CHANNELS = (512, 1024, 2048)
+
+
+class VRPDecoder(nn.Module):
+    """50 learned queries -> cross(reference) -> self -> cross(target) -> self (one layer)."""
+
+    def __init__(self, num_queries: int = 50, dim: int = 256, num_heads: int = 4) -> None:
+        super().__init__()
+        self.queries = nn.Embedding(num_queries, dim)
+        self.cross_reference = CrossAttentionLayer(dim, num_heads, dropout=0.0)
+        self.self_reference = SelfAttentionLayer(dim, num_heads, dropout=0.0)
+        self.cross_target = CrossAttentionLayer(dim, num_heads, dropout=0.0)
+        self.self_target = SelfAttentionLayer(dim, num_heads, dropout=0.0)
+
+    def forward(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """target, reference: B x C x H x W merged features -> B x N x C prompt tokens."""
+        b, c, h, w = target.shape
+        pos = sine_position_encoding(h, w, c // 2, device=target.device, dtype=target.dtype)
+        pos = pos.flatten(2).transpose(1, 2)  # 1 x HW x C
+        tgt = target.flatten(2).transpose(1, 2)
+        ref = reference.flatten(2).transpose(1, 2)
+        x = self.queries.weight.unsqueeze(0).expand(b, -1, -1)
+        x = self.cross_reference(x, ref, ref, key_pos=pos)[0]
+        x = self.self_reference(x)
+        x = self.cross_target(x, tgt, tgt, key_pos=pos)[0]
+        return self.self_target(x)
+
+
+class VisualReferencePromptEncoder(nn.Module):
+    """VRP-SAM's trainable prompt encoder: features of an episode batch -> sparse prompt tokens."""
+
+    def __init__(
+        self,
+        backbone_channels: Sequence[int] = RESNET50_CHANNELS,
+        num_queries: int = 50,
+        hidden_dim: int = 256,
+        num_heads: int = 4,
+        feature_dropout: float = 0.5,
+        feature_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if len(backbone_channels) != 3:
+            raise ValueError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
+        c2, c3, _ = backbone_channels
+        self.num_queries = num_queries
+        self.feature_size = feature_size
+        self.down = nn.Sequential(
+            nn.Conv2d(c2 + c3, hidden_dim, kernel_size=1, bias=False), nn.ReLU(), nn.Dropout2d(feature_dropout)
+        )
+        self.merge = nn.Sequential(nn.Conv2d(2 * hidden_dim + 1, hidden_dim, kernel_size=1, bias=False), nn.ReLU())
+        self.decoder = VRPDecoder(num_queries, hidden_dim, num_heads)
+
+    def _project(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+        s = self.feature_size
+        # VRP-SAM concatenates (layer2, layer3) in this order.
+        return self.down(torch.cat([resize_to_grid(layer2, s), resize_to_grid(layer3, s)], dim=1))
+
+    def forward(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
+        """
+        Returns:
+          tokens: B x (k*N) x 256 sparse prompt tokens (shot-major).
+          pseudo_mask: B x k x 64 x 64 prior pseudo masks (one per shot).
+        """
+        if features.reference_masked_layer4 is None:
+            raise ValueError(
+                "VRP-SAM needs EpisodeFeatures.reference_masked_layer4 (layer4 of the masked reference layer3; "
+                "see refseg_models.modeling.pseudo_mask.masked_reference_layer4)"
+            )
+        b, k, s = features.batch_size, features.shots, self.feature_size
+        ref_bb = {name: t.flatten(0, 1) for name, t in features.reference_backbone.items()}  # Bk x C x h x w
+        ref_mask = resize_mask_nearest(features.reference_masks.flatten(0, 1), s).to(features.target_sam.dtype)
+
+        target = self._project(features.target_backbone["layer2"], features.target_backbone["layer3"])
+        target = target.repeat_interleave(k, dim=0)
+        reference = self._project(ref_bb["layer2"], ref_bb["layer3"])
+        prototype = masked_average_pool(reference, ref_mask).expand(-1, -1, s, s)
+
+        pseudo = prior_pseudo_mask(
+            features.target_backbone["layer4"].repeat_interleave(k, dim=0),
+            features.reference_masked_layer4.flatten(0, 1),
+            ref_mask,
+        )
+        pseudo = resize_to_grid(pseudo, s)
+
+        reference = self.merge(torch.cat([reference, prototype, ref_mask * 10], dim=1))
+        target = self.merge(torch.cat([target, prototype, pseudo * 10], dim=1))
+        tokens = self.decoder(target, reference)  # Bk x N x C
+        return {
+            "tokens": tokens.reshape(b, k * self.num_queries, -1),
+            "pseudo_mask": pseudo.reshape(b, k, s, s),
+        }
+
+
+class VRPSam(nn.Module):
+    """VRP-SAM on features: prompt encoder (trainable) + SAM prompt encoder / mask decoder (frozen).
+
+    ``state_dict()`` holds both parts; ``prompt_encoder.state_dict()`` is the trained part alone.
+    """
+
+    def __init__(self, prompt_encoder: VisualReferencePromptEncoder, sam_decoder: SamDecoder, output_size: int = 512):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.sam_decoder = sam_decoder
+        self.output_size = output_size
+
+    def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
+        """B x (k*50) x 256 tokens that go to SAM (deterministic in eval mode)."""
+        return self.prompt_encoder(features)["tokens"]
+
+    def decode_tokens(self, target_sam: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """B x 256 x 64 x 64 + B x N x 256 -> B x 1 x out x out mask logits."""
+        return upsample_logits(self.sam_decoder.decode(target_sam, tokens), self.output_size)
+
+    def forward(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
+        """
+        Returns:
+          mask_logits: B x 1 x 512 x 512 (SAM's 256 x 256 low-res logits upsampled bilinearly).
+          low_res_logits: B x 1 x 256 x 256.  prompt_tokens: B x (k*50) x 256.
+          pseudo_mask: B x k x 64 x 64.
+        """
+        enc = self.prompt_encoder(features)
+        low = self.sam_decoder.decode(features.target_sam, enc["tokens"])
+        return {
+            "mask_logits": upsample_logits(low, self.output_size),
+            "low_res_logits": low,
+            "prompt_tokens": enc["tokens"],
+            "pseudo_mask": enc["pseudo_mask"],
+        }
+
+    def compute_loss(self, outputs: dict[str, torch.Tensor], target_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BCE + Dice at 512. target_masks: B x H x W {0,1} (resized nearest to 512 if needed)."""
+        logits = outputs["mask_logits"]
+        target = resize_mask_nearest(target_masks, logits.shape[-2:]).to(logits.dtype)
+        loss = bce_dice_loss(logits, target)
+        return {"loss": loss, "loss_prompt": loss}
+
+
+def resolve_sam_decoder(sam_decoder: SamDecoder | None, sam_checkpoint: str | Path | None) -> SamDecoder:
+    if sam_decoder is not None and sam_checkpoint is not None:
+        raise ValueError("pass either sam_decoder or sam_checkpoint, not both")
+    return sam_decoder if sam_decoder is not None else build_sam_decoder(sam_checkpoint)
+
+
+def build_vrp_sam(
+    backbone_channels: Sequence[int] = RESNET50_CHANNELS,
+    num_queries: int = 50,
+    hidden_dim: int = 256,
+    num_heads: int = 4,
+    feature_dropout: float = 0.5,
+    feature_size: int = 64,
+    output_size: int = 512,
+    sam_checkpoint: str | Path | None = None,
+    sam_decoder: SamDecoder | None = None,
+) -> VRPSam:
+    """VRP-SAM with the paper's configuration (ResNet-50 v2 channels 512/1024/2048, 50 queries).
+
+    Args:
+      backbone_channels: (layer2, layer3, layer4) channels of the frozen backbone; MobileNetV2 is
+        (32, 96, 1280).
+      feature_dropout: Dropout2d after ``down`` (0.5 in the paper; 0 for overfit checks).
+      sam_checkpoint: full SAM checkpoint for the frozen prompt encoder / mask decoder; None keeps
+        segment-anything's random init (tests, parameter counts). Or pass a built ``sam_decoder``
+        to share one between models.
+    """
+    encoder = VisualReferencePromptEncoder(
+        backbone_channels, num_queries, hidden_dim, num_heads, feature_dropout, feature_size
+    )
+    return VRPSam(encoder, resolve_sam_decoder(sam_decoder, sam_checkpoint), output_size)

@@ -1,0 +1,184 @@
+"""FCP: parameter count, masked cross-attention with the empty-mask guard, attention pseudo masks,
+guide / orthogonality losses wired to the model, per-shot SAM features, gradients.
+
+Unit tests run on a 32 x 32 grid (a test-size SAM decoder, ``image_embedding_size=32``) and
+128 x 128 outputs to stay fast; the paper geometry (64 x 64, 512) is covered by the parameter
+count and by test_vrp_sam.py's decoder tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from refseg_models import build_model
+from refseg_models.modeling.attention import CrossAttentionLayer
+from refseg_models.modeling.fcp import attention_pseudo_mask
+from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.modeling.sam_decoder import build_sam_decoder
+
+SMALL = (16, 24, 40)
+GRID = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    # One intra-op thread: on a shared 2-core machine two threads oversubscribe and run far slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def small_fcp(**cfg: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(
+        "fcp",
+        backbone_channels=SMALL,
+        feature_size=GRID,
+        output_size=128,
+        sam_decoder=build_sam_decoder(image_embedding_size=GRID),
+        **cfg,
+    )
+
+
+def make_features(b: int = 2, k: int = 1, seed: int = 0, empty: bool = False) -> EpisodeFeatures:
+    g = torch.Generator().manual_seed(seed)
+    c2, c3, c4 = SMALL
+    masks = torch.zeros(b, k, 128, 128)
+    if not empty:
+        masks[..., 32:96, 40:100] = 1
+    return EpisodeFeatures(
+        target_sam=torch.randn(b, 256, GRID, GRID, generator=g),
+        target_backbone={
+            "layer2": torch.randn(b, c2, 32, 32, generator=g).relu(),
+            "layer3": torch.randn(b, c3, 16, 16, generator=g).relu(),
+            "layer4": torch.randn(b, c4, 8, 8, generator=g).relu(),
+        },
+        reference_backbone={
+            "layer2": torch.randn(b, k, c2, 32, 32, generator=g).relu(),
+            "layer3": torch.randn(b, k, c3, 16, 16, generator=g).relu(),
+            "layer4": torch.randn(b, k, c4, 8, 8, generator=g).relu(),
+        },
+        reference_masks=masks,
+        reference_sam=torch.randn(b, k, 256, GRID, GRID, generator=g),
+        reference_masked_layer4=torch.randn(b, k, c4, 8, 8, generator=g).relu(),
+    )
+
+
+def test_fcp_trainable_parameters_match_the_spec() -> None:
+    model = build_model("fcp")
+    assert trainable(model) == 2_856_448
+    enc = model.prompt_encoder
+    assert trainable(enc.down) == 393_216
+    assert trainable(enc.sam_proj) == 65_536
+    assert trainable(enc.decoder) == 2_397_696
+    assert len(enc.decoder.support_layers) == len(enc.decoder.query_layers) == 3
+    assert enc.decoder.support_prototypes.weight.shape == enc.decoder.query_prototypes.weight.shape == (50, 256)
+    assert all(not p.requires_grad for p in model.sam_decoder.parameters())
+
+
+def test_masked_cross_attention_blocks_keys_and_guards_the_empty_mask() -> None:
+    torch.manual_seed(0)
+    layer = CrossAttentionLayer(32, 4, dropout=0.0).eval()
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    blocked = torch.ones(2, 12, dtype=torch.bool)
+    blocked[0, 3:6] = False  # item 0: only keys 3..5 allowed; item 1: all blocked (empty mask)
+    out, weights = layer(q, kv, kv, blocked=blocked, need_weights=True)
+    assert torch.isfinite(out).all()
+    assert weights is not None and weights.shape == (2, 5, 12)
+    assert weights[0][:, blocked[0]].abs().max().item() == 0.0
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(5))
+    # The empty mask falls back to attending everywhere (not NaN).
+    free, free_weights = layer(q[1:], kv[1:], kv[1:], need_weights=True)
+    torch.testing.assert_close(out[1:], free)
+    torch.testing.assert_close(weights[1:], free_weights)
+
+
+def test_attention_pseudo_mask_is_minmax_then_max_over_prototypes() -> None:
+    attn = torch.tensor([[[0.1, 0.3, 0.5, 0.1], [0.4, 0.2, 0.2, 0.2]]])  # 1 x N=2 x L=4
+    pm = attention_pseudo_mask(attn, 2)
+    expected = torch.tensor([[0.0, 0.5, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).max(0)[0].reshape(1, 1, 2, 2)
+    torch.testing.assert_close(pm, expected, atol=1e-6, rtol=0)
+
+
+def test_support_branch_attends_only_inside_the_reference_mask() -> None:
+    model = small_fcp(attention_dropout=0.0, feature_dropout=0.0).eval()
+    feats = make_features(b=1)
+    with torch.no_grad():
+        out = model(feats)
+    maps = out["attention_maps"]  # B x k x 2T x N x L
+    assert maps.shape == (1, 1, 6, 50, GRID * GRID)
+    inside = torch.nn.functional.interpolate(feats.reference_masks[:, 0:1], size=(GRID, GRID), mode="nearest")
+    outside = inside.flatten() < 0.5
+    for t in range(3):  # support maps
+        assert maps[0, 0, t][:, outside].abs().max().item() == 0.0
+    assert maps[0, 0, 3][:, outside].abs().sum().item() > 0  # query maps are not masked
+    apm = out["attention_pseudo_masks"]
+    assert apm.shape == (1, 1, 2, GRID, GRID)
+    assert apm.min().item() >= 0.0 and apm.max().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_empty_reference_mask_gives_finite_outputs_in_train_and_eval() -> None:
+    model = small_fcp()
+    feats = make_features(b=2, empty=True)
+    for mode in (True, False):
+        model.train(mode)
+        out = model(feats)
+        for key in ("mask_logits", "prompt_tokens", "attention_pseudo_masks", "attention_maps"):
+            assert torch.isfinite(out[key]).all(), (mode, key)
+
+
+def test_losses_and_gradients_reach_only_the_trainable_part() -> None:
+    model = small_fcp().train()
+    feats = make_features(b=2)
+    out = model(feats)
+    assert out["mask_logits"].shape == (2, 1, 128, 128)
+    assert out["prompt_tokens"].shape == (2, 1, 50, 256)
+    target = torch.zeros(2, 512, 512)
+    target[:, 100:300, 150:350] = 1
+    losses = model.compute_loss(out, target)
+    assert set(losses) == {"loss", "loss_prompt", "loss_guide", "loss_ortho"}
+    expected = losses["loss_prompt"] + 0.5 * losses["loss_guide"] + 0.05 * losses["loss_ortho"]
+    torch.testing.assert_close(losses["loss"], expected)
+    assert losses["loss_ortho"].item() > 0
+    losses["loss"].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_k_shot_uses_each_shots_own_sam_features_and_averages_logits() -> None:
+    model = small_fcp().eval()
+    feats = make_features(b=1, k=2)
+    with torch.no_grad():
+        both = model(feats)["mask_logits"]
+        singles = [model(feats.shot(s))["mask_logits"] for s in range(2)]
+        torch.testing.assert_close(both, (singles[0] + singles[1]) / 2, atol=1e-4, rtol=1e-4)
+        # Changing only shot 1's SAM embedding changes the prediction.
+        changed = EpisodeFeatures(
+            feats.target_sam, feats.target_backbone, feats.reference_backbone, feats.reference_masks,
+            reference_sam=torch.cat([feats.reference_sam[:, :1], -feats.reference_sam[:, 1:]], dim=1),
+            reference_masked_layer4=feats.reference_masked_layer4,
+        )
+        assert not torch.allclose(model(changed)["mask_logits"], both)
+
+
+def test_fcp_needs_reference_sam_features() -> None:
+    model = small_fcp()
+    feats = make_features(b=1)
+    no_ref = EpisodeFeatures(
+        feats.target_sam, feats.target_backbone, feats.reference_backbone, feats.reference_masks,
+        reference_masked_layer4=feats.reference_masked_layer4,
+    )
+    with pytest.raises(ValueError, match="reference_sam"):
+        model(no_ref)
+    with pytest.raises(ValueError, match="T >= 2"):
+        build_model("fcp", num_layers=1)
