@@ -48,6 +48,7 @@ from torch import nn
 
 from refseg_models.build import MODEL_BUILDERS, build_model
 from refseg_models.encoders import build_encoder
+from refseg_models.encoders.checkpoint import load_state_dict_strict
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4
 
@@ -269,21 +270,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(payload: Mapping[str, Any], source: str = "checkpoint") -> nn.Module:
     """``build_model(method, **config)`` + strict ``load_state_dict`` with an error naming the keys."""
     model = build_model(payload["method"], **payload["config"])
-    expected = model.state_dict()
-    state = payload["state_dict"]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source}: state_dict does not match {payload['method']} built from its config: "
-            f"missing={missing[:12]}, unexpected={unexpected[:12]}, shape mismatch={mismatched[:12]}"
-        )
-    model.load_state_dict(state, strict=True)
+    load_state_dict_strict(model, payload["state_dict"], source=f"{source} ({payload['method']} built from its config)")
     return model.eval()
 
 

@@ -128,7 +128,7 @@ def _store_files(root: Path) -> dict[str, bytes]:
 
 
 def test_interrupted_extraction_resumes_to_an_identical_store(ray_local, coco_images, mobilenet_v2_weights, tmp_path):
-    items = coco_images[30:39] + [("999999", "/nonexistent/refseg.jpg")]
+    items = coco_images[30:39] + [("999999", str(tmp_path / "missing" / "refseg.jpg"))]
     encoder = mobilenet(mobilenet_v2_weights, input_size=128)
     kwargs = dict(batch_size=2, images_per_shard=3, progress=False)
     clean = extract_store(items, str(tmp_path / "clean"), encoder, "coco_mini", **kwargs)

@@ -118,7 +118,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "bad.pt")
     payload["state_dict"].pop("neck.layers.0.weight")
     payload["state_dict"]["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing=\['neck.layers.0.weight'\].*unexpected=\['extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): neck.layers.0.weight.*unexpected keys \(1\): extra.weight"):
         model_from_checkpoint(payload, "edited")
     with pytest.raises(ValueError, match="needs encoders"):
         save_checkpoint(model, "segic", SEGIC_CONFIG, tmp_path / "x.pt", {"sam": "sam_vit_b"})

@@ -29,6 +29,8 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from torch import nn
 from torch.nn import functional as F
 
+from refseg_models.encoders.checkpoint import load_state_dict_strict
+
 SAM_EMBED_DIM = 256
 SAM_EMBEDDING_SIZE = 64
 SAM_INPUT_SIZE = 1024
@@ -199,17 +201,4 @@ def load_sam_decoder_weights(decoder: SamDecoder, checkpoint: str | Path) -> Non
             f"{path}: no 'prompt_encoder.*' or 'mask_decoder.*' keys (is this a SAM checkpoint? "
             f"first keys: {list(state)[:5]})"
         )
-    expected = decoder.state_dict()
-    missing = sorted(set(expected) - set(selected))
-    unexpected = sorted(set(selected) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(selected[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(selected) & set(expected)
-        if tuple(selected[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path}: SAM prompt encoder / mask decoder keys do not match: missing={missing}, "
-            f"unexpected={unexpected}, shape mismatch={mismatched}"
-        )
-    decoder.load_state_dict(selected, strict=True)
+    load_state_dict_strict(decoder, selected, source=f"{path} (SAM prompt encoder / mask decoder)")
