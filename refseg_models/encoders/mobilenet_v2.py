@@ -119,6 +119,8 @@ class MobileNetV2Backbone(Backbone):
         super().__init__()
         self.features = features
         self.input_size = input_size
+        # the id names the size: a store of 128-pixel features must never pass for a 512 one
+        self.preprocessing_id = f"vrp{input_size}_squash_tf128"
         self.channels = {"layer2": 32, "layer3": 96, "layer4": 1280}
         freeze(self)
 

@@ -30,6 +30,8 @@ class ResNet50TVBackbone(Backbone):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.input_size = input_size
+        # the id names the size: a store of 128-pixel features must never pass for a 512 one
+        self.preprocessing_id = f"vrp{input_size}_squash_imagenet"
         self.channels = {"layer2": 512, "layer3": 1024, "layer4": 2048}
         freeze(self)
 

@@ -57,6 +57,8 @@ class ResNet50V2Backbone(Backbone):
     def __init__(self, input_size: int = 512) -> None:
         super().__init__()
         self.input_size = input_size
+        # the id names the size: a store of 128-pixel features must never pass for a 512 one
+        self.preprocessing_id = f"vrp{input_size}_squash_imagenet"
         self.channels = {"layer2": 512, "layer3": 1024, "layer4": 2048}
         self.conv1 = _conv3x3(3, 64, stride=2)
         self.bn1 = nn.BatchNorm2d(64)

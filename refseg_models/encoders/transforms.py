@@ -137,11 +137,15 @@ def get_preprocessor(preprocessing_id: str) -> Callable[[np.ndarray], torch.Tens
     ``longest{S}_pad_imagenet`` and ``squash{S}_imagenet``."""
     if preprocessing_id in _PREPROCESSORS:
         return _PREPROCESSORS[preprocessing_id]
+    backbone = re.fullmatch(r"vrp(\d+)_squash_(imagenet|tf128)", preprocessing_id)
+    if backbone:  # the class-consistent backbones at another input size than VRP-SAM's 512
+        size = int(backbone.group(1))
+        return partial(vrp_squash_imagenet if backbone.group(2) == "imagenet" else tf128_squash, size=size)
     match = re.fullmatch(r"(longest|squash)(\d+)(_pad)?_imagenet", preprocessing_id)
     if match and (match.group(1) == "longest") == bool(match.group(3)):
         size = int(match.group(2))
         return partial(segic_longest_pad, size=size) if match.group(1) == "longest" else partial(imagenet_squash, size=size)
     raise KeyError(
         f"unknown preprocessing_id {preprocessing_id!r}; known: {', '.join(sorted(_PREPROCESSORS))}, "
-        "longest{S}_pad_imagenet, squash{S}_imagenet"
+        "vrp{S}_squash_imagenet, vrp{S}_squash_tf128, longest{S}_pad_imagenet, squash{S}_imagenet"
     )

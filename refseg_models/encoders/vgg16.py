@@ -39,6 +39,8 @@ class VGG16Backbone(Backbone):
         # classifier head that the backbone never uses; same module indices, so same state-dict keys.
         self.features: nn.Sequential = make_layers(cfgs["D"], batch_norm=True)
         self.input_size = input_size
+        # the id names the size: a store of 128-pixel features must never pass for a 512 one
+        self.preprocessing_id = f"vrp{input_size}_squash_imagenet"
         self.channels = {"layer2": 256, "layer3": 512, "layer4": 512}
         freeze(self)
 
