@@ -7,10 +7,11 @@ count and by test_vrp_sam.py's decoder tests."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
+
+from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
 
 from refseg_models import build_model
 from refseg_models.modeling.attention import CrossAttentionLayer
@@ -18,21 +19,10 @@ from refseg_models.modeling.fcp import attention_pseudo_mask
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.sam_decoder import build_sam_decoder
 
-SMALL = (16, 24, 40)
+SMALL = SMALL_CHANNELS
 GRID = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    # One intra-op thread: on a shared 2-core machine two threads oversubscribe and run far slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def small_fcp(**cfg: object) -> torch.nn.Module:
@@ -48,27 +38,7 @@ def small_fcp(**cfg: object) -> torch.nn.Module:
 
 
 def make_features(b: int = 2, k: int = 1, seed: int = 0, empty: bool = False) -> EpisodeFeatures:
-    g = torch.Generator().manual_seed(seed)
-    c2, c3, c4 = SMALL
-    masks = torch.zeros(b, k, 128, 128)
-    if not empty:
-        masks[..., 32:96, 40:100] = 1
-    return EpisodeFeatures(
-        target_sam=torch.randn(b, 256, GRID, GRID, generator=g),
-        target_backbone={
-            "layer2": torch.randn(b, c2, 32, 32, generator=g).relu(),
-            "layer3": torch.randn(b, c3, 16, 16, generator=g).relu(),
-            "layer4": torch.randn(b, c4, 8, 8, generator=g).relu(),
-        },
-        reference_backbone={
-            "layer2": torch.randn(b, k, c2, 32, 32, generator=g).relu(),
-            "layer3": torch.randn(b, k, c3, 16, 16, generator=g).relu(),
-            "layer4": torch.randn(b, k, c4, 8, 8, generator=g).relu(),
-        },
-        reference_masks=masks,
-        reference_sam=torch.randn(b, k, 256, GRID, GRID, generator=g),
-        reference_masked_layer4=torch.randn(b, k, c4, 8, 8, generator=g).relu(),
-    )
+    return toy_episode_features(b, k, grid=GRID, layer2_size=32, seed=seed, with_sam_refs=True, empty=empty)
 
 
 def test_fcp_trainable_parameters_match_the_spec() -> None:

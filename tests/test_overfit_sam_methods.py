@@ -18,7 +18,6 @@ initialised with mu at unit scale and sigma 0.13) and FCP (240 steps) reach mean
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
 from torch.nn import functional as F
+
+from model_helpers import single_thread  # noqa: F401  (one intra-op thread for this module)
 
 from refseg_models import build_model
 from refseg_models.encoders import build_encoder
@@ -43,15 +44,6 @@ pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 GRID = 16  # test SAM embedding grid (SAM's is 64)
 NUM_EPISODES = 4
 MOBILENET_CHANNELS = (32, 96, 1280)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    # One intra-op thread: on a shared 2-core machine two threads oversubscribe and run ~10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _mask_512(mask: np.ndarray) -> torch.Tensor:

@@ -3,12 +3,13 @@ mean-prompt inference, Table 8 strategies, robustness curve mechanics, Propositi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import math
 
 import pytest
 import torch
+
+from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
 
 from refseg_models import build_model
 from refseg_models.modeling.prosam import INFERENCE_STRATEGIES, sample_prompts
@@ -16,20 +17,9 @@ from refseg_models.modeling.robustness import mask_iou, prompt_robustness_curve
 from refseg_models.modeling.sam_decoder import build_sam_decoder
 from refseg_models.modeling.inputs import EpisodeFeatures
 
-SMALL = (16, 24, 40)  # layer2 / layer3 / layer4 channels of a toy backbone
+SMALL = SMALL_CHANNELS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    # One intra-op thread: on a shared 2-core machine two threads oversubscribe and run far slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 GRID = 32  # test-size SAM grid: 4x cheaper than SAM's 64 x 64, same code path
@@ -44,25 +34,7 @@ def small_prosam(**cfg: object) -> torch.nn.Module:
 
 
 def make_features(b: int = 2, seed: int = 0) -> EpisodeFeatures:
-    g = torch.Generator().manual_seed(seed)
-    c2, c3, c4 = SMALL
-    masks = torch.zeros(b, 1, 128, 128)
-    masks[..., 32:96, 40:100] = 1
-    return EpisodeFeatures(
-        target_sam=torch.randn(b, 256, GRID, GRID, generator=g),
-        target_backbone={
-            "layer2": torch.randn(b, c2, 64, 64, generator=g).relu(),
-            "layer3": torch.randn(b, c3, 32, 32, generator=g).relu(),
-            "layer4": torch.randn(b, c4, 16, 16, generator=g).relu(),
-        },
-        reference_backbone={
-            "layer2": torch.randn(b, 1, c2, 64, 64, generator=g).relu(),
-            "layer3": torch.randn(b, 1, c3, 32, 32, generator=g).relu(),
-            "layer4": torch.randn(b, 1, c4, 16, 16, generator=g).relu(),
-        },
-        reference_masks=masks,
-        reference_masked_layer4=torch.randn(b, 1, c4, 16, 16, generator=g).relu(),
-    )
+    return toy_episode_features(b, 1, grid=GRID, seed=seed)
 
 
 def test_prosam_trainable_parameters_match_the_spec() -> None:

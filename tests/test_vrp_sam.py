@@ -4,7 +4,6 @@ real-image checks are in test_overfit_sam_methods.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import math
 from pathlib import Path
@@ -12,26 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
+
 from refseg_models import build_model
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4, prior_pseudo_mask
 from refseg_models.modeling.sam_decoder import build_sam_decoder, load_sam_decoder_weights
 
-SMALL = (16, 24, 40)  # layer2 / layer3 / layer4 channels of a toy backbone
+SMALL = SMALL_CHANNELS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    # One intra-op thread: on a shared 2-core machine two threads oversubscribe and run far slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def small_vrp(grid: int = 32) -> torch.nn.Module:
@@ -46,26 +36,7 @@ def small_vrp(grid: int = 32) -> torch.nn.Module:
 def make_features(
     b: int = 2, k: int = 1, channels: tuple[int, int, int] = SMALL, seed: int = 0, grid: int = 32, with_sam_refs: bool = False
 ) -> EpisodeFeatures:
-    g = torch.Generator().manual_seed(seed)
-    c2, c3, c4 = channels
-    masks = torch.zeros(b, k, 128, 128)
-    masks[..., 32:96, 40:100] = 1
-    return EpisodeFeatures(
-        target_sam=torch.randn(b, 256, grid, grid, generator=g),
-        target_backbone={
-            "layer2": torch.randn(b, c2, 64, 64, generator=g).relu(),
-            "layer3": torch.randn(b, c3, 32, 32, generator=g).relu(),
-            "layer4": torch.randn(b, c4, 16, 16, generator=g).relu(),
-        },
-        reference_backbone={
-            "layer2": torch.randn(b, k, c2, 64, 64, generator=g).relu(),
-            "layer3": torch.randn(b, k, c3, 32, 32, generator=g).relu(),
-            "layer4": torch.randn(b, k, c4, 16, 16, generator=g).relu(),
-        },
-        reference_masks=masks,
-        reference_sam=torch.randn(b, k, 256, grid, grid, generator=g) if with_sam_refs else None,
-        reference_masked_layer4=torch.randn(b, k, c4, 16, 16, generator=g).relu(),
-    )
+    return toy_episode_features(b, k, channels=channels, grid=grid, seed=seed, with_sam_refs=with_sam_refs)
 
 
 # --- parameter counts (the paper's ResNet-50 configuration; no weights needed) -----------------

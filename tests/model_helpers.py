@@ -1,0 +1,63 @@
+"""Helpers shared by the method tests: thread pinning, parameter counting, toy feature batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from refseg_models.modeling.inputs import EpisodeFeatures
+
+SMALL_CHANNELS = (16, 24, 40)  # layer2 / layer3 / layer4 channels of a toy backbone
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine two threads oversubscribe and run far slower.
+    Import it into a test module to apply it there (autouse, module scope)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def toy_episode_features(
+    b: int = 2,
+    k: int = 1,
+    *,
+    channels: tuple[int, int, int] = SMALL_CHANNELS,
+    grid: int = 32,
+    layer2_size: int = 64,
+    seed: int = 0,
+    with_sam_refs: bool = False,
+    empty: bool = False,
+) -> EpisodeFeatures:
+    """Random post-ReLU backbone maps (layer2 at ``layer2_size``, layer3/4 at 1/2 and 1/4 of it), a
+    random SAM embedding on a ``grid`` x ``grid`` grid and 128 x 128 reference masks (a box, or empty)."""
+    g = torch.Generator().manual_seed(seed)
+    c2, c3, c4 = channels
+    s2, s3, s4 = layer2_size, layer2_size // 2, layer2_size // 4
+    masks = torch.zeros(b, k, 128, 128)
+    if not empty:
+        masks[..., 32:96, 40:100] = 1
+    return EpisodeFeatures(
+        target_sam=torch.randn(b, 256, grid, grid, generator=g),
+        target_backbone={
+            "layer2": torch.randn(b, c2, s2, s2, generator=g).relu(),
+            "layer3": torch.randn(b, c3, s3, s3, generator=g).relu(),
+            "layer4": torch.randn(b, c4, s4, s4, generator=g).relu(),
+        },
+        reference_backbone={
+            "layer2": torch.randn(b, k, c2, s2, s2, generator=g).relu(),
+            "layer3": torch.randn(b, k, c3, s3, s3, generator=g).relu(),
+            "layer4": torch.randn(b, k, c4, s4, s4, generator=g).relu(),
+        },
+        reference_masks=masks,
+        reference_sam=torch.randn(b, k, 256, grid, grid, generator=g) if with_sam_refs else None,
+        reference_masked_layer4=torch.randn(b, k, c4, s4, s4, generator=g).relu(),
+    )
