@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.errors import RefsegError  # noqa: E402
+from pipeline.errors import run_cli  # noqa: E402
 from pipeline.evaluation.job import EvaluateConfig, run  # noqa: E402
 
 
@@ -39,8 +39,10 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     return EvaluateConfig(**{key: value for key, value in vars(args).items()})
 
 
+def main() -> int:
+    run(parse_args())
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        run(parse_args())
-    except RefsegError as error:
-        sys.exit(f"evaluate_coco20i: error: {error}")
+    sys.exit(run_cli(main, "evaluate_coco20i"))

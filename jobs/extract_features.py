@@ -14,7 +14,7 @@ from pathlib import Path
 # Allow running from a checkout without `pip install -e .` (ray job submit uploads the working dir).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import RefsegError  # noqa: E402
+from pipeline.errors import run_cli  # noqa: E402
 from pipeline.extraction.commands import add_extract_arguments, config_from_args  # noqa: E402
 from pipeline.extraction.run import run_extraction  # noqa: E402
 
@@ -23,15 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_extract_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def extract() -> int:
         config = config_from_args(args)
         print(f"extraction config:\n{config.to_json()}", flush=True)
         summary = run_extraction(config)
-    except RefsegError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary.text())
-    return 0 if summary.written > 0 else 1
+        print(summary.text())
+        return 0 if summary.written > 0 else 1
+
+    return run_cli(extract, "extract_features")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from pipeline.errors import RefsegError
+from pipeline.errors import run_cli
 
 COMMAND_MODULES = (
     "pipeline.commands",
@@ -31,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except RefsegError as error:
-        print(f"refseg {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.handler(args), f"refseg {args.command}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,17 @@
-"""Error types that name the offending file or item, so nothing fails deep in a stack."""
+"""Error types that name the offending file or item, so nothing fails deep in a stack.
+
+One error type per layer: readers and jobs raise :class:`RefsegError` subclasses (``DataError``,
+``ConfigError``); the pure-PyTorch models raise :class:`refseg_models.errors.ModelError`. Both are
+translated into one clear line, once, by :func:`run_cli` (the ``refseg`` console script and every
+``jobs/*.py`` entry point go through it).
+"""
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from refseg_models.errors import ModelError
 
 
 class RefsegError(Exception):
@@ -21,3 +32,22 @@ class DataError(RefsegError):
 
 class ConfigError(RefsegError):
     """A configuration value is out of range or inconsistent."""
+
+
+# What a user can cause and must see as one line (never a traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (RefsegError, ModelError)
+
+
+def run_cli(main: Callable[[], int | None], prog: str) -> int:
+    """Run ``main`` and turn any user error into ``"<prog>: error: <message>"`` on stderr, exit 2.
+
+    Anything else is a bug in refseg and keeps its traceback.
+    """
+    try:
+        return int(main() or 0)
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from refseg_models.errors import ModelError
+
 MODEL_BUILDERS: dict[str, str] = {
     "vrp_sam": "refseg_models.modeling.vrp_sam:build_vrp_sam",
     "prosam": "refseg_models.modeling.prosam:build_prosam",
@@ -35,5 +37,5 @@ def _resolve(target: str) -> Callable[..., nn.Module]:
 def build_model(method: str, **config: Any) -> nn.Module:
     """Build ``method`` with the paper's default configuration, overridden by ``config``."""
     if method not in MODEL_BUILDERS:
-        raise KeyError(f"unknown method {method!r}; available: {', '.join(available_models())}")
+        raise ModelError(f"unknown method {method!r}; available: {', '.join(available_models())}")
     return _resolve(MODEL_BUILDERS[method])(**config)

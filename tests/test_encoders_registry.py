@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from refseg_models.encoders import Backbone, FrozenEncoder, available_encoders, build_encoder
+from refseg_models.errors import ModelError
 
 # name -> {output: (C, h, w)} for the default preprocessing of each encoder.
 EXPECTED_SHAPES = {
@@ -49,7 +50,7 @@ def test_output_shapes_of_every_encoder(name):
 
 
 def test_unknown_name_lists_the_options():
-    with pytest.raises(KeyError, match="unknown encoder 'sam_vit_x'.*mobilenet_v2.*sam_vit_b"):
+    with pytest.raises(ModelError, match="unknown encoder 'sam_vit_x'.*mobilenet_v2.*sam_vit_b"):
         build_encoder("sam_vit_x", "whatever.pth")
 
 
@@ -97,5 +98,5 @@ def test_get_preprocessor_matches_each_encoders_preprocess(coco_mini_dir):
         expected = encoder.preprocess(image)
         assert expected.shape == (3, encoder.input_size, encoder.input_size), name
         assert torch.equal(get_preprocessor(encoder.preprocessing_id)(image), expected), name
-    with pytest.raises(KeyError, match="unknown preprocessing_id 'squash512_pad_imagenet'"):
+    with pytest.raises(ModelError, match="unknown preprocessing_id 'squash512_pad_imagenet'"):
         get_preprocessor("squash512_pad_imagenet")

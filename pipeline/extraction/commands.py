@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.errors import ConfigError, RefsegError
+from pipeline.errors import ConfigError, run_cli
 from pipeline.extraction.config import ExtractionConfig
 from pipeline.store.layout import DEFAULT_TARGET_SHARD_BYTES
 
@@ -115,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refseg-extract")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except RefsegError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.handler(args), f"refseg-extract {args.command}")
 
 
 if __name__ == "__main__":

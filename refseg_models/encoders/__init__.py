@@ -18,6 +18,7 @@ from torch import nn
 from refseg_models.encoders.base import BACKBONE_LAYERS, Backbone, FrozenEncoder
 from refseg_models.encoders.checkpoint import CheckpointError
 from refseg_models.encoders.transforms import get_preprocessor
+from refseg_models.errors import ModelError, WeightsNotFoundError
 
 # name -> (builder "module:function", fixed keyword arguments)
 ENCODER_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,20 +62,20 @@ def build_encoder(
             ``input_size=896`` / ``preprocessing=...`` for DINOv2.
 
     Raises:
-        KeyError: unknown ``name`` (the message lists the options).
-        ValueError: ``checkpoint=None`` without ``allow_random_init``.
-        FileNotFoundError: ``checkpoint`` does not exist (the message names the path).
+        ModelError: unknown ``name`` (the message lists the options), or ``checkpoint=None``
+            without ``allow_random_init``.
+        WeightsNotFoundError: ``checkpoint`` does not exist (the message names the path).
         CheckpointError: the file does not match the architecture (names missing/unexpected keys).
     """
     if name not in ENCODER_BUILDERS:
-        raise KeyError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+        raise ModelError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
     if checkpoint is None and not allow_random_init:
-        raise ValueError(
+        raise ModelError(
             f"encoder {name!r} needs a checkpoint path; pass allow_random_init=True to build it with random "
             "weights (tests and speed benchmarks only: random features are meaningless)"
         )
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint file for encoder {name!r} not found: {checkpoint}")
+        raise WeightsNotFoundError(f"checkpoint file for encoder {name!r} not found: {checkpoint}")
     target, fixed = ENCODER_BUILDERS[name]
     return _resolve(target)(checkpoint=checkpoint, **fixed, **cfg)
 

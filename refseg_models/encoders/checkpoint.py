@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from refseg_models.errors import ModelError, WeightsNotFoundError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(ModelError):
     """A checkpoint file does not match the module it is loaded into."""
 
 
@@ -27,7 +29,7 @@ def read_state_dict(path: str | Path, nested_keys: Iterable[str] = ("state_dict"
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise WeightsNotFoundError(f"checkpoint file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-weights objects

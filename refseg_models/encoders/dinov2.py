@@ -20,6 +20,8 @@ Output: the last block's tokens after the final LayerNorm (``x_norm_patchtokens`
 
 from __future__ import annotations
 
+from refseg_models.errors import ModelError
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +237,7 @@ def build_dinov2_encoder(
     """DINOv2 ``variant`` ("vits14", "vitb14", "vitl14") loaded strictly from an official backbone
     checkpoint (``num_register_tokens=4`` for the ``*_reg4`` files). Defaults: SegIC's 896 input."""
     if variant not in DINOV2_CONFIGS:
-        raise KeyError(f"unknown DINOv2 variant {variant!r}; available: {', '.join(DINOV2_CONFIGS)}")
+        raise ModelError(f"unknown DINOv2 variant {variant!r}; available: {', '.join(DINOV2_CONFIGS)}")
     vit = DinoV2ViT(DINOV2_CONFIGS[variant], num_register_tokens=num_register_tokens)
     if checkpoint is not None:
         load_state_dict_strict(vit, read_state_dict(checkpoint), str(checkpoint))

@@ -19,6 +19,8 @@ Preprocessing modes (``preprocessing_id``):
 
 from __future__ import annotations
 
+from refseg_models.errors import ModelError
+
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -71,7 +73,7 @@ SAM_ENCODER_CONFIGS: dict[str, SamEncoderConfig] = {
 def build_sam_image_encoder_vit(variant: str) -> ImageEncoderViT:
     """segment_anything's ``ImageEncoderViT`` with ``_build_sam``'s arguments for ``variant``."""
     if variant not in SAM_ENCODER_CONFIGS:
-        raise KeyError(f"unknown SAM encoder variant {variant!r}; available: {', '.join(SAM_ENCODER_CONFIGS)}")
+        raise ModelError(f"unknown SAM encoder variant {variant!r}; available: {', '.join(SAM_ENCODER_CONFIGS)}")
     cfg = SAM_ENCODER_CONFIGS[variant]
     return ImageEncoderViT(
         depth=cfg.depth,

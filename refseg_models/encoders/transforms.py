@@ -20,6 +20,8 @@ Resizing decisions (they decide numerical parity with the authors' code):
 
 from __future__ import annotations
 
+from refseg_models.errors import ModelError
+
 import re
 from collections.abc import Callable
 from functools import partial
@@ -145,7 +147,7 @@ def get_preprocessor(preprocessing_id: str) -> Callable[[np.ndarray], torch.Tens
     if match and (match.group(1) == "longest") == bool(match.group(3)):
         size = int(match.group(2))
         return partial(segic_longest_pad, size=size) if match.group(1) == "longest" else partial(imagenet_squash, size=size)
-    raise KeyError(
+    raise ModelError(
         f"unknown preprocessing_id {preprocessing_id!r}; known: {', '.join(sorted(_PREPROCESSORS))}, "
         "vrp{S}_squash_imagenet, vrp{S}_squash_tf128, longest{S}_pad_imagenet, squash{S}_imagenet"
     )

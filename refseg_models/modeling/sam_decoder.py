@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from refseg_models.encoders.checkpoint import load_state_dict_strict
+from refseg_models.errors import WeightsNotFoundError
 
 SAM_EMBED_DIM = 256
 SAM_EMBEDDING_SIZE = 64
@@ -189,7 +190,7 @@ def load_sam_decoder_weights(decoder: SamDecoder, checkpoint: str | Path) -> Non
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+        raise WeightsNotFoundError(f"SAM checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
