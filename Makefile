@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# tested versions pinned in constraints.txt (torch + torchvision as a matching pair, see STACK.md)
+	# tested versions pinned in constraints.txt (torch + torchvision as a matching pair, see docs/stack.md)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 

@@ -34,19 +34,16 @@ sys.path.insert(0, str(REPO))
 from pipeline.data import CocoInstances  # noqa: E402
 from pipeline.extraction import RegistryEncoder, extract_store  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
-from pipeline.training.augmented_views import (  # noqa: E402
+from pipeline.training.views import (  # noqa: E402
     AugmentationConfig,
     apply_view,
-    encode_views,
-    evaluate_view_serving,
-    flip_equivariance,
     plan_views,
     render_view_items,
-    sample_view_episodes,
     segic_instance_config,
     segic_semantic_config,
     write_plan,
 )
+from view_serving import encode_views, evaluate_view_serving, flip_equivariance, sample_view_episodes  # noqa: E402
 from refseg_models.build import build_model  # noqa: E402
 from refseg_models.encoders import build_encoder  # noqa: E402
 
@@ -129,7 +126,7 @@ def main() -> None:
     results["store_vs_recompute_max_abs"] = max(float((direct[k] - v).abs().max()) for k, v in cached(check).items())
 
     started = time.perf_counter()
-    models = {layer: build_model("prototype_matching", feature=layer) for layer in ("layer3", "layer4")}
+    models = {layer: build_model("prototype_matching", feature=layer).eval() for layer in ("layer3", "layer4")}
     results["episodes"] = evaluate_view_serving(source, episodes, plan, encoder, cached, models, num_views=views)
     results["evaluate_s"] = time.perf_counter() - started
     results["extraction"] = {"images": summary.images, "seconds": summary.seconds, "failed": summary.failed}

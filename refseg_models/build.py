@@ -1,41 +1,88 @@
-"""Explicit model registry: method name -> builder function.
+"""The method registry: name -> method class, imported on first use.
 
-Builders are named as ``"module:function"`` strings and imported on first use, so importing
-``refseg_models`` stays cheap and one method's optional dependency never breaks another's import.
-Each builder returns an ``nn.Module`` whose trainable parameters are exactly the method's learnable
-part; frozen encoders are not part of it.
+Classes are named as ``"module:Class"`` strings so importing ``refseg_models`` stays cheap and one
+method's optional dependency never breaks another's import. Every class implements the contract of
+:class:`refseg_models.method.RefSegMethod` and owns its config class (defaults written once there).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from refseg_models.config import MethodConfig
 from refseg_models.errors import ModelError
 
-MODEL_BUILDERS: dict[str, str] = {
-    "vrp_sam": "refseg_models.modeling.vrp_sam:build_vrp_sam",
-    "prosam": "refseg_models.modeling.prosam:build_prosam",
-    "fcp": "refseg_models.modeling.fcp:build_fcp",
-    "segic": "refseg_models.modeling.segic:build_segic",
-    "persam": "refseg_models.modeling.persam:build_persam",
-    "prototype_matching": "refseg_models.modeling.prototype_matching:build_prototype_matching",
+METHODS: dict[str, str] = {
+    "vrp_sam": "refseg_models.modeling.vrp_sam:VRPSam",
+    "prosam": "refseg_models.modeling.prosam:ProSam",
+    "fcp": "refseg_models.modeling.fcp:FCP",
+    "segic": "refseg_models.modeling.segic:SegIC",
+    "persam": "refseg_models.modeling.persam:PerSAM",
+    "prototype_matching": "refseg_models.modeling.prototype_matching:PrototypeMatching",
 }
 
 
 def available_models() -> list[str]:
-    return sorted(MODEL_BUILDERS)
+    return sorted(METHODS)
 
 
-def _resolve(target: str) -> Callable[..., nn.Module]:
-    module_name, function_name = target.split(":")
-    return getattr(importlib.import_module(module_name), function_name)
-
-
-def build_model(method: str, **config: Any) -> nn.Module:
-    """Build ``method`` with the paper's default configuration, overridden by ``config``."""
-    if method not in MODEL_BUILDERS:
+def method_class(method: str) -> type:
+    """The :class:`~refseg_models.method.RefSegMethod` subclass registered as ``method``."""
+    if method not in METHODS:
         raise ModelError(f"unknown method {method!r}; available: {', '.join(available_models())}")
-    return _resolve(MODEL_BUILDERS[method])(**config)
+    module_name, class_name = METHODS[method].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def method_config(method: str, config: MethodConfig | Mapping[str, Any] | None = None, **overrides: Any) -> MethodConfig:
+    """``method``'s config: its defaults, updated by ``config`` (a config or a dict) and ``overrides``."""
+    cls = method_class(method).config_class
+    if isinstance(config, MethodConfig):
+        if not isinstance(config, cls):
+            raise ModelError(f"{method} takes a {cls.__name__}, got a {type(config).__name__}")
+        base = config.to_dict()
+    else:
+        base = dict(config or {})
+    return cls.from_dict({**base, **overrides})
+
+
+def build_model(
+    method: str,
+    config: MethodConfig | Mapping[str, Any] | None = None,
+    *,
+    sam_decoder: nn.Module | None = None,
+    sam_checkpoint: str | Path | None = None,
+    allow_random_init: bool = False,
+    **overrides: Any,
+) -> nn.Module:
+    """Build ``method`` from its config (the paper's defaults unless overridden).
+
+    SAM-prompt methods (VRP-SAM, ProSAM, FCP, PerSAM) decode through a frozen SAM prompt encoder +
+    mask decoder: pass a built ``sam_decoder`` (shared between models), or ``sam_checkpoint`` (a SAM
+    or proxy-SAM checkpoint), or ``allow_random_init=True`` for a random one (tests and parameter
+    counts only: a random SAM decoder ignores prompts). Forgetting all three is an error, never a
+    silent random SAM.
+    """
+    cls = method_class(method)
+    cfg = method_config(method, config, **overrides)
+    if cls.uses_sam_decoder:
+        if sam_decoder is not None and sam_checkpoint is not None:
+            raise ModelError("pass either sam_decoder or sam_checkpoint, not both")
+        if sam_decoder is None:
+            from refseg_models.modeling.sam_decoder import build_sam_decoder
+
+            if sam_checkpoint is None and not allow_random_init:
+                raise ModelError(
+                    f"{method} decodes through a frozen, pretrained SAM: pass sam_checkpoint (a SAM or proxy-SAM "
+                    "checkpoint) or a built sam_decoder; allow_random_init=True builds a random SAM decoder "
+                    "(tests and parameter counts only: it ignores prompts)"
+                )
+            sam_decoder = build_sam_decoder(sam_checkpoint, image_embedding_size=cfg.feature_size)
+    elif sam_decoder is not None or sam_checkpoint is not None:
+        raise ModelError(f"{method} does not decode through SAM: it takes no sam_decoder / sam_checkpoint")
+    return cls.from_config(cfg, sam_decoder)

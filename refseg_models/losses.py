@@ -1,7 +1,11 @@
-"""Mask losses as pure, shape-documented functions (VRP-SAM / ProSAM / FCP / SegIC).
+"""Mask loss terms as pure, shape-documented functions (VRP-SAM / ProSAM / FCP / SegIC).
 
-Targets are float masks in {0, 1}. Ignore labels (COCO's 255) must be mapped by the data layer
-before they reach these functions (they raise on values outside [0, 1]).
+Targets are float masks in {0, 1}; every term takes an optional ``valid`` mask of the same shape
+(float/bool {0, 1}) and ignored pixels (COCO crowd, VOC boundaries, LVIS unannotated, cells warped
+out of view: ``valid == 0``) contribute nothing: BCE is averaged over valid pixels only, Dice sums
+over valid pixels only. With ``valid=None`` (or all ones) every term equals the authors' formula.
+The per-method criteria that combine these terms with their weights are in
+:mod:`refseg_models.criterion`.
 """
 
 from __future__ import annotations
@@ -11,84 +15,102 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from refseg_models.errors import ModelError
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor, what: str) -> None:
+
+def _check(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, what: str) -> torch.Tensor:
     if pred.shape != target.shape:
-        raise ValueError(f"{what}: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        raise ModelError(f"{what}: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if target.numel() and (target.min() < 0 or target.max() > 1):
-        raise ValueError(f"{what}: target values must lie in [0, 1] (map ignore labels before the loss)")
+        raise ModelError(f"{what}: target values must lie in [0, 1] (pass ignore pixels as valid = 0)")
+    if valid is None:
+        return torch.ones_like(target, dtype=pred.dtype)
+    if valid.shape != target.shape:
+        raise ModelError(f"{what}: valid shape {tuple(valid.shape)} != target shape {tuple(target.shape)}")
+    return valid.to(pred.dtype)
 
 
-def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits averaged over every pixel. logits, targets: B x ... (same shape) -> scalar."""
-    _check_pair(logits, targets, "sigmoid_bce_loss")
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE-with-logits averaged over the valid pixels of the batch. B x ... (same shapes) -> scalar."""
+    v = _check(logits, targets, valid, "sigmoid_bce_loss")
+    per_pixel = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return (per_pixel * v).sum() / v.sum().clamp(min=1.0)
 
 
-def dice_from_probabilities(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per sample 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1), summed over the batch and divided
-    by the batch size. probs, targets: B x ... -> scalar."""
-    _check_pair(probs, targets, "dice_from_probabilities")
-    p, t = probs.flatten(1), targets.to(probs.dtype).flatten(1)
+def dice_from_probabilities(probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1) over valid pixels, summed over
+    the batch and divided by the batch size (VRP-SAM's ``dice_loss``). B x ... -> scalar."""
+    v = _check(probs, targets, valid, "dice_from_probabilities")
+    p, t, v = (probs * v).flatten(1), (targets.to(probs.dtype) * v).flatten(1), v.flatten(1)
     per_sample = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
     return per_sample.sum() / probs.shape[0]
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """VRP-SAM's Dice on sigmoid(logits) with +1 smoothing. logits, targets: B x ... -> scalar."""
-    return dice_from_probabilities(logits.sigmoid(), targets)
+    return dice_from_probabilities(logits.sigmoid(), targets, valid)
 
 
-def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """VRP-SAM / ProSAM / FCP prompt loss: BCE-with-logits (mean) + Dice. B x 1 x H x W -> scalar.
-
-    For ProSAM's K samples, pass B*K logits against the targets repeated K times: equal to the
-    mean over the K samples of the per-sample loss (eq. 10).
-    """
-    return sigmoid_bce_loss(logits, targets) + dice_loss(logits, targets)
+def probability_bce_loss(probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain BCE on probabilities (log clamped at -100 by torch), mean over valid pixels."""
+    v = _check(probs, targets, valid, "probability_bce_loss")
+    per_pixel = F.binary_cross_entropy(probs.clamp(0.0, 1.0), targets.to(probs.dtype), reduction="none")
+    return (per_pixel * v).sum() / v.sum().clamp(min=1.0)
 
 
-def probability_bce_dice_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Plain BCE (on probabilities, log clamped at -100 by torch) + Dice. B x ... -> scalar."""
-    _check_pair(probs, targets, "probability_bce_dice_loss")
-    bce = F.binary_cross_entropy(probs.clamp(0.0, 1.0), targets.to(probs.dtype))
-    return bce + dice_from_probabilities(probs, targets)
+GUIDE_WEIGHTINGS = ("authors", "paper")
 
 
-def fcp_guide_loss(attention_masks: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+def fcp_guide_loss(
+    attention_masks: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    weighting: str = "authors",
+) -> torch.Tensor:
     """FCP guide loss over the T-1 intermediate attention pseudo masks.
 
     Args:
-      attention_masks: T-1 tensors B x H x W, probabilities in [0, 1] (head-averaged attention,
-        min-max normalised per prototype, max over prototypes), m = 0 .. T-2.
-      targets: B x H x W GT of the target, nearest-resized to the attention grid (64 x 64).
-    Returns:
-      sum_m 1/(T-m) * (BCE + Dice)(mask_m, GT): later layers count more. Plain BCE on probabilities
-      (the authors' code applies BCE-with-logits to probabilities; that is a bug we do not copy).
+      attention_masks: T-1 tensors B x H x W of probabilities (head-averaged attention, min-max
+        normalised per prototype, max over prototypes), m = 0 .. T-2.
+      targets, valid: B x H x W GT of the target and its valid mask on the attention grid.
+      weighting: ``"authors"`` (FCP's train.py: layer m's term divided by (T - 1 - m), i.e. 1/2 and 1
+        for T = 3: later layers count more) or ``"paper"`` (eq. 9: a uniform 1 / (T - 1)).
+    Returns: the weighted sum of plain BCE + Dice (plain BCE: the maps are probabilities; the
+      authors' code applies BCE-with-logits to them, a bug not copied here).
     """
     if len(attention_masks) == 0:
-        raise ValueError("fcp_guide_loss needs at least one attention mask (T >= 2)")
-    num_layers = len(attention_masks) + 1  # T
+        raise ModelError("fcp_guide_loss needs at least one attention mask (T >= 2)")
+    if weighting not in GUIDE_WEIGHTINGS:
+        raise ModelError(f"guide-loss weighting must be one of {GUIDE_WEIGHTINGS}, got {weighting!r}")
+    steps = len(attention_masks)  # T - 1
     total = attention_masks[0].new_zeros(())
     for m, mask in enumerate(attention_masks):
-        total = total + probability_bce_dice_loss(mask, targets) / (num_layers - m)
+        weight = 1.0 / (steps - m) if weighting == "authors" else 1.0 / steps
+        term = probability_bce_loss(mask, targets, valid) + dice_from_probabilities(mask, targets, valid)
+        total = total + weight * term
     return total
 
 
-def fcp_orthogonality_loss(attention_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+def fcp_orthogonality_loss(attention_maps: Sequence[torch.Tensor], valid: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """FCP orthogonality loss: sum over maps of mean(ReLU(A A^T - I)).
 
     Args:
-      attention_maps: cross-attention maps of both branches, each ... x N x L (N prototypes over L
-        = H*W keys); leading dims are flattened as a batch. Each prototype's map is L2-normalised
-        over L, so A A^T holds cosine similarities; the diagonal (1) is removed by - I.
+      attention_maps: cross-attention maps, each ... x N x L (N prototypes over L = H*W keys);
+        leading dims are flattened as a batch. Each prototype's map is L2-normalised over L, so
+        A A^T holds cosine similarities; the diagonal (1) is removed by - I.
+      valid: optional, per map, a (flattened-batch) x L mask of keys that count (ignored target
+        pixels are zeroed before normalising), or None for all keys.
     Returns: scalar (mean over batch and the N x N entries, summed over the maps).
     """
     if len(attention_maps) == 0:
-        raise ValueError("fcp_orthogonality_loss needs at least one attention map")
+        raise ModelError("fcp_orthogonality_loss needs at least one attention map")
     total = attention_maps[0].new_zeros(())
-    for attn in attention_maps:
-        a = F.normalize(attn.reshape(-1, attn.shape[-2], attn.shape[-1]), p=2, dim=-1)
+    for i, attn in enumerate(attention_maps):
+        a = attn.reshape(-1, attn.shape[-2], attn.shape[-1])
+        keep = None if valid is None else valid[i]
+        if keep is not None:
+            a = a * keep.reshape(a.shape[0], 1, a.shape[-1]).to(a.dtype)
+        a = F.normalize(a, p=2, dim=-1)
         gram = a @ a.transpose(1, 2)
         eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
         total = total + F.relu(gram - eye).mean()
@@ -131,42 +153,57 @@ def uncertain_point_coords(
 def point_sampled_mask_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
+    valid: torch.Tensor | None = None,
     num_points: int = 112 * 112,
     oversample_ratio: float = 3.0,
     importance_sample_ratio: float = 0.75,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mask2Former / SegIC point-sampled mask loss.
+    """Mask2Former / SegIC point-sampled mask loss, per mask.
 
     Args:
       logits: M x 1 x h x w mask logits (or M x h x w), M masks.
       targets: M x 1 x H x W (or M x H x W) {0,1} GT masks; sampled at the same normalised coords,
-        so h x w and H x W may differ.
+        so h x w and H x W may differ. valid: same shape as targets (or None); a point counts when
+        the valid mask sampled there is >= 0.5, and its label is interpolated over valid pixels only.
       num_points: points per mask (112 * 112 = 12,544); oversample 3.0; importance ratio 0.75.
     Returns:
-      {"loss_ce": sigmoid-CE averaged over points, summed over masks / M,
-       "loss_dice": Dice (+1 smoothing) on the points, summed / M, "loss": their sum}.
+      {"loss_ce": M sigmoid-CE values (mean over the valid points of each mask),
+       "loss_dice": M Dice values (+1 smoothing, over the valid points)}: per-mask vectors, so the
+      caller weights and averages them (SegIC's negatives weigh 0.1).
     """
     if logits.dim() == 3:
         logits = logits[:, None]
     if targets.dim() == 3:
         targets = targets[:, None]
+    if valid is not None and valid.dim() == 3:
+        valid = valid[:, None]
     if logits.dim() != 4 or targets.dim() != 4 or logits.shape[:2] != targets.shape[:2] or logits.shape[1] != 1:
-        raise ValueError(
+        raise ModelError(
             f"point_sampled_mask_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
             "must be M x 1 x h x w and M x 1 x H x W"
         )
     if targets.numel() and (targets.min() < 0 or targets.max() > 1):
-        raise ValueError("point_sampled_mask_loss: target values must lie in [0, 1]")
-    num_masks = max(logits.shape[0], 1)
+        raise ModelError("point_sampled_mask_loss: target values must lie in [0, 1] (pass ignore pixels as valid = 0)")
+    if valid is not None and valid.shape != targets.shape:
+        raise ModelError(f"point_sampled_mask_loss: valid {tuple(valid.shape)} != targets {tuple(targets.shape)}")
     with torch.no_grad():
         coords = uncertain_point_coords(
             logits.detach(), num_points, oversample_ratio, importance_sample_ratio, generator=generator
         )
-        point_targets = point_sample(targets.to(logits.dtype), coords)[:, 0]  # M x P
+        if valid is None:
+            point_targets = point_sample(targets.to(logits.dtype), coords)[:, 0]  # M x P
+            point_valid = torch.ones_like(point_targets)
+        else:
+            # interpolate the labels over valid pixels only, so labels under ignored pixels never leak
+            v = valid.to(logits.dtype)
+            weight = point_sample(v, coords)[:, 0]
+            point_targets = point_sample(targets.to(logits.dtype) * v, coords)[:, 0] / weight.clamp(min=1e-6)
+            point_valid = (weight >= 0.5).to(logits.dtype)
     point_logits = point_sample(logits, coords)[:, 0]  # M x P
-    loss_ce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1).sum() / num_masks
-    probs = point_logits.sigmoid()
-    dice = 1 - (2 * (probs * point_targets).sum(-1) + 1) / (probs.sum(-1) + point_targets.sum(-1) + 1)
-    loss_dice = dice.sum() / num_masks
-    return {"loss_ce": loss_ce, "loss_dice": loss_dice, "loss": loss_ce + loss_dice}
+    ce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none")
+    loss_ce = (ce * point_valid).sum(1) / point_valid.sum(1).clamp(min=1.0)
+    probs = point_logits.sigmoid() * point_valid
+    t = point_targets * point_valid
+    loss_dice = 1 - (2 * (probs * t).sum(-1) + 1) / (probs.sum(-1) + t.sum(-1) + 1)
+    return {"loss_ce": loss_ce, "loss_dice": loss_dice}

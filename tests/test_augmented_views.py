@@ -1,37 +1,39 @@
-"""Cached augmented views for SegIC: seeded plans, exact rendering, feature flips/warps, measurement."""
+"""Cached augmented views for SegIC: seeded plans, exact rendering, feature flips/warps; and the bench
+harness that measures them (bench/view_serving.py)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import DataError
-from pipeline.training.augmented_views import (
+from pipeline.training.views import (
     AugmentationConfig,
     apply_view,
     apply_view_to_instances,
     apply_view_to_mask,
     base_view,
-    encode_views,
-    evaluate_view_serving,
-    flip_equivariance,
     flip_features,
     nearest_view,
     parse_view_id,
     plan_views,
     read_plan,
     render_view_items,
-    sample_view_episodes,
     segic_instance_config,
     segic_semantic_config,
     view_id,
     warp_features,
     write_plan,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from view_serving import encode_views, evaluate_view_serving, flip_equivariance, sample_view_episodes  # noqa: E402
 from pipeline.data.images import load_rgb
 
 SIZES = {"139": (426, 640), "285": (640, 586), "632": (483, 640)}

@@ -200,10 +200,15 @@ def test_reference_annotations_are_deterministic_and_inside(kind):
 
 def test_points_count_and_errors():
     mask = _blob()
-    points = reference_annotation(mask, "points", seed=3, num_points=20)
+    # the authors' encoding: single object pixels, min(20, area) at test, 1..20 in training
+    points = reference_annotation(mask, "points", seed=3)
+    assert points.sum() == 20 and not (points & (mask != 1)).any()
+    counts = {int(reference_annotation(mask, "points", seed=s, training=True).sum()) for s in range(40)}
+    assert min(counts) >= 1 and max(counts) <= 20 and len(counts) > 5
+    discs = reference_annotation(mask, "points", seed=3, point_style="disc")
     from scipy import ndimage
 
-    assert 1 <= ndimage.label(points)[1] <= 20
+    assert discs.sum() > 20 and 1 <= ndimage.label(discs)[1] <= 20
     with pytest.raises(DataError, match="no foreground"):
         reference_annotation(np.full((10, 10), 255, np.uint8), "mask", seed=0)
     with pytest.raises(DataError, match="unknown annotation type"):

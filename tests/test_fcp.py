@@ -42,8 +42,9 @@ def make_features(b: int = 2, k: int = 1, seed: int = 0, empty: bool = False) ->
 
 
 def test_fcp_trainable_parameters_match_the_spec() -> None:
-    model = build_model("fcp")
+    model = build_model("fcp", allow_random_init=True)
     assert trainable(model) == 2_856_448
+    assert sum(p.numel() for p in model.trainable_parameters()) == 2_856_448
     enc = model.prompt_encoder
     assert trainable(enc.down) == 393_216
     assert trainable(enc.sam_proj) == 65_536
@@ -55,7 +56,7 @@ def test_fcp_trainable_parameters_match_the_spec() -> None:
 
 def test_masked_cross_attention_blocks_keys_and_guards_the_empty_mask() -> None:
     torch.manual_seed(0)
-    layer = CrossAttentionLayer(32, 4, dropout=0.0).eval()
+    layer = CrossAttentionLayer(32, 4).eval()
     q, kv = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
     blocked = torch.ones(2, 12, dtype=torch.bool)
     blocked[0, 3:6] = False  # item 0: only keys 3..5 allowed; item 1: all blocked (empty mask)
@@ -78,7 +79,7 @@ def test_attention_pseudo_mask_is_minmax_then_max_over_prototypes() -> None:
 
 
 def test_support_branch_attends_only_inside_the_reference_mask() -> None:
-    model = small_fcp(attention_dropout=0.0, feature_dropout=0.0).eval()
+    model = small_fcp(branch_attention_dropout=0.0, match_attention_dropout=0.0, feature_dropout=0.0).eval()
     feats = make_features(b=1)
     with torch.no_grad():
         out = model(feats)
@@ -112,9 +113,9 @@ def test_losses_and_gradients_reach_only_the_trainable_part() -> None:
     assert out["prompt_tokens"].shape == (2, 1, 50, 256)
     target = torch.zeros(2, 512, 512)
     target[:, 100:300, 150:350] = 1
-    losses = model.compute_loss(out, target)
-    assert set(losses) == {"loss", "loss_prompt", "loss_guide", "loss_ortho"}
-    expected = losses["loss_prompt"] + 0.5 * losses["loss_guide"] + 0.05 * losses["loss_ortho"]
+    losses = model.loss(out, target, torch.ones_like(target))
+    assert set(losses) == {"loss", "loss_bce", "loss_dice", "loss_guide", "loss_ortho"}
+    expected = losses["loss_bce"] + losses["loss_dice"] + 0.5 * losses["loss_guide"] + 0.05 * losses["loss_ortho"]
     torch.testing.assert_close(losses["loss"], expected)
     assert losses["loss_ortho"].item() > 0
     losses["loss"].backward()
@@ -134,7 +135,8 @@ def test_k_shot_uses_each_shots_own_sam_features_and_averages_logits() -> None:
         torch.testing.assert_close(both, (singles[0] + singles[1]) / 2, atol=1e-4, rtol=1e-4)
         # Changing only shot 1's SAM embedding changes the prediction.
         changed = EpisodeFeatures(
-            feats.target_sam, feats.target_backbone, feats.reference_backbone, feats.reference_masks,
+            reference_masks=feats.reference_masks, target_sam=feats.target_sam,
+            target_backbone=feats.target_backbone, reference_backbone=feats.reference_backbone,
             reference_sam=torch.cat([feats.reference_sam[:, :1], -feats.reference_sam[:, 1:]], dim=1),
             reference_masked_layer4=feats.reference_masked_layer4,
         )
@@ -145,10 +147,38 @@ def test_fcp_needs_reference_sam_features() -> None:
     model = small_fcp()
     feats = make_features(b=1)
     no_ref = EpisodeFeatures(
-        feats.target_sam, feats.target_backbone, feats.reference_backbone, feats.reference_masks,
+        reference_masks=feats.reference_masks, target_sam=feats.target_sam,
+        target_backbone=feats.target_backbone, reference_backbone=feats.reference_backbone,
         reference_masked_layer4=feats.reference_masked_layer4,
     )
     with pytest.raises(ValueError, match="reference_sam"):
         model(no_ref)
     with pytest.raises(ValueError, match="T >= 2"):
-        build_model("fcp", num_layers=1)
+        build_model("fcp", num_layers=1, allow_random_init=True)
+
+
+def test_dropouts_and_minmax_epsilon_are_the_authors() -> None:
+    """transformer_decoder: branch cross-attentions attention-dropout 0.5 with residual dropout 0,
+    matching cross-attention attention-dropout 0.2, matching self-attention none; eps 1e-9."""
+    decoder = build_model("fcp", allow_random_init=True).prompt_encoder.decoder
+    for layer in [*decoder.support_layers, *decoder.query_layers]:
+        assert layer.attn.dropout == 0.5 and layer.dropout.p == 0.0
+    assert decoder.match_cross.attn.dropout == 0.2 and decoder.match_cross.dropout.p == 0.0
+    assert decoder.match_self.attn.dropout == 0.0 and decoder.match_self.dropout.p == 0.0
+    # a flat map (max == min) normalises to 0 / (0 + 1e-9); a range of 1e-8 is not swamped by eps
+    attn = torch.tensor([[[0.0, 1e-8, 0.0, 0.0]]])
+    assert attention_pseudo_mask(attn, 2).max().item() == pytest.approx(1e-8 / (1e-8 + 1e-9), rel=1e-4)
+
+
+def test_guide_loss_weights_authors_and_paper() -> None:
+    from refseg_models.losses import dice_from_probabilities, fcp_guide_loss, probability_bce_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(2, 8, 8, generator=g) > 0.5).float()
+    masks = [torch.rand(2, 8, 8, generator=g) for _ in range(2)]  # T = 3
+    term = [probability_bce_loss(m, target) + dice_from_probabilities(m, target) for m in masks]
+    authors = fcp_guide_loss(masks, target)  # train.py: layer m divided by (T - 1 - m) -> 1/2, 1
+    torch.testing.assert_close(authors, term[0] / 2 + term[1])
+    paper = fcp_guide_loss(masks, target, weighting="paper")  # eq. 9: uniform 1 / (T - 1)
+    torch.testing.assert_close(paper, (term[0] + term[1]) / 2)
+    assert build_model("fcp", guide_weighting="paper", allow_random_init=True).criterion.guide_weighting == "paper"

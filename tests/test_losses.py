@@ -8,17 +8,26 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from refseg_models.criterion import FCPCriterion, PromptMaskCriterion, SegICCriterion
 from refseg_models.losses import (
-    bce_dice_loss,
+    dice_from_probabilities,
     dice_loss,
     fcp_guide_loss,
     fcp_orthogonality_loss,
     point_sample,
     point_sampled_mask_loss,
-    probability_bce_dice_loss,
+    probability_bce_loss,
     sigmoid_bce_loss,
     uncertain_point_coords,
 )
+
+
+def bce_dice_loss(logits, target, valid=None):
+    return sigmoid_bce_loss(logits, target, valid) + dice_loss(logits, target, valid)
+
+
+def probability_bce_dice_loss(probs, target, valid=None):
+    return probability_bce_loss(probs, target, valid) + dice_from_probabilities(probs, target, valid)
 
 
 def _manual_dice(probs: torch.Tensor, target: torch.Tensor) -> float:
@@ -80,8 +89,8 @@ def test_fcp_guide_loss_weights_later_layers_more() -> None:
     target = (torch.rand(2, 8, 8) > 0.5).float()
     m0, m1 = torch.rand(2, 8, 8), torch.rand(2, 8, 8)
     l0, l1 = probability_bce_dice_loss(m0, target), probability_bce_dice_loss(m1, target)
-    # T = 3: m = 0 weighted 1/3, m = 1 weighted 1/2.
-    assert fcp_guide_loss([m0, m1], target).item() == pytest.approx((l0 / 3 + l1 / 2).item(), rel=1e-6)
+    # T = 3, the authors' train.py: m = 0 divided by T-1-0 = 2, m = 1 by 1.
+    assert fcp_guide_loss([m0, m1], target).item() == pytest.approx((l0 / 2 + l1).item(), rel=1e-6)
     with pytest.raises(ValueError):
         fcp_guide_loss([], target)
 
@@ -123,21 +132,24 @@ def test_point_sampled_mask_loss_values_and_gradients() -> None:
     gen = torch.Generator().manual_seed(0)
     good = ((target * 2 - 1) * 15).requires_grad_(True)
     out = point_sampled_mask_loss(good, target, num_points=112 * 112, generator=gen)
-    assert set(out) == {"loss_ce", "loss_dice", "loss"}
+    assert set(out) == {"loss_ce", "loss_dice"} and out["loss_ce"].shape == (3,)  # one value per mask
+    out = {**{k: v.mean() for k, v in out.items()}}
+    out["loss"] = out["loss_ce"] + out["loss_dice"]
     # Uniform points: almost all far from the boundary -> small loss. Importance sampling puts 75%
     # of the points where |logit| is smallest (the blurred boundary) -> clearly larger loss.
     uniform = point_sampled_mask_loss(good, target, num_points=112 * 112, importance_sample_ratio=0.0, generator=gen)
-    assert uniform["loss"].item() < 0.1
+    uniform = {k: v.mean() for k, v in uniform.items()}
+    assert (uniform["loss_ce"] + uniform["loss_dice"]).item() < 0.1
     assert out["loss_ce"].item() > 2 * uniform["loss_ce"].item()
     out["loss"].backward()
     assert good.grad is not None and good.grad.abs().sum() > 0
     bad = point_sampled_mask_loss(-(target * 2 - 1) * 15, target, num_points=1000, generator=gen)
-    assert bad["loss"].item() > 5
+    assert (bad["loss_ce"] + bad["loss_dice"]).mean().item() > 5
     # Target at another resolution than the logits is sampled at the same normalised points.
     small = point_sampled_mask_loss(
         (target * 2 - 1) * 15, F.interpolate(target, size=(256, 256)), num_points=500, importance_sample_ratio=0.0
     )
-    assert small["loss"].item() < 0.1
+    assert (small["loss_ce"] + small["loss_dice"]).mean().item() < 0.1
     with pytest.raises(ValueError):
         point_sampled_mask_loss(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
 
@@ -147,3 +159,107 @@ def test_point_sampled_loss_uses_exactly_num_points() -> None:
     coords = uncertain_point_coords(logits, 12544, 3.0, 0.75)
     assert coords.shape == (2, 12544, 2)
     assert math.isclose(float(coords.min()), 0.0, abs_tol=0.01) and float(coords.max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- ignore pixels
+def _labelled():
+    """A 2 x 4 x 4 label mask with ignore (255) pixels, split into targets and valid."""
+    labels = torch.tensor(
+        [
+            [[1, 1, 0, 0], [1, 255, 0, 0], [0, 0, 255, 255], [0, 0, 0, 1]],
+            [[0, 0, 0, 0], [0, 1, 1, 0], [255, 1, 1, 0], [0, 0, 0, 0]],
+        ]
+    )
+    return (labels == 1).float(), (labels != 255).float()
+
+
+def test_bce_and_dice_ignore_pixels_by_hand() -> None:
+    target, valid = _labelled()
+    logits = torch.linspace(-3, 3, 32).reshape(2, 4, 4)
+    p = logits.sigmoid()
+    # BCE: mean over the 28 valid pixels only
+    per_pixel = -(target * p.log() + (1 - target) * (1 - p).log())
+    expected_bce = float(sum(per_pixel[valid > 0].tolist())) / 28
+    assert sigmoid_bce_loss(logits, target, valid).item() == pytest.approx(expected_bce, rel=1e-5)
+    # Dice per sample over valid pixels only, summed / batch
+    expected_dice = 0.0
+    for b in range(2):
+        keep = valid[b] > 0
+        pp, tt = p[b][keep], target[b][keep]
+        expected_dice += 1 - (2 * float((pp * tt).sum()) + 1) / (float(pp.sum()) + float(tt.sum()) + 1)
+    assert dice_loss(logits, target, valid).item() == pytest.approx(expected_dice / 2, rel=1e-5)
+    # ignored pixels get no gradient, whatever their logits
+    x = logits.clone().requires_grad_(True)
+    bce_dice_loss(x, target, valid).backward()
+    assert (x.grad[valid == 0] == 0).all() and (x.grad[valid > 0] != 0).all()
+    # all-valid equals the authors' formula (no valid mask)
+    ones = torch.ones_like(target)
+    assert bce_dice_loss(logits, target, ones).item() == pytest.approx(bce_dice_loss(logits, target).item(), rel=1e-6)
+
+
+def test_guide_and_orthogonality_ignore_pixels() -> None:
+    target, valid = _labelled()
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(2, 4, 4, generator=g) for _ in range(2)]
+    # changing the maps on ignored pixels changes nothing
+    altered = [torch.where(valid > 0, m, 1 - m) for m in masks]
+    torch.testing.assert_close(fcp_guide_loss(masks, target, valid), fcp_guide_loss(altered, target, valid))
+    assert not torch.allclose(fcp_guide_loss(masks, target), fcp_guide_loss(altered, target))
+    # orthogonality: keys at ignored pixels are zeroed before normalising
+    maps = torch.rand(2, 3, 16, generator=g)
+    keys = valid.reshape(2, 16)
+    by_hand = 0.0
+    for b in range(2):
+        a = F.normalize(maps[b] * keys[b], dim=-1)
+        by_hand += F.relu(a @ a.T - torch.eye(3)).mean().item() / 2
+    assert fcp_orthogonality_loss([maps], [keys]).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_point_sampled_loss_ignores_points_on_ignored_pixels() -> None:
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 8:24, 8:24] = 1
+    valid = torch.ones_like(target)
+    valid[..., :, :16] = 0  # left half ignored
+    # logits wrong on the left half only: with the valid mask the loss sees only the right half
+    logits = (target * 2 - 1) * 15
+    logits[..., :, :16] *= -1
+    gen = torch.Generator().manual_seed(0)
+    masked = point_sampled_mask_loss(logits, target, valid, num_points=2000, importance_sample_ratio=0.0, generator=gen)
+    full = point_sampled_mask_loss(logits, target, num_points=2000, importance_sample_ratio=0.0, generator=gen)
+    # (only points within a pixel of the valid border still see the flipped logits, bilinearly)
+    assert masked["loss_ce"].item() < 0.2 and full["loss_ce"].item() > 3
+
+
+def test_criteria_name_terms_and_weight_them_in_one_place() -> None:
+    target, valid = _labelled()
+    logits = torch.linspace(-3, 3, 32).reshape(2, 1, 4, 4)
+    out = PromptMaskCriterion(bce_weight=2.0, dice_weight=0.5)({"mask_logits": logits}, target, valid)
+    assert set(out) == {"loss", "loss_bce", "loss_dice"}
+    torch.testing.assert_close(out["loss"], 2.0 * out["loss_bce"] + 0.5 * out["loss_dice"])
+    torch.testing.assert_close(out["loss_bce"], sigmoid_bce_loss(logits[:, 0], target, valid))
+    # the criterion resizes targets nearest to the logits' size: an 8 x 8 copy gives the same value
+    big_t = F.interpolate(target[:, None], size=(8, 8), mode="nearest")[:, 0]
+    big_v = F.interpolate(valid[:, None], size=(8, 8), mode="nearest")[:, 0]
+    again = PromptMaskCriterion(bce_weight=2.0, dice_weight=0.5)({"mask_logits": logits}, big_t, big_v)
+    torch.testing.assert_close(again["loss"], out["loss"])
+    assert FCPCriterion().weight_dict == {"loss_bce": 1.0, "loss_dice": 1.0, "loss_guide": 0.5, "loss_ortho": 0.05}
+    assert SegICCriterion().weight_dict == {"loss_ce": 1.0, "loss_dice": 1.0} and SegICCriterion().negative_weight == 0.1
+
+
+def test_segic_criterion_weights_negatives_and_averages_the_reversed_pass() -> None:
+    target = torch.zeros(2, 16, 16)  # empty targets, predicted exactly (logit -15): CE ~ 3e-7
+    valid = torch.ones_like(target)
+    good = torch.full((2, 1, 16, 16), -15.0)
+    crit = SegICCriterion(num_points=256, importance_sample_ratio=0.0)
+    base = crit({"mask_logits": good}, target, valid)
+    assert base["loss_ce"].item() < 1e-5
+    # one negative instruction predicting the full mask (wrong: its target is empty): CE 15, weight
+    # 0.1, normalised by the summed weights 2 + 0.1
+    negatives = [torch.full((1, 1, 16, 16), 15.0), torch.zeros(0, 1, 16, 16)]
+    with_neg = crit({"mask_logits": good, "negative_mask_logits": negatives}, target, valid)
+    # (points within half a pixel of the border read grid_sample's zero padding: CE 14-15 there)
+    assert 0.1 * 14.0 / 2.1 < with_neg["loss_ce"].item() < 0.1 * 15.0 / 2.1
+    # context reversion: the mean of both passes
+    reversed_pass = {"mask_logits": -good, "targets": target, "valid": valid}
+    both = crit({"mask_logits": good, "reversed": reversed_pass}, target, valid)
+    assert 0.5 * 14.0 < both["loss_ce"].item() < 0.5 * 15.0

@@ -32,7 +32,7 @@ from model_helpers import single_thread  # noqa: F401  (one intra-op thread for 
 from refseg_models import build_model
 from refseg_models.encoders import build_encoder
 from refseg_models.encoders.transforms import vrp_squash_imagenet
-from refseg_models.losses import bce_dice_loss
+from refseg_models.losses import dice_loss, sigmoid_bce_loss
 from refseg_models.modeling.features import resize_mask_nearest, resize_to_grid
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4, prior_pseudo_mask
@@ -150,7 +150,7 @@ def test_decoder_is_steerable_by_unit_scale_tokens(episodes: dict) -> None:
     opt = torch.optim.Adam([tokens], lr=0.1)
     for _ in range(50):
         logits = upsample_logits(decoder.decode(feats.target_sam, F.layer_norm(tokens, (256,))), 512)
-        loss = bce_dice_loss(logits, target)
+        loss = sigmoid_bce_loss(logits, target) + dice_loss(logits, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -169,7 +169,7 @@ def test_decoder_is_steerable_by_unit_scale_tokens(episodes: dict) -> None:
 OVERFIT = {
     "vrp_sam": ({"feature_dropout": 0.0}, 150),
     "prosam": ({"feature_dropout": 0.0, "num_samples": 2, "initial_sigma": 0.13, "mu_init": "xavier"}, 180),
-    "fcp": ({"feature_dropout": 0.0, "attention_dropout": 0.0}, 240),
+    "fcp": ({"feature_dropout": 0.0, "branch_attention_dropout": 0.0, "match_attention_dropout": 0.0}, 240),
 }
 # Optimiser for the step budget: Adam lr 1e-3, except the learned query / prototype embeddings
 # (nn.Embedding: they play the role of free prompt tokens) at lr 0.05. With one lr of 1e-3 for
@@ -201,13 +201,13 @@ def test_method_learns_on_real_episodes(method: str, episodes: dict) -> None:
     def evaluate() -> torch.Tensor:
         model.eval()
         with torch.no_grad():
-            return mask_iou(model(feats)["mask_logits"] > 0, target[:, None] > 0.5)
+            return mask_iou(model.mask_logits(model(feats)) > 0, target[:, None] > 0.5)
 
     initial = evaluate()
     losses = []
     model.train()
     for _ in range(steps):
-        loss = model.compute_loss(model(feats), target)["loss"]
+        loss = model.loss(model(feats), target, torch.ones_like(target))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,17 +14,18 @@ from PIL import Image
 
 from refseg_models import build_model
 from refseg_models.modeling.inputs import EpisodeFeatures
-from refseg_models.modeling.persam import (
-    build_persam,
-    location_prior,
-    persam_prototypes,
-    select_points,
-)
+from refseg_models.errors import ModelError
+from refseg_models.modeling.persam import location_prior, persam_prototypes, select_points
+
+
+def build_persam(**config):
+    return build_model("persam", allow_random_init="sam_checkpoint" not in config, **config)
 
 
 def test_no_trainable_parameters_and_frozen_decoder() -> None:
-    model = build_model("persam")
+    model = build_persam()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+    assert model.trainable_parameters() == [] and model.trainable_state_dict() == {}
     assert sum(p.numel() for p in model.parameters()) == 6_220 + 4_058_340  # SAM prompt enc + mask dec
     model.train()
     assert not model.sam_decoder.training  # stays frozen in eval mode
@@ -75,7 +76,7 @@ def test_cascaded_refinement_prompts() -> None:
     masks = torch.zeros(2, 1, 1024, 1024)
     masks[..., 100:600, 200:700] = 1
     with torch.no_grad():
-        out = model(target, reference, masks, valid_sizes=[(1024, 768), (700, 1024)])
+        out = model.segment(target, reference, masks, valid_sizes=[(1024, 768), (700, 1024)])
     handle.remove()
     assert len(calls) == 3
     # step 1: points only; step 2: + previous logits as mask prompt; step 3: + box of that mask
@@ -105,16 +106,15 @@ def test_refinement_steps_option_and_episode_input() -> None:
         reference_backbone={k: v[:, None] for k, v in backbone.items()},
         reference_masks=masks,
         reference_sam=reference,
+        valid_sizes=((1024, 700),),
     )
     with torch.no_grad():
-        a = model.forward_episode(episode)["mask_logits"]
-        b = model(target, reference, masks)["mask_logits"]
+        a = model(episode)["mask_logits"]
+        b = model.segment(target, reference, masks, valid_sizes=[(1024, 700)])["mask_logits"]
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="reference_sam"):
-        model.forward_episode(
-            EpisodeFeatures(target, backbone, {k: v[:, None] for k, v in backbone.items()}, masks)
-        )
-    with pytest.raises(ValueError, match="refinement_steps"):
+    with pytest.raises(ModelError, match="reference_sam"):
+        model(EpisodeFeatures(reference_masks=masks, target_sam=target))
+    with pytest.raises(ModelError, match="refinement_steps"):
         build_persam(refinement_steps=3)
 
 

@@ -38,8 +38,9 @@ def make_features(b: int = 2, seed: int = 0) -> EpisodeFeatures:
 
 
 def test_prosam_trainable_parameters_match_the_spec() -> None:
-    model = build_model("prosam")
+    model = build_model("prosam", allow_random_init=True)
     assert trainable(model) == 1_723_648
+    assert sum(p.numel() for p in model.trainable_parameters()) == 1_723_648
     assert trainable(model) - trainable(model.prompt_encoder) == 2 * 65_792
     assert all(not p.requires_grad for p in model.sam_decoder.parameters())
 
@@ -62,6 +63,23 @@ def test_sampler_moments(distribution: str) -> None:
         assert 0.025 < tail < 0.035
     else:
         assert tail < 0.004
+
+
+def test_student_t_is_multivariate_one_u_per_prompt_vector() -> None:
+    """z = mu + sigma * eps * sqrt(nu / u) with ONE u per 256-d token: ||z - mu||^2 / sigma^2 is then
+    d * F(d, nu) (mean d * nu / (nu - 2), heavy right tail); per-element u would concentrate it
+    (a sum of 256 independent t^2: relative spread ~0.18, no mass beyond 2x the mean)."""
+    d, nu, tokens = 256, 5.0, 20_000
+    mu, sigma = torch.zeros(1, tokens, d), torch.full((1, tokens, d), 2.0)
+    z = sample_prompts(mu, sigma, 1, "student_t", nu=nu, generator=torch.Generator().manual_seed(0))[0, 0]
+    norm = (z / 2.0).square().sum(-1)  # tokens
+    assert float(norm.mean()) == pytest.approx(d * nu / (nu - 2), rel=0.05)
+    # ||z||^2 > 4 d  <=>  (chi2(d) / d) * nu / u > 4  ~  u < 5 / 4: P(chi2(5) < 1.25) ~ 0.06 (per element: ~0).
+    far = float((norm > 4.0 * d).float().mean())
+    assert 0.03 < far < 0.10
+    # the per-token RMS varies from token to token (one sqrt(nu / u) scales the whole vector)
+    per_token_rms = (z / 2.0).square().mean(-1).sqrt()
+    assert float(per_token_rms.std() / per_token_rms.mean()) > 0.3
 
 
 def test_sampler_gradients_reach_mu_and_sigma() -> None:
@@ -95,7 +113,10 @@ def test_training_forward_decodes_k_samples_in_one_batch_against_the_shared_embe
             torch.testing.assert_close(out["mask_logits"][:, j : j + 1], single, atol=1e-4, rtol=1e-4)
     target = torch.zeros(2, 128, 128)
     target[:, 25:75, 25:75] = 1
-    model.compute_loss(out, target)["loss"].backward()
+    losses = model.loss(out, target, torch.ones_like(target))
+    assert set(losses) == {"loss", "loss_bce", "loss_dice"}
+    assert model.mask_logits(out).shape == (2, 1, 128, 128)  # the mean over the K sampled logits
+    losses["loss"].backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -158,9 +179,9 @@ def test_gaussian_variant_and_config_errors() -> None:
     out = model.train()(make_features(b=1))
     assert out["mask_logits"].shape == (1, 2, 128, 128)
     with pytest.raises(ValueError, match="nu"):
-        build_model("prosam", nu=2.0)
+        build_model("prosam", nu=2.0, allow_random_init=True)
     with pytest.raises(ValueError, match="distribution"):
-        build_model("prosam", distribution="laplace")
+        build_model("prosam", distribution="laplace", allow_random_init=True)
 
 
 def test_robustness_curve_mechanics() -> None:
@@ -227,3 +248,34 @@ def test_proposition_1_noise_injection_equals_laplacian_penalty(distribution: st
     gap3 = (0.5 * (_toy_loss(x + 3 * noise) + _toy_loss(x - 3 * noise)) - lx).mean().item()
     assert gap3 / gap == pytest.approx(9.0, rel=0.1)
     assert math.isfinite(laplacian) and laplacian > 0
+
+
+def test_relative_noise_uses_one_rms_per_episode_also_for_fcp_tokens() -> None:
+    """FCP's tokens are B x k x N x C: the relative noise scale is each item's RMS over all its
+    prompt entries (one number per episode), not a per-channel RMS."""
+
+    class Recorder:
+        training = False
+
+        def __init__(self, tokens: torch.Tensor) -> None:
+            self.tokens, self.seen = tokens, []
+
+        def prompt_tokens(self, features):
+            return self.tokens
+
+        def decode_tokens(self, target_sam, tokens):
+            self.seen.append(tokens)
+            return torch.zeros(tokens.shape[0], 1, 8, 8)
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 2, 5, 4, generator=g)
+    tokens[..., 0] *= 100.0  # one loud channel
+    tokens[1] *= 3.0  # a louder episode
+    model = Recorder(tokens)
+    features = make_features(b=2)
+    prompt_robustness_curve(model, features, torch.zeros(2, 8, 8), [0.5], generator=torch.Generator().manual_seed(7), relative=True)
+    noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(7))
+    ratio = (model.seen[0] - tokens) / noise  # = 0.5 * rms(item), the same for every entry of an item
+    rms = tokens.pow(2).flatten(1).mean(1).sqrt()
+    for item in range(2):
+        torch.testing.assert_close(ratio[item], torch.full_like(ratio[item], 0.5 * float(rms[item])), rtol=1e-4, atol=1e-4)

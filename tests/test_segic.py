@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from refseg_models import build_model
-from refseg_models.modeling.segic import SegIC, build_segic
+from refseg_models.errors import ModelError
+from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.modeling.segic import SegIC
 from refseg_models.modeling.segic_instructions import (
     cosine_similarity_map,
     geometric_instruction,
@@ -24,11 +26,7 @@ from refseg_models.modeling.segic_instructions import (
     masks_to_boxes,
     top_points,
 )
-from refseg_models.modeling.segic_training import (
-    InstanceFeatureQueue,
-    context_reversion_pass,
-    segic_mask_loss,
-)
+from refseg_models.modeling.segic_training import InstanceFeatureQueue
 
 # A small geometry for fast tests: 128 input, 16 x 16 grid (SAM decoder unchanged).
 SMALL = dict(input_size=128, feature_size=16, mask_down_strides=(4, 2), similarity_size=16)
@@ -40,7 +38,14 @@ def trainable(module: torch.nn.Module) -> int:
 
 def small_model(channels: int = 32, **overrides) -> SegIC:
     torch.manual_seed(0)
-    return build_segic(in_channels=channels, **{**SMALL, **overrides})
+    return build_model("segic", in_channels=channels, **{**SMALL, **overrides})
+
+
+def as_features(target, reference, masks, **extra) -> EpisodeFeatures:
+    return EpisodeFeatures(
+        reference_masks=masks, target_backbone={"patch_tokens": target},
+        reference_backbone={"patch_tokens": reference}, **extra,
+    )
 
 
 def random_inputs(b: int = 2, k: int = 1, c: int = 32, size: int = 128, seed: int = 0):
@@ -58,6 +63,7 @@ def random_inputs(b: int = 2, k: int = 1, c: int = 32, size: int = 128, seed: in
 @pytest.mark.parametrize("channels, expected", [(1024, 5_180_132), (768, 5_049_060)])
 def test_trainable_parameter_count_dinov2(channels: int, expected: int) -> None:
     model = build_model("segic", in_channels=channels)
+    assert sum(p.numel() for p in model.trainable_parameters()) == expected
     # neck: 1x1 conv (no bias) + LN + 3x3 conv (no bias) + LN
     assert trainable(model.neck) == channels * 256 + 512 + 9 * 256 * 256 + 512
     # SAM prompt encoder with strides (7, 2): convs 1->4 (7x7), 4->16 (2x2), 16->256 (1x1) + LNs,
@@ -69,20 +75,20 @@ def test_trainable_parameter_count_dinov2(channels: int, expected: int) -> None:
     assert trainable(model) == expected
 
 
-def test_encoder_name_sets_channels_and_meta_adds_projection() -> None:
-    assert build_segic(encoder="dinov2_vitb14").in_channels == 768
-    with_meta = build_segic(encoder="dinov2_vitl14", use_meta_instruction=True, text_dim=768)
+def test_meta_adds_projection_and_segic_takes_no_sam() -> None:
+    with_meta = build_model("segic", in_channels=1024, use_meta_instruction=True, text_dim=768)
     assert trainable(with_meta) == 5_180_132 + 768 * 256 + 256
-    with pytest.raises(ValueError, match="unknown SegIC encoder"):
-        build_segic(encoder="dinov2_vitx14")
+    assert sum(p.numel() for p in with_meta.trainable_parameters()) == trainable(with_meta)
+    with pytest.raises(ModelError, match="does not decode through SAM"):
+        build_model("segic", sam_checkpoint="sam.pth")
 
 
 def test_mask_downscaling_reaches_the_grid_from_896() -> None:
-    model = build_segic(in_channels=8)
+    model = build_model("segic", in_channels=8)
     dense = model.prompt_encoder.mask_downscaling(torch.zeros(1, 1, 896, 896))
     assert dense.shape == (1, 256, 64, 64)
     with pytest.raises(ValueError, match="mask_down_strides"):
-        build_segic(in_channels=8, mask_down_strides=(4, 2))
+        build_model("segic", in_channels=8, mask_down_strides=(4, 2))
 
 
 # ----------------------------------------------------------------------------- instructions
@@ -131,8 +137,8 @@ def test_forward_shapes_and_k_shot_permutation_invariance() -> None:
     target, reference, masks = random_inputs(b=2, k=3)
     masks[:, 1, :, :64] = 0
     with torch.no_grad():
-        out = model(target, reference, masks)
-        perm = model(target, reference[:, [2, 0, 1]], masks[:, [2, 0, 1]])
+        out = model(as_features(target, reference, masks))
+        perm = model(as_features(target, reference[:, [2, 0, 1]], masks[:, [2, 0, 1]]))
     assert out["mask_logits"].shape == (2, 1, 64, 64)
     assert out["dense_prompt"].shape == (2, 1, 128, 128)
     assert out["points"].shape == (2, 1, 2)
@@ -148,37 +154,40 @@ def test_box_prompt_only_in_training() -> None:
     boxes = torch.tensor([[10.0, 10.0, 60.0, 70.0], [0.0, 5.0, 100.0, 90.0]])
     model.eval()
     with torch.no_grad():
-        plain = model(target, reference, masks)["mask_logits"]
-        boxed_eval = model(target, reference, masks, target_boxes=boxes)["mask_logits"]
+        plain = model(as_features(target, reference, masks))["mask_logits"]
+        boxed_eval = model(as_features(target, reference, masks, target_boxes=boxes))["mask_logits"]
     assert torch.equal(plain, boxed_eval)  # never a GT box at inference
     model.train()
     with torch.no_grad():
-        plain_train = model(target, reference, masks)["mask_logits"]
-        boxed_train = model(target, reference, masks, target_boxes=boxes)["mask_logits"]
+        plain_train = model.forward_tensors(target, reference, masks)["mask_logits"]
+        boxed_train = model.forward_tensors(target, reference, masks, target_boxes=boxes)["mask_logits"]
     assert not torch.allclose(plain_train, boxed_train)
 
 
 def test_meta_instruction_is_off_by_default_and_refused_for_novel_classes() -> None:
     target, reference, masks = random_inputs()
     text = torch.randn(2, 12)
-    with pytest.raises(ValueError, match="use_meta_instruction=False"):
-        small_model()(target, reference, masks, meta_embeddings=text)
+    with pytest.raises(ModelError, match="use_meta_instruction=False"):
+        small_model()(as_features(target, reference, masks, meta_embeddings=text))
     model = small_model(use_meta_instruction=True, text_dim=12).eval()
-    with pytest.raises(ValueError, match="novel-class"):
-        model(target, reference, masks, meta_embeddings=text, novel_class_eval=True)
+    with pytest.raises(ModelError, match="novel-class"):
+        model(as_features(target, reference, masks, meta_embeddings=text), novel_class_eval=True)
+    # the meta instruction on and no text: refused (no zero vector stands in for a text encoder)
+    with pytest.raises(ModelError, match="got no text embedding"):
+        model(as_features(target, reference, masks))
     with torch.no_grad():
-        with_text = model(target, reference, masks, meta_embeddings=text)["mask_logits"]
-        without = model(target, reference, masks, novel_class_eval=True)["mask_logits"]
-    assert not torch.allclose(with_text, without)
+        assert model(as_features(target, reference, masks, meta_embeddings=text))["mask_logits"].shape == (2, 1, 64, 64)
 
 
 def test_bad_inputs_are_named() -> None:
     model = small_model()
     target, reference, masks = random_inputs()
-    with pytest.raises(ValueError, match="32-channel"):
-        model(target[:, :16], reference[:, :, :16], masks)
-    with pytest.raises(ValueError, match="reference_masks B x k x H x W"):
-        model(target, reference, masks[:, 0])
+    with pytest.raises(ModelError, match="32-channel"):
+        model(as_features(target[:, :16], reference[:, :, :16], masks))
+    with pytest.raises(ModelError, match="reference_masks B x k x H x W"):
+        model.forward_tensors(target, reference, masks[:, 0])
+    with pytest.raises(ModelError, match="patch_tokens"):
+        model(EpisodeFeatures(reference_masks=masks))
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -193,12 +202,15 @@ def test_only_the_decoder_side_receives_gradients(mobilenet_v2_weights: Path) ->
     images = torch.randn(3, 3, 128, 128)
     # Features computed WITH autograd enabled: the frozen encoder must still get no gradient.
     layer4 = backbone(images)["layer4"]  # 3 x 1280 x 4 x 4
-    model = build_segic(in_channels=1280, **SMALL).train()
+    model = build_model("segic", in_channels=1280, feature_key="layer4", loss_points=256, **SMALL).train()
     masks = torch.zeros(2, 1, 128, 128)
     masks[..., 20:100, 30:90] = 1
-    out = model(layer4[:2], layer4[2:].expand(2, -1, -1, -1)[:, None], masks)
-    segic_mask_loss(out, masks[:, 0], lambda l, t: F.binary_cross_entropy_with_logits(
-        l, F.interpolate(t[:, None], l.shape[-2:]))).backward()
+    features = EpisodeFeatures(
+        reference_masks=masks, target_backbone={"layer4": layer4[:2]},
+        reference_backbone={"layer4": layer4[2:].expand(2, -1, -1, -1)[:, None]},
+    )
+    out = model(features)
+    model.loss(out, masks[:, 0], torch.ones_like(masks[:, 0]))["loss"].backward()
     assert all(p.grad is None for p in backbone.parameters())
     for name in ("neck", "prompt_encoder.mask_downscaling", "mask_decoder.transformer", "visual_instruction"):
         grads = [p.grad for p in model.get_submodule(name).parameters()]
@@ -209,32 +221,38 @@ def test_only_the_decoder_side_receives_gradients(mobilenet_v2_weights: Path) ->
 # ----------------------------------------------------------------------------- training hooks
 
 
-def test_context_reversion_pass_swaps_roles_and_detaches() -> None:
-    model = small_model().train()
+def test_context_reversion_runs_inside_forward_in_training() -> None:
+    model = small_model(loss_points=256).train()
     target, reference, masks = random_inputs(k=2)
-    first = model(target, reference, masks)
-    logits = first["mask_logits"]
-    seen = {}
+    calls = []
+    original = model.forward_tensors
 
-    def spy(module, args, kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
 
-    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
-    second, ground_truth = context_reversion_pass(model, target, reference, masks, logits)
-    handle.remove()
-    new_target, new_reference, new_masks = seen["args"]
-    assert torch.equal(new_target, reference[:, 0])
+    model.forward_tensors = spy
+    out = model(as_features(target, reference, masks))
+    assert len(calls) == 2 and "reversed" in out
+    (new_target, new_reference, new_masks), kwargs = calls[1]
+    assert torch.equal(new_target, reference[:, 0])  # roles swapped: first reference becomes the target
     assert torch.equal(new_reference, target[:, None])
-    expected_mask = F.interpolate(logits.detach(), (128, 128), mode="bilinear", align_corners=False) > 0
-    assert torch.equal(new_masks, expected_mask.float())
-    assert torch.equal(ground_truth, masks[:, 0])
-    assert torch.equal(seen["kwargs"]["target_boxes"], masks_to_boxes(masks[:, 0]))
-    # the reversed pass trains the model but sends no gradient through the first prediction
-    loss = second["mask_logits"].mean()
-    grad_first = torch.autograd.grad(loss, logits, allow_unused=True)[0]
+    first = out["mask_logits"]
+    expected_mask = F.interpolate(first.detach(), (128, 128), mode="bilinear", align_corners=False) > 0
+    assert torch.equal(new_masks, expected_mask.float())  # the detached first prediction as reference mask
+    assert torch.equal(out["reversed"]["targets"], masks[:, 0])
+    assert torch.equal(kwargs["target_boxes"], masks_to_boxes(masks[:, 0]))
+    # the reversed pass sends no gradient through the first prediction
+    grad_first = torch.autograd.grad(out["reversed"]["mask_logits"].mean(), first, allow_unused=True)[0]
     assert grad_first is None
-    loss.backward()
-    assert model.neck.layers[0].weight.grad is not None
+    losses = model.loss(out, (masks[:, 0] > 0.5).float(), torch.ones_like(masks[:, 0]))
+    assert set(losses) == {"loss", "loss_ce", "loss_dice"}
+    # eval mode, or context_reversion off: one pass
+    model.forward_tensors = original
+    model.eval()
+    with torch.no_grad():
+        assert "reversed" not in model(as_features(target, reference, masks))
+    assert "reversed" not in small_model(context_reversion=False).train()(as_features(target, reference, masks))
 
 
 def test_instance_feature_queue() -> None:
@@ -252,22 +270,16 @@ def test_instance_feature_queue() -> None:
 
 
 def test_negative_instructions_get_empty_targets_with_weight_0_1() -> None:
-    model = small_model().train()
+    model = small_model(context_reversion=False).train()
     target, reference, masks = random_inputs()
     negatives = [torch.randn(3, 32), None]
-    out = model(target, reference, masks, negative_prototypes=negatives, target_boxes=masks_to_boxes(masks[:, 0]))
+    features = as_features(target, reference, masks, target_boxes=masks_to_boxes(masks[:, 0]))
+    out = model(features, negative_prototypes=negatives)
     assert [n.shape[0] for n in out["negative_mask_logits"]] == [3, 0]
-    calls = []
-
-    def mean_bce(logits, targets):
-        calls.append(targets)
-        return F.binary_cross_entropy_with_logits(logits, F.interpolate(targets[:, None], logits.shape[-2:]))
-
-    loss = segic_mask_loss(out, masks[:, 0], mean_bce)
-    assert len(calls) == 2 and calls[1].shape == (3, 128, 128) and calls[1].sum() == 0
-    pos = mean_bce(out["mask_logits"], masks[:, 0])
-    neg = mean_bce(out["negative_mask_logits"][0], torch.zeros(3, 128, 128))
-    assert torch.allclose(loss, (2 * pos + 0.1 * 3 * neg) / (2 + 0.3))
+    # the criterion weighs them 0.1 against 1 for positives (tests/test_losses.py checks the values)
+    assert model.criterion.negative_weight == 0.1
+    losses = model.loss(out, (masks[:, 0] > 0.5).float(), torch.ones_like(masks[:, 0]))
+    assert torch.isfinite(losses["loss"])
 
 
 # ----------------------------------------------------------------------------- overfit on real COCO
@@ -317,7 +329,6 @@ def _iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_overfits_real_coco_episodes_with_real_mobilenet(coco_mini_dir: Path, mobilenet_v2_weights: Path) -> None:
     from refseg_models.encoders import build_encoder
-    from refseg_models.losses import point_sampled_mask_loss
 
     torch.manual_seed(0)
     episodes = _episodes(coco_mini_dir, 4)
@@ -328,22 +339,24 @@ def test_overfits_real_coco_episodes_with_real_mobilenet(coco_mini_dir: Path, mo
         tgt = backbone(torch.stack([backbone.preprocess(e[2][0]) for e in episodes]))["layer4"]
     ref_masks = torch.stack([_resize_mask(e[1][1], size) for e in episodes])[:, None]
     tgt_masks = torch.stack([_resize_mask(e[2][1], size) for e in episodes])
-    model = build_segic(in_channels=1280, **SMALL)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model = build_model("segic", in_channels=1280, feature_key="layer4", loss_points=64 * 64, **SMALL)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(0)
-    boxes = masks_to_boxes(tgt_masks)
+    features = EpisodeFeatures(
+        reference_masks=ref_masks, target_backbone={"layer4": tgt}, reference_backbone={"layer4": ref[:, None]},
+        target_boxes=masks_to_boxes(tgt_masks),
+    )
 
     def evaluate() -> torch.Tensor:
         model.eval()
         with torch.no_grad():
-            out = model(tgt, ref[:, None], ref_masks, novel_class_eval=True)
+            out = model(features, novel_class_eval=True)
         model.train()
-        return _iou(out["mask_logits"], tgt_masks)
+        return _iou(model.mask_logits(out), tgt_masks)
 
     before = evaluate()
     for _ in range(OVERFIT_STEPS):
-        out = model(tgt, ref[:, None], ref_masks, target_boxes=boxes, generator=g)
-        loss = segic_mask_loss(out, tgt_masks, lambda l, t: point_sampled_mask_loss(l, t, num_points=64 * 64, generator=g))
+        loss = model.loss(model(features, generator=g), tgt_masks, torch.ones_like(tgt_masks))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -40,7 +40,11 @@ def stores(coco_mini_dir, mobilenet_v2_weights, tmp_path_factory):
              if item.image_id in wanted]
     torch.manual_seed(0)
     sam_weights = root / "sam_vit_tiny_test.pth"  # no real SAM here: a checkpoint this test writes
-    torch.save(build_encoder("sam_vit_tiny", allow_random_init=True).state_dict(), sam_weights)
+    from refseg_models.modeling.sam_decoder import build_sam_decoder
+
+    # a full SAM-layout checkpoint: image encoder + prompt encoder / mask decoder (random weights)
+    state = {**build_encoder("sam_vit_tiny", allow_random_init=True).state_dict(), **build_sam_decoder().state_dict()}
+    torch.save(state, sam_weights)
     sam_encoder = RegistryEncoder("sam_vit_tiny", str(sam_weights))
     backbone_encoder = RegistryEncoder("mobilenet_v2", str(mobilenet_v2_weights))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -65,10 +69,11 @@ def test_two_methods_consume_the_same_stores_unchanged(stores):
     rows = stores["manifest"].to_pylist()
 
     torch.manual_seed(0)
-    vrp_sam = build_model("vrp_sam", backbone_channels=MOBILENET_CHANNELS).eval()
-    fcp = build_model("fcp", backbone_channels=MOBILENET_CHANNELS).eval()
-    vrp_batch = EpisodeFeatureBuilder(sam_store, backbone_store, backbone, masks)(rows)
-    fcp_batch = EpisodeFeatureBuilder(sam_store, backbone_store, backbone, masks, reference_sam=True)(rows)
+    vrp_sam = build_model("vrp_sam", backbone_channels=MOBILENET_CHANNELS, sam_checkpoint=stores["sam_weights"]).eval()
+    fcp = build_model("fcp", backbone_channels=MOBILENET_CHANNELS, sam_checkpoint=stores["sam_weights"]).eval()
+    providers = dict(sam=sam_store, backbone_features=backbone_store, backbone=backbone)
+    vrp_batch = EpisodeFeatureBuilder.for_method(vrp_sam, masks, **providers)(rows)
+    fcp_batch = EpisodeFeatureBuilder.for_method(fcp, masks, **providers)(rows)
     with torch.no_grad():
         vrp_out = vrp_sam(vrp_batch.features)
         fcp_out = fcp(fcp_batch.features)

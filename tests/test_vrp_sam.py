@@ -14,6 +14,7 @@ import torch
 from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
 
 from refseg_models import build_model
+from refseg_models.errors import ModelError
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4, prior_pseudo_mask
@@ -41,8 +42,9 @@ def make_features(
 
 # --- parameter counts (the paper's ResNet-50 configuration; no weights needed) -----------------
 def test_vrp_sam_trainable_parameters_match_the_spec() -> None:
-    model = build_model("vrp_sam")
+    model = build_model("vrp_sam", allow_random_init=True)
     assert trainable(model) == 1_592_064
+    assert sum(p.numel() for p in model.trainable_parameters()) == 1_592_064
     enc = model.prompt_encoder
     assert trainable(enc.down) == 393_216
     assert trainable(enc.merge) == 131_328
@@ -53,7 +55,7 @@ def test_vrp_sam_trainable_parameters_match_the_spec() -> None:
 
 
 def test_attention_weights_are_xavier_initialised() -> None:
-    model = build_model("vrp_sam", backbone_channels=SMALL)
+    model = build_model("vrp_sam", backbone_channels=SMALL, allow_random_init=True)
     w = model.prompt_encoder.decoder.cross_reference.attn.in_proj_weight.detach()
     bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
     assert float(w.abs().max()) <= bound + 1e-6
@@ -200,7 +202,7 @@ def test_prior_pseudo_mask_is_max_cosine_over_masked_reference() -> None:
 # --- the model ---------------------------------------------------------------------------------
 def test_forward_shapes_and_only_prompt_encoder_gets_gradients() -> None:
     torch.manual_seed(0)
-    model = build_model("vrp_sam", backbone_channels=SMALL)
+    model = build_model("vrp_sam", backbone_channels=SMALL, allow_random_init=True)
     model.train()
     assert not model.sam_decoder.training
     feats = make_features(b=2, grid=64)
@@ -212,7 +214,8 @@ def test_forward_shapes_and_only_prompt_encoder_gets_gradients() -> None:
     # A 16 x 16 layer4 (non-dilated backbone) gives a pseudo mask resized to the 64 x 64 grid.
     target = torch.zeros(2, 512, 512)
     target[:, 100:300, 150:400] = 1
-    losses = model.compute_loss(out, target)
+    losses = model.loss(out, target, torch.ones_like(target))
+    assert set(losses) == {"loss", "loss_bce", "loss_dice"}
     losses["loss"].backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -253,8 +256,8 @@ def test_every_annotation_type_is_just_a_binary_mask(kind: str) -> None:
             mask[..., y - 2 : y + 3, x - 2 : x + 3] = 1
     feats = make_features(b=1)
     feats = EpisodeFeatures(
-        feats.target_sam, feats.target_backbone, feats.reference_backbone, mask,
-        reference_masked_layer4=feats.reference_masked_layer4,
+        reference_masks=mask, target_sam=feats.target_sam, target_backbone=feats.target_backbone,
+        reference_backbone=feats.reference_backbone, reference_masked_layer4=feats.reference_masked_layer4,
     )
     with torch.no_grad():
         out = model(feats)
@@ -265,22 +268,35 @@ def test_every_annotation_type_is_just_a_binary_mask(kind: str) -> None:
 def test_clear_errors_for_missing_or_inconsistent_features() -> None:
     model = small_vrp()
     feats = make_features(b=1)
-    no_l4 = EpisodeFeatures(feats.target_sam, feats.target_backbone, feats.reference_backbone, feats.reference_masks)
-    with pytest.raises(ValueError, match="reference_masked_layer4"):
+    no_l4 = EpisodeFeatures(
+        reference_masks=feats.reference_masks, target_sam=feats.target_sam,
+        target_backbone=feats.target_backbone, reference_backbone=feats.reference_backbone,
+    )
+    with pytest.raises(ModelError, match="vrp_sam needs EpisodeFeatures fields.*reference_masked_layer4"):
         model(no_l4)
-    with pytest.raises(ValueError, match="reference_backbone"):
+    no_sam = EpisodeFeatures(
+        reference_masks=feats.reference_masks, target_backbone=feats.target_backbone,
+        reference_backbone=feats.reference_backbone, reference_masked_layer4=feats.reference_masked_layer4,
+    )
+    with pytest.raises(ModelError, match="target_sam"):
+        model(no_sam)
+    with pytest.raises(ModelError, match="reference_backbone"):
         EpisodeFeatures(
-            feats.target_sam, feats.target_backbone,
-            {**feats.reference_backbone, "layer3": feats.reference_backbone["layer3"][:, :, :5]},
-            feats.reference_masks,
+            reference_masks=feats.reference_masks, target_sam=feats.target_sam, target_backbone=feats.target_backbone,
+            reference_backbone={**feats.reference_backbone, "layer3": feats.reference_backbone["layer3"][:, :, :5]},
         )
-    with pytest.raises(ValueError, match="lacks 'layer4'"):
+    with pytest.raises(ModelError, match="backbone maps differ"):
         EpisodeFeatures(
-            feats.target_sam, {k: v for k, v in feats.target_backbone.items() if k != "layer4"},
-            feats.reference_backbone, feats.reference_masks,
+            reference_masks=feats.reference_masks, target_sam=feats.target_sam,
+            target_backbone={k: v for k, v in feats.target_backbone.items() if k != "layer4"},
+            reference_backbone=feats.reference_backbone,
         )
-    with pytest.raises(ValueError, match="backbone_channels"):
-        build_model("vrp_sam", backbone_channels=(1, 2))
+    with pytest.raises(ModelError, match="backbone_channels"):
+        build_model("vrp_sam", backbone_channels=(1, 2), allow_random_init=True)
+    with pytest.raises(ModelError, match="frozen, pretrained SAM"):
+        build_model("vrp_sam")  # a forgotten SAM checkpoint is an error, never a random SAM
+    with pytest.raises(ModelError, match="64 x 64 embedding grid.*32 x 32"):
+        build_model("vrp_sam", feature_size=32, sam_decoder=build_sam_decoder())
 
 
 def test_features_container_moves_and_selects() -> None:

@@ -71,7 +71,7 @@ def pairs_by_pixel_rule(
 ) -> dict[int, list[Hashable]]:
     """Fallback pair lists: {class id: images whose class mask has >= ``min_pixels`` foreground pixels}.
 
-    This is PFENet's rule that HSNet's lists roughly follow (PROTOCOL.md: 10 of 684 checked pairs
+    This is PFENet's rule that HSNet's lists roughly follow (docs/protocol.md: 10 of 684 checked pairs
     disagree), so it is used only for datasets without official lists.
     """
     wanted = set(range(source.num_classes) if class_ids is None else class_ids)

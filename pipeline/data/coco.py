@@ -1,7 +1,7 @@
 """COCO (2014/2017) and LVIS v1 instance annotations via pycocotools.
 
 Class id = rank of the category id in sorted order (COCO: 0 = person ... 79 = toothbrush), as HSNet
-and PROTOCOL.md define it. Crowd regions (``iscrowd=1``) are neither foreground nor background
+define it (docs/protocol.md). Crowd regions (``iscrowd=1``) are neither foreground nor background
 targets: they are marked ``IGNORE_INDEX`` in the class mask unless a non-crowd instance of the class
 covers the pixel.
 """

@@ -1,4 +1,4 @@
-"""COCO-20i and PASCAL-5i class folds exactly as PROTOCOL.md (HSNet's definition).
+"""COCO-20i and PASCAL-5i class folds exactly as HSNet defines them (docs/protocol.md).
 
 COCO-20i is INTERLEAVED: the test classes of fold i are {i + 4j, j = 0..19} (PFENet's contiguous
 split is a different benchmark). PASCAL-5i: test classes of fold i are VOC ids 5i+1..5i+5, i.e.

@@ -1,7 +1,7 @@
 """Training pairs and targets that can never leak a novel class.
 
 Training images may contain objects of the fold's novel classes. Two policies exist in the
-literature; the choice is explicit here (PROTOCOL.md):
+literature; the choice is explicit here (docs/protocol.md):
 
 * ``"background"`` (HSNet): keep such images; the target of a base class c is the mask of c only,
   so novel-class pixels are background.

@@ -80,6 +80,8 @@ class PrototypeMatchingFactory:
         from refseg_models import build_model
         from refseg_models.encoders import build_encoder
 
+        from refseg_models.modeling.inputs import EpisodeFeatures
+
         backbone = build_encoder(self.backbone, self.backbone_checkpoint)
         model = build_model("prototype_matching", feature=self.feature).eval()
 
@@ -88,7 +90,8 @@ class PrototypeMatchingFactory:
             supports = torch.stack([backbone.preprocess(image) for image in episode.support_images])
             reference = {name: value[None] for name, value in backbone(supports).items()}
             masks = torch.from_numpy(np.stack(episode.support_annotations))[None].float()
-            return model(query, reference, masks)["mask_logits"][0, 0]
+            features = EpisodeFeatures(reference_masks=masks, target_backbone=query, reference_backbone=reference)
+            return model.mask_logits(model(features))[0, 0]
 
         return predict
 

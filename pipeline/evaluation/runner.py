@@ -25,9 +25,6 @@ from pipeline.evaluation.meter import FewShotMeter
 from pipeline.evaluation.resolution import EvalResolution
 from pipeline.report import SkipReport
 
-# VRP-SAM's test setting for point references
-TEST_NUM_POINTS = 20
-
 
 @dataclass(frozen=True)
 class Episode:
@@ -55,7 +52,6 @@ def iter_episodes(table: pa.Table, source: SegmentationSource, masks: MaskCache,
                         masks.get(support_id, row["class_id"]),
                         row["annotation_type"],
                         seed=row["annotation_seed"] + offset,
-                        num_points=TEST_NUM_POINTS,
                     )
                 )
         except DataError as error:
@@ -91,7 +87,7 @@ def evaluate_manifest_with_ray(
     cpus_per_worker: float = 1.0,
 ) -> tuple[FewShotMeter, SkipReport]:
     """Each Ray task evaluates the disjoint share ``episode_id % num_workers == rank``; their I/U
-    counts are summed before any division (PROTOCOL.md), so the result equals a single-process run."""
+    counts are summed before any division (HSNet's metric, docs/protocol.md), so the result equals a single-process run."""
     import ray  # pipeline-side only
 
     @ray.remote(num_cpus=cpus_per_worker)

@@ -20,8 +20,6 @@ Output: the last block's tokens after the final LayerNorm (``x_norm_patchtokens`
 
 from __future__ import annotations
 
-from refseg_models.errors import ModelError
-
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refseg_models.errors import ModelError
 from refseg_models.encoders.checkpoint import freeze, load_state_dict_strict, read_state_dict
 from refseg_models.encoders.transforms import imagenet_squash, segic_longest_pad
 
@@ -131,7 +130,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, h0: int, w0: int) -> torch.Te
     n = pos_embed.shape[1] - 1
     m = int(math.sqrt(n))
     if m * m != n:
-        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+        raise ModelError(f"pos_embed has {n} patch positions, not a square grid")
     if h0 == m and w0 == m:
         return pos_embed
     dim = pos_embed.shape[-1]
@@ -143,7 +142,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, h0: int, w0: int) -> torch.Te
         antialias=False,
     )
     if tuple(patch.shape[-2:]) != (h0, w0):
-        raise ValueError(f"pos_embed interpolation gave {tuple(patch.shape[-2:])}, wanted {(h0, w0)}")
+        raise ModelError(f"pos_embed interpolation gave {tuple(patch.shape[-2:])}, wanted {(h0, w0)}")
     patch = patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
     return torch.cat([pos_embed[:, :1].float(), patch], dim=1).to(pos_embed.dtype)
 
@@ -172,7 +171,7 @@ class DinoV2ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         if h % PATCH_SIZE or w % PATCH_SIZE:
-            raise ValueError(f"DINOv2 input sides must be multiples of {PATCH_SIZE}, got {h} x {w}")
+            raise ModelError(f"DINOv2 input sides must be multiples of {PATCH_SIZE}, got {h} x {w}")
         h0, w0 = h // PATCH_SIZE, w // PATCH_SIZE
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.patch_embed(x)], dim=1)
         tokens = tokens + interpolate_pos_embed(self.pos_embed, h0, w0)
@@ -197,9 +196,9 @@ class DinoV2Encoder(nn.Module):
     def __init__(self, variant: str, vit: DinoV2ViT, input_size: int = 896, resize: str = "longest_pad") -> None:
         super().__init__()
         if input_size % PATCH_SIZE:
-            raise ValueError(f"DINOv2 input_size must be a multiple of {PATCH_SIZE}, got {input_size}")
+            raise ModelError(f"DINOv2 input_size must be a multiple of {PATCH_SIZE}, got {input_size}")
         if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown DINOv2 resize mode {resize!r}; available: {', '.join(RESIZE_MODES)}")
+            raise ModelError(f"unknown DINOv2 resize mode {resize!r}; available: {', '.join(RESIZE_MODES)}")
         suffix = "_reg" if vit.num_register_tokens else ""
         self.encoder_id = f"dinov2_{variant}{suffix}"
         self.input_size = input_size

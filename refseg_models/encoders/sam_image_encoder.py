@@ -19,8 +19,6 @@ Preprocessing modes (``preprocessing_id``):
 
 from __future__ import annotations
 
-from refseg_models.errors import ModelError
-
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
+from refseg_models.errors import ModelError
 from refseg_models.encoders.checkpoint import (
     CheckpointError,
     freeze,
@@ -114,7 +113,7 @@ class SamImageEncoder(nn.Module):
     def __init__(self, variant: str, image_encoder: ImageEncoderViT, preprocessing: str = PREPROCESSING_VRP) -> None:
         super().__init__()
         if preprocessing not in PREPROCESSING_MODES:
-            raise ValueError(f"unknown SAM preprocessing {preprocessing!r}; available: {', '.join(PREPROCESSING_MODES)}")
+            raise ModelError(f"unknown SAM preprocessing {preprocessing!r}; available: {', '.join(PREPROCESSING_MODES)}")
         self.variant = variant
         self.encoder_id = f"sam_{variant}"
         self.preprocessing_id = preprocessing
@@ -135,7 +134,7 @@ class SamImageEncoder(nn.Module):
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """B x 3 x S x S (S = ``input_size``) -> {"image_embedding": B x 256 x 64 x 64}."""
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, self.input_size, self.input_size):
-            raise ValueError(
+            raise ModelError(
                 f"{self.encoder_id} with {self.preprocessing_id} expects B x 3 x {self.input_size} x "
                 f"{self.input_size}, got {tuple(batch.shape)}"
             )

@@ -20,8 +20,6 @@ Resizing decisions (they decide numerical parity with the authors' code):
 
 from __future__ import annotations
 
-from refseg_models.errors import ModelError
-
 import re
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from refseg_models.errors import ModelError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # SAM's Sam.pixel_mean / pixel_std: ImageNet statistics on the [0, 255] scale.
@@ -40,15 +40,15 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def check_image(image: np.ndarray) -> np.ndarray:
-    """Validate an ``H x W x 3`` uint8 RGB array (raises ``ValueError`` naming what is wrong)."""
+    """Validate an ``H x W x 3`` uint8 RGB array (raises ``ModelError``, a ValueError, naming what is wrong)."""
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"expected an HxWx3 uint8 numpy array, got {type(image).__name__}")
+        raise ModelError(f"expected an HxWx3 uint8 numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+        raise ModelError(f"expected an HxWx3 RGB image, got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+        raise ModelError(f"expected a uint8 image, got dtype {image.dtype}")
     if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"empty image of shape {image.shape}")
+        raise ModelError(f"empty image of shape {image.shape}")
     return image
 
 

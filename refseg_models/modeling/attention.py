@@ -21,16 +21,19 @@ def _xavier_init(module: nn.Module) -> None:
 class CrossAttentionLayer(nn.Module):
     """queries attend to (keys + key_pos, values); out = LayerNorm(q + Dropout(attn)).
 
-    ``dropout`` is MultiheadAttention's attention-weight dropout and the residual dropout (one
-    argument, as in Mask2Former's layer).
+    ``attention_dropout``: MultiheadAttention's dropout on the attention weights;
+    ``residual_dropout``: dropout on the attention output before the residual. FCP's authors set
+    them apart (branch cross-attentions 0.5 / 0, matching 0.2 / 0); VRP-SAM uses 0 / 0.
     """
 
-    def __init__(self, dim: int = 256, num_heads: int = 4, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int = 256, num_heads: int = 4, attention_dropout: float = 0.0, residual_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=attention_dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(residual_dropout)
         _xavier_init(self)
 
     def forward(
@@ -66,13 +69,17 @@ class CrossAttentionLayer(nn.Module):
 
 
 class SelfAttentionLayer(nn.Module):
-    """tokens attend to themselves (no positions); out = LayerNorm(x + Dropout(attn))."""
+    """tokens attend to themselves (no positions); out = LayerNorm(x + Dropout(attn)).
 
-    def __init__(self, dim: int = 256, num_heads: int = 4, dropout: float = 0.0) -> None:
+    Dropouts as in :class:`CrossAttentionLayer`."""
+
+    def __init__(
+        self, dim: int = 256, num_heads: int = 4, attention_dropout: float = 0.0, residual_dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=attention_dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(residual_dropout)
         _xavier_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

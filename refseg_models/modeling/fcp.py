@@ -1,4 +1,5 @@
-"""FCP (AAAI 2025): foreground-covering prototype generation and matching, on frozen SAM decoding.
+"""FCP (AAAI 2025, "Foreground-Covering Prototype Generation and Matching for SAM-Aided Few-Shot
+Segmentation"): foreground-covering prototype generation and matching, on frozen SAM decoding.
 
 Trainable part (2,856,448 parameters with the ResNet-50 configuration, T = 3, 50 + 50 prototypes):
   down      1x1 conv (C3 + C2)->256, no bias, ReLU, Dropout2d(0.5) (concat order layer3, layer2);
@@ -6,7 +7,7 @@ Trainable part (2,856,448 parameters with the ResNet-50 configuration, T = 3, 50
   decoder   two shared 513->256 merge convs (SAM, ResNet), 50 support + 50 query prototypes,
             T support and T query cross-attentions, a matching cross- and self-attention.
 
-Per layer t (METHODS.md, "as the authors' code does them"):
+Per layer t (as the authors' code does it; docs/methods.md):
 * support branch: keys = merge_sam([G^S, SAM-prototype, mask*10]) with keys outside the reference
   mask blocked (empty-mask guard in ``CrossAttentionLayer``); values = the same merged SAM map, but
   merge_res([F^S, ResNet-prototype, mask*10]) in the last layer. No self-attention.
@@ -18,33 +19,43 @@ Per layer t (METHODS.md, "as the authors' code does them"):
 The SAM-feature prototype is the masked average of the RAW reference SAM embedding; the ResNet
 prototype that of the projected (``down``) reference features.
 
-Choices where neither the paper nor METHODS.md is explicit (stated in docs/methods.md):
+Dropout as the authors' ``transformer_decoder``: branch cross-attentions attention-dropout 0.5
+with residual dropout 0; matching cross-attention attention-dropout 0.2; matching self-attention
+none. Min-max normalisation epsilon 1e-9 (theirs). The attention maps used for pseudo masks and
+losses are the ones MultiheadAttention returns (after attention dropout in training mode).
+
+Choices where the paper is not explicit (stated in docs/methods.md):
 * sine positions are added to the keys of the branch cross-attentions (as VRP-SAM); the matching
   attentions use none (prototypes have no position).
-* "attention dropout 0.5" is the dropout of every FCP attention block (MultiheadAttention's weight
-  dropout and the residual dropout, one argument as in Mask2Former's layers); the attention maps
-  used for pseudo masks and losses are the ones MultiheadAttention returns (after that dropout in
-  training mode).
 * k-shot: each shot is encoded with its own SAM features and decoded on its own; the k logit maps
   are averaged (the authors' ``predict_mask_nshot``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from refseg_models.losses import bce_dice_loss, fcp_guide_loss, fcp_orthogonality_loss
+from refseg_models.config import MethodConfig
+from refseg_models.criterion import FCPCriterion
+from refseg_models.errors import ModelError
+from refseg_models.losses import GUIDE_WEIGHTINGS
+from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
-from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
 from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
-from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS, resolve_sam_decoder
+from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS
+
+
+# The authors' min-max normalisation epsilon (transformer_decoder).
+MINMAX_EPS = 1e-9
 
 
 def attention_pseudo_mask(attention: torch.Tensor, size: int) -> torch.Tensor:
@@ -55,7 +66,7 @@ def attention_pseudo_mask(attention: torch.Tensor, size: int) -> torch.Tensor:
     """
     lo = attention.min(dim=-1, keepdim=True)[0]
     hi = attention.max(dim=-1, keepdim=True)[0]
-    normalised = (attention - lo) / (hi - lo + 1e-8)
+    normalised = (attention - lo) / (hi - lo + MINMAX_EPS)
     return normalised.max(dim=1)[0].reshape(attention.shape[0], 1, size, size)
 
 
@@ -68,22 +79,25 @@ class FCPDecoder(nn.Module):
         dim: int = 256,
         num_heads: int = 4,
         num_layers: int = 3,
-        attention_dropout: float = 0.5,
+        branch_attention_dropout: float = 0.5,
+        match_attention_dropout: float = 0.2,
     ) -> None:
         super().__init__()
         if num_layers < 2:
-            raise ValueError(f"FCP needs T >= 2 layers (T-1 attention pseudo masks), got {num_layers}")
+            raise ModelError(f"FCP needs T >= 2 layers (T-1 attention pseudo masks), got {num_layers}")
         self.num_layers = num_layers
         self.merge_sam = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, kernel_size=1, bias=False), nn.ReLU())
         self.merge_res = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, kernel_size=1, bias=False), nn.ReLU())
         self.support_prototypes = nn.Embedding(num_prototypes, dim)
         self.query_prototypes = nn.Embedding(num_prototypes, dim)
         self.support_layers = nn.ModuleList(
-            CrossAttentionLayer(dim, num_heads, attention_dropout) for _ in range(num_layers)
+            CrossAttentionLayer(dim, num_heads, attention_dropout=branch_attention_dropout) for _ in range(num_layers)
         )
-        self.query_layers = nn.ModuleList(CrossAttentionLayer(dim, num_heads, attention_dropout) for _ in range(num_layers))
-        self.match_cross = CrossAttentionLayer(dim, num_heads, attention_dropout)
-        self.match_self = SelfAttentionLayer(dim, num_heads, attention_dropout)
+        self.query_layers = nn.ModuleList(
+            CrossAttentionLayer(dim, num_heads, attention_dropout=branch_attention_dropout) for _ in range(num_layers)
+        )
+        self.match_cross = CrossAttentionLayer(dim, num_heads, attention_dropout=match_attention_dropout)
+        self.match_self = SelfAttentionLayer(dim, num_heads)
 
     @staticmethod
     def _merge(conv: nn.Module, feat: torch.Tensor, prototype: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,24 +172,27 @@ class FCPPromptEncoder(nn.Module):
         hidden_dim: int = 256,
         num_heads: int = 4,
         num_layers: int = 3,
-        attention_dropout: float = 0.5,
+        branch_attention_dropout: float = 0.5,
+        match_attention_dropout: float = 0.2,
         feature_dropout: float = 0.5,
         feature_size: int = 64,
         sam_dim: int = 256,
     ) -> None:
         super().__init__()
         if len(backbone_channels) != 3:
-            raise ValueError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
+            raise ModelError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
         c2, c3, _ = backbone_channels
         if sam_dim != hidden_dim:
-            raise ValueError("FCP merges SAM features and prototypes at one width: sam_dim must equal hidden_dim")
+            raise ModelError("FCP merges SAM features and prototypes at one width: sam_dim must equal hidden_dim")
         self.num_prototypes = num_prototypes
         self.feature_size = feature_size
         self.down = nn.Sequential(
             nn.Conv2d(c3 + c2, hidden_dim, kernel_size=1, bias=False), nn.ReLU(), nn.Dropout2d(feature_dropout)
         )
         self.sam_proj = nn.Sequential(nn.Conv2d(sam_dim, hidden_dim, kernel_size=1, bias=False), nn.ReLU())
-        self.decoder = FCPDecoder(num_prototypes, hidden_dim, num_heads, num_layers, attention_dropout)
+        self.decoder = FCPDecoder(
+            num_prototypes, hidden_dim, num_heads, num_layers, branch_attention_dropout, match_attention_dropout
+        )
 
     def _project(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         s = self.feature_size
@@ -188,13 +205,6 @@ class FCPPromptEncoder(nn.Module):
           tokens: B x k x N x 256; pseudo_mask: B x k x S x S (prior);
           attention_pseudo_masks: B x k x (T-1) x S x S; attention_maps: B x k x 2T x N x S*S.
         """
-        if features.reference_sam is None:
-            raise ValueError("FCP needs EpisodeFeatures.reference_sam (the references' SAM embeddings)")
-        if features.reference_masked_layer4 is None:
-            raise ValueError(
-                "FCP needs EpisodeFeatures.reference_masked_layer4 (layer4 of the masked reference layer3; "
-                "see refseg_models.modeling.pseudo_mask.masked_reference_layer4)"
-            )
         b, k, s = features.batch_size, features.shots, self.feature_size
         ref_bb = {name: t.flatten(0, 1) for name, t in features.reference_backbone.items()}
         ref_mask = resize_mask_nearest(features.reference_masks.flatten(0, 1), s).to(features.target_sam.dtype)
@@ -226,30 +236,77 @@ class FCPPromptEncoder(nn.Module):
         }
 
 
-class FCP(nn.Module):
+@dataclass(frozen=True)
+class FCPConfig(MethodConfig):
+    """FCP's configuration; defaults are the paper's ResNet-50 setting (T = 3, 50 + 50 prototypes,
+    4 heads, the authors' dropouts, loss weights guide 0.5 / orthogonality 0.05).
+
+    ``guide_weighting``: ``"authors"`` (train.py: layer m divided by T-1-m) or ``"paper"`` (eq. 9).
+    """
+
+    backbone_channels: tuple[int, int, int] = RESNET50_CHANNELS
+    num_prototypes: int = 50
+    hidden_dim: int = 256
+    num_heads: int = 4
+    num_layers: int = 3
+    branch_attention_dropout: float = 0.5
+    match_attention_dropout: float = 0.2
+    feature_dropout: float = 0.5
+    feature_size: int = 64
+    output_size: int = 512
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    guide_weight: float = 0.5
+    ortho_weight: float = 0.05
+    guide_weighting: str = "authors"
+
+
+class FCP(RefSegMethod):
     """FCP on features: ``FCPPromptEncoder`` (trainable) + frozen SAM decoding."""
 
-    def __init__(
-        self,
-        prompt_encoder: FCPPromptEncoder,
-        sam_decoder: SamDecoder,
-        output_size: int = 512,
-        guide_weight: float = 0.5,
-        ortho_weight: float = 0.05,
-    ) -> None:
+    name = "fcp"
+    config_class = FCPConfig
+    uses_sam_decoder = True
+    logits_frame = "backbone"
+
+    def __init__(self, config: FCPConfig, prompt_encoder: FCPPromptEncoder, sam_decoder: SamDecoder) -> None:
         super().__init__()
+        if config.guide_weighting not in GUIDE_WEIGHTINGS:
+            raise ModelError(f"guide_weighting must be one of {GUIDE_WEIGHTINGS}, got {config.guide_weighting!r}")
+        self.config = config
         self.prompt_encoder = prompt_encoder
         self.sam_decoder = sam_decoder
-        self.output_size = output_size
-        self.guide_weight = guide_weight
-        self.ortho_weight = ortho_weight
+        self.output_size = config.output_size
+        self.criterion = FCPCriterion(
+            config.bce_weight, config.dice_weight, config.guide_weight, config.ortho_weight, config.guide_weighting
+        )
+
+    @classmethod
+    def from_config(cls, config: FCPConfig, sam_decoder: SamDecoder | None = None) -> "FCP":
+        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
+        encoder = FCPPromptEncoder(
+            config.backbone_channels,
+            config.num_prototypes,
+            config.hidden_dim,
+            config.num_heads,
+            config.num_layers,
+            config.branch_attention_dropout,
+            config.match_attention_dropout,
+            config.feature_dropout,
+            config.feature_size,
+        )
+        return cls(config, encoder, sam_decoder)
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, reference_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
     def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
         """B x k x 50 x 256 per-shot prompt tokens."""
+        self.check_features(features)
         return self.prompt_encoder(features)["tokens"]
 
     def decode_tokens(self, target_sam: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """B x 256 x 64 x 64 + tokens (B x N x 256, or B x k x N x 256 decoded per shot and the k
+        """B x 256 x G x G + tokens (B x N x 256, or B x k x N x 256 decoded per shot and the k
         logit maps averaged) -> B x 1 x out x out logits."""
         if tokens.dim() == 3:
             tokens = tokens.unsqueeze(1)
@@ -262,9 +319,10 @@ class FCP(nn.Module):
         """
         Returns:
           mask_logits: B x 1 x 512 x 512 (mean over shots of the per-shot logits).
-          prompt_tokens: B x k x 50 x 256.  pseudo_mask: B x k x 64 x 64 (prior).
-          attention_pseudo_masks: B x k x (T-1) x 64 x 64.  attention_maps: B x k x 2T x 50 x 4096.
+          prompt_tokens: B x k x 50 x 256.  pseudo_mask: B x k x G x G (prior).
+          attention_pseudo_masks: B x k x (T-1) x G x G.  attention_maps: B x k x 2T x 50 x G*G.
         """
+        self.check_features(features)
         enc = self.prompt_encoder(features)
         return {
             "mask_logits": self.decode_tokens(features.target_sam, enc["tokens"]),
@@ -274,48 +332,6 @@ class FCP(nn.Module):
             "attention_maps": enc["attention_maps"],
         }
 
-    def compute_loss(self, outputs: dict[str, torch.Tensor], target_masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """prompt (BCE + Dice at 512) + 0.5 * guide + 0.05 * orthogonality. target_masks: B x H x W."""
-        logits = outputs["mask_logits"]
-        prompt = bce_dice_loss(logits, resize_mask_nearest(target_masks, logits.shape[-2:]).to(logits.dtype))
-        guide_masks = outputs["attention_pseudo_masks"]  # B x k x (T-1) x S x S
-        b, k, steps, s, _ = guide_masks.shape
-        gt_small = resize_mask_nearest(target_masks, s).to(guide_masks.dtype)  # B x 1 x S x S
-        gt_small = gt_small.expand(-1, k, -1, -1).reshape(b * k, s, s)
-        flat = guide_masks.reshape(b * k, steps, s, s)
-        guide = fcp_guide_loss([flat[:, m] for m in range(steps)], gt_small)
-        maps = outputs["attention_maps"]
-        ortho = fcp_orthogonality_loss([maps[:, :, i] for i in range(maps.shape[2])])
-        loss = prompt + self.guide_weight * guide + self.ortho_weight * ortho
-        return {"loss": loss, "loss_prompt": prompt, "loss_guide": guide, "loss_ortho": ortho}
-
-
-def build_fcp(
-    backbone_channels: Sequence[int] = RESNET50_CHANNELS,
-    num_prototypes: int = 50,
-    hidden_dim: int = 256,
-    num_heads: int = 4,
-    num_layers: int = 3,
-    attention_dropout: float = 0.5,
-    feature_dropout: float = 0.5,
-    feature_size: int = 64,
-    output_size: int = 512,
-    guide_weight: float = 0.5,
-    ortho_weight: float = 0.05,
-    sam_checkpoint: str | Path | None = None,
-    sam_decoder: SamDecoder | None = None,
-) -> FCP:
-    """FCP with the paper's configuration (ResNet-50 channels, T = 3, 50 + 50 prototypes, 4 heads,
-    attention dropout 0.5, loss weights guide 0.5 / orthogonality 0.05). Other arguments as
-    ``build_vrp_sam``."""
-    encoder = FCPPromptEncoder(
-        backbone_channels,
-        num_prototypes,
-        hidden_dim,
-        num_heads,
-        num_layers,
-        attention_dropout,
-        feature_dropout,
-        feature_size,
-    )
-    return FCP(encoder, resolve_sam_decoder(sam_decoder, sam_checkpoint), output_size, guide_weight, ortho_weight)
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """prompt (BCE + Dice at 512) + 0.5 guide + 0.05 orthogonality, valid pixels only."""
+        return self.criterion(outputs, targets, valid)

@@ -1,21 +1,28 @@
 """One batch of episodes in feature space, shared by every method.
 
 Models consume features, not images: the frozen encoders run once (feature store, or live encoders
-at inference) and the trainable part takes this container. Shapes (B episodes, k shots):
+at inference) and the trainable part takes this container. Which fields a method needs is its
+:class:`~refseg_models.method.FeatureSpec`; everything else may be absent. Shapes (B episodes, k
+shots):
 
-* ``target_sam``: B x 256 x 64 x 64 SAM image embedding of the target (512 input resized to 1024).
-* ``target_backbone``: {"layer2", "layer3", "layer4"} -> B x C x h x w class-consistent backbone
-  maps of the target (ResNet-50 v2: 512 / 1024 / 2048 ch at 64 x 64 for a 512 input).
-* ``reference_backbone``: same names -> B x k x C x h x w for the k references.
-* ``reference_masks``: B x k x H x W float in {0, 1}: the reference annotation as a binary mask (box =
-  filled bbox, scribble = strokes, points = dots; produced by the data layer). H x W is the model's
-  input size (512) or any size; models resize it themselves.
-* ``reference_sam``: optional B x k x 256 x 64 x 64 SAM embeddings of the references (FCP needs them).
-* ``reference_masked_layer4``: optional B x k x C4 x h4 x w4: the frozen backbone's layer4 applied to
-  (reference layer3 x mask), VRP-SAM's support feature for the pseudo mask
-  (see ``pseudo_mask.masked_reference_layer4``). Required by VRP-SAM, ProSAM and FCP.
+* ``reference_masks`` (always): B x k x H x W float {0, 1}: the reference annotation as a binary
+  mask (box = filled box, scribble = strokes, points = pixels; see :mod:`refseg_models.annotations`)
+  in the frame of the encoder that reads it; models resize it to their grid themselves.
+* ``target_sam``: B x 256 x G x G SAM image embedding of the target (G = 64 for SAM).
+* ``reference_sam``: B x k x 256 x G x G SAM embeddings of the references (FCP, PerSAM).
+* ``target_backbone``: {name -> B x C x h x w} frozen backbone maps of the target: ``layer2/3/4``
+  for ResNet-style backbones (ResNet-50 v2: 512 / 1024 / 2048 ch at 64 x 64 for a 512 input),
+  ``patch_tokens`` for DINOv2 (SegIC).
+* ``reference_backbone``: the same names -> B x k x C x h x w.
+* ``reference_masked_layer4``: B x k x C4 x h4 x w4: the frozen backbone's layer4 applied to
+  (reference layer3 x mask), VRP-SAM's support feature for the pseudo mask.
+* ``target_boxes``: B x 4 (x0, y0, x1, y1) GT boxes of the targets in input pixels (SegIC's box
+  prompt, training only).
+* ``meta_embeddings``: B x D text embeddings (SegIC's optional meta instruction).
+* ``valid_sizes``: per target (h, w) of the image inside a padded input frame (PerSAM picks its
+  points there); None = the whole frame.
 
-The container is immutable; ``to`` and ``select`` return new instances.
+The container is immutable; ``to``, ``select`` and ``shot`` return new instances.
 """
 
 from __future__ import annotations
@@ -24,17 +31,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from refseg_models.errors import ModelError
+
 BACKBONE_LAYERS = ("layer2", "layer3", "layer4")
 
 
 @dataclass(frozen=True)
 class EpisodeFeatures:
-    target_sam: torch.Tensor
-    target_backbone: dict[str, torch.Tensor]
-    reference_backbone: dict[str, torch.Tensor]
     reference_masks: torch.Tensor
+    target_sam: torch.Tensor | None = None
+    target_backbone: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_backbone: dict[str, torch.Tensor] = field(default_factory=dict)
     reference_sam: torch.Tensor | None = None
     reference_masked_layer4: torch.Tensor | None = None
+    target_boxes: torch.Tensor | None = None
+    meta_embeddings: torch.Tensor | None = None
+    valid_sizes: tuple[tuple[int, int], ...] | None = None
     # Free-form per-episode metadata (ids, class indices); never read by models.
     meta: dict[str, object] = field(default_factory=dict)
 
@@ -43,100 +55,99 @@ class EpisodeFeatures:
 
     @property
     def batch_size(self) -> int:
-        return int(self.target_sam.shape[0])
+        return int(self.reference_masks.shape[0])
 
     @property
     def shots(self) -> int:
         return int(self.reference_masks.shape[1])
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field when shapes are inconsistent."""
-        if self.target_sam.dim() != 4 or self.target_sam.shape[1] != 256:
-            raise ValueError(f"EpisodeFeatures.target_sam must be B x 256 x h x w, got {tuple(self.target_sam.shape)}")
-        batch = self.target_sam.shape[0]
-        if self.reference_masks.dim() != 4 or self.reference_masks.shape[0] != batch:
-            raise ValueError(
-                f"EpisodeFeatures.reference_masks must be B x k x H x W with B={batch}, "
-                f"got {tuple(self.reference_masks.shape)}"
-            )
-        shots = self.reference_masks.shape[1]
+        """Raise ModelError naming the offending field when shapes are inconsistent."""
+        if self.reference_masks.dim() != 4:
+            raise ModelError(f"EpisodeFeatures.reference_masks must be B x k x H x W, got {tuple(self.reference_masks.shape)}")
+        batch, shots = self.batch_size, self.shots
         if shots < 1:
-            raise ValueError("EpisodeFeatures.reference_masks has k = 0 shots")
-        for name in BACKBONE_LAYERS:
-            if name not in self.target_backbone:
-                raise ValueError(f"EpisodeFeatures.target_backbone lacks {name!r} (has {sorted(self.target_backbone)})")
-            if name not in self.reference_backbone:
-                raise ValueError(
-                    f"EpisodeFeatures.reference_backbone lacks {name!r} (has {sorted(self.reference_backbone)})"
-                )
-            tgt, ref = self.target_backbone[name], self.reference_backbone[name]
+            raise ModelError("EpisodeFeatures.reference_masks has k = 0 shots")
+        if self.target_sam is not None and (
+            self.target_sam.dim() != 4 or self.target_sam.shape[0] != batch or self.target_sam.shape[1] != 256
+        ):
+            raise ModelError(f"EpisodeFeatures.target_sam must be B x 256 x G x G with B={batch}, got {tuple(self.target_sam.shape)}")
+        if sorted(self.target_backbone) != sorted(self.reference_backbone):
+            raise ModelError(
+                f"EpisodeFeatures backbone maps differ: target has {sorted(self.target_backbone)}, "
+                f"references have {sorted(self.reference_backbone)}"
+            )
+        for name, tgt in self.target_backbone.items():
+            ref = self.reference_backbone[name]
             if tgt.dim() != 4 or tgt.shape[0] != batch:
-                raise ValueError(f"EpisodeFeatures.target_backbone[{name!r}] must be B x C x h x w, got {tuple(tgt.shape)}")
+                raise ModelError(f"EpisodeFeatures.target_backbone[{name!r}] must be B x C x h x w with B={batch}, got {tuple(tgt.shape)}")
             if ref.dim() != 5 or tuple(ref.shape[:2]) != (batch, shots) or ref.shape[2:] != tgt.shape[1:]:
-                raise ValueError(
+                raise ModelError(
                     f"EpisodeFeatures.reference_backbone[{name!r}] must be B x k x C x h x w = "
                     f"{(batch, shots, *tgt.shape[1:])}, got {tuple(ref.shape)}"
                 )
         if self.reference_sam is not None:
+            if self.target_sam is None:
+                raise ModelError("EpisodeFeatures.reference_sam is given without target_sam")
             expected = (batch, shots, *self.target_sam.shape[1:])
             if tuple(self.reference_sam.shape) != expected:
-                raise ValueError(f"EpisodeFeatures.reference_sam must be {expected}, got {tuple(self.reference_sam.shape)}")
+                raise ModelError(f"EpisodeFeatures.reference_sam must be {expected}, got {tuple(self.reference_sam.shape)}")
         if self.reference_masked_layer4 is not None:
-            layer4 = self.target_backbone["layer4"]
+            layer4 = self.target_backbone.get("layer4")
+            if layer4 is None:
+                raise ModelError("EpisodeFeatures.reference_masked_layer4 needs target_backbone['layer4']")
             expected = (batch, shots, *layer4.shape[1:])
             if tuple(self.reference_masked_layer4.shape) != expected:
-                raise ValueError(
+                raise ModelError(
                     f"EpisodeFeatures.reference_masked_layer4 must be {expected} (B x k x layer4 shape), "
                     f"got {tuple(self.reference_masked_layer4.shape)}"
                 )
+        if self.target_boxes is not None and tuple(self.target_boxes.shape) != (batch, 4):
+            raise ModelError(f"EpisodeFeatures.target_boxes must be B x 4, got {tuple(self.target_boxes.shape)}")
+        if self.meta_embeddings is not None and (self.meta_embeddings.dim() != 2 or self.meta_embeddings.shape[0] != batch):
+            raise ModelError(f"EpisodeFeatures.meta_embeddings must be B x D, got {tuple(self.meta_embeddings.shape)}")
+        if self.valid_sizes is not None and len(self.valid_sizes) != batch:
+            raise ModelError(f"EpisodeFeatures.valid_sizes needs one (h, w) per target ({batch}), got {len(self.valid_sizes)}")
+
+    def _map(self, fn, per_shot: bool = False) -> "EpisodeFeatures":
+        """Apply ``fn`` to every tensor (``per_shot``: only to the per-reference tensors)."""
+
+        def app(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
+        changes = dict(
+            reference_backbone={k: fn(v) for k, v in self.reference_backbone.items()},
+            reference_masks=fn(self.reference_masks),
+            reference_sam=app(self.reference_sam),
+            reference_masked_layer4=app(self.reference_masked_layer4),
+        )
+        if not per_shot:
+            changes.update(
+                target_sam=app(self.target_sam),
+                target_backbone={k: fn(v) for k, v in self.target_backbone.items()},
+                target_boxes=app(self.target_boxes),
+                meta_embeddings=app(self.meta_embeddings),
+            )
+        return replace(self, **changes)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EpisodeFeatures":
         """Move every tensor (optionally casting floating tensors to ``dtype``)."""
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
+        def move(t: torch.Tensor) -> torch.Tensor:
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
-        return replace(
-            self,
-            target_sam=move(self.target_sam),
-            target_backbone={k: move(v) for k, v in self.target_backbone.items()},
-            reference_backbone={k: move(v) for k, v in self.reference_backbone.items()},
-            reference_masks=move(self.reference_masks),
-            reference_sam=move(self.reference_sam),
-            reference_masked_layer4=move(self.reference_masked_layer4),
-        )
+        return self._map(move)
 
     def select(self, index: torch.Tensor | slice | list[int]) -> "EpisodeFeatures":
         """A sub-batch of episodes (index along B)."""
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[index]
-
-        return replace(
-            self,
-            target_sam=pick(self.target_sam),
-            target_backbone={k: pick(v) for k, v in self.target_backbone.items()},
-            reference_backbone={k: pick(v) for k, v in self.reference_backbone.items()},
-            reference_masks=pick(self.reference_masks),
-            reference_sam=pick(self.reference_sam),
-            reference_masked_layer4=pick(self.reference_masked_layer4),
-        )
+        out = self._map(lambda t: t[index])
+        if self.valid_sizes is not None:
+            keep = range(self.batch_size)[index] if isinstance(index, slice) else [int(i) for i in index]
+            out = replace(out, valid_sizes=tuple(self.valid_sizes[i] for i in keep))
+        return out
 
     def shot(self, index: int) -> "EpisodeFeatures":
         """The 1-shot episodes formed by reference ``index`` of every episode."""
-        sl = slice(index, index + 1)
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[:, sl]
-
-        return replace(
-            self,
-            reference_backbone={k: pick(v) for k, v in self.reference_backbone.items()},
-            reference_masks=pick(self.reference_masks),
-            reference_sam=pick(self.reference_sam),
-            reference_masked_layer4=pick(self.reference_masked_layer4),
-        )
+        return self._map(lambda t: t[:, index : index + 1], per_shot=True)

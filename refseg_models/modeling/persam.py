@@ -20,21 +20,24 @@ The similarity map is evaluated in the SAM input frame instead of the original i
 only changes the point quantisation. An item whose refined mask is empty keeps its step-(a) result
 (the authors' code crashes on an empty mask there).
 
-No trainable parameters: ``build_persam`` returns a module whose only weights are the frozen SAM
-decoder's.
+No trainable parameters: the module's only weights are the frozen SAM decoder's.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from refseg_models.config import MethodConfig
+from refseg_models.criterion import PromptMaskCriterion
+from refseg_models.errors import ModelError
+from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.inputs import EpisodeFeatures
-from refseg_models.modeling.sam_decoder import SAM_INPUT_SIZE, SamDecoder, build_sam_decoder
+from refseg_models.modeling.sam_decoder import SAM_INPUT_SIZE, SamDecoder
 
 
 def persam_prototypes(reference_sam: torch.Tensor, reference_masks: torch.Tensor) -> torch.Tensor:
@@ -114,14 +117,47 @@ def _best(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return masks[torch.arange(masks.shape[0]), index][:, None]
 
 
-class PerSAM(nn.Module):
-    def __init__(self, sam_decoder: SamDecoder, refinement_steps: int = 2, input_size: int = SAM_INPUT_SIZE) -> None:
+@dataclass(frozen=True)
+class PerSamConfig(MethodConfig):
+    """PerSAM's options: refinement passes (0, 1 or 2; the authors' 2) and the SAM grid G."""
+
+    refinement_steps: int = 2
+    feature_size: int = 64
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+
+
+class PerSAM(RefSegMethod):
+    name = "persam"
+    config_class = PerSamConfig
+    uses_sam_decoder = True
+    logits_frame = "sam"
+
+    def __init__(self, config: PerSamConfig, sam_decoder: SamDecoder) -> None:
         super().__init__()
-        if refinement_steps not in (0, 1, 2):
-            raise ValueError(f"refinement_steps must be 0, 1 or 2, got {refinement_steps}")
+        if config.refinement_steps not in (0, 1, 2):
+            raise ModelError(f"refinement_steps must be 0, 1 or 2, got {config.refinement_steps}")
+        self.config = config
         self.sam_decoder = sam_decoder
-        self.refinement_steps = refinement_steps
-        self.input_size = input_size
+        self.refinement_steps = config.refinement_steps
+        self.input_size = int(sam_decoder.prompt_encoder.input_image_size[0])
+        # Training-free: the criterion only monitors (nothing to train).
+        self.criterion = PromptMaskCriterion(config.bce_weight, config.dice_weight)
+
+    @classmethod
+    def from_config(cls, config: PerSamConfig, sam_decoder: SamDecoder | None = None) -> "PerSAM":
+        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
+        return cls(config, sam_decoder)
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, reference_sam=True)
+
+    def frame_size(self) -> int:
+        return self.input_size  # SAM's prompt frame (1024): points and valid sizes live there
+
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BCE + Dice of the (training-free) prediction, for monitoring."""
+        return self.criterion(outputs, targets, valid)
 
     def _decode(
         self,
@@ -134,7 +170,13 @@ class PerSAM(nn.Module):
         sparse, dense = self.sam_decoder.prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
         return self.sam_decoder(embeddings, sparse, dense, multimask_output=multimask)
 
-    def forward(
+    def forward(self, features: EpisodeFeatures) -> dict[str, Any]:
+        """The contract's forward: :meth:`segment` on ``features`` (``valid_sizes`` from there)."""
+        self.check_features(features)
+        sizes = None if features.valid_sizes is None else [tuple(v) for v in features.valid_sizes]
+        return self.segment(features.target_sam, features.reference_sam, features.reference_masks, sizes)
+
+    def segment(
         self,
         target_sam: torch.Tensor,
         reference_sam: torch.Tensor,
@@ -151,12 +193,12 @@ class PerSAM(nn.Module):
                 (SAM's longest-side preprocessing); None = the whole frame (squash preprocessing).
 
         Returns:
-            dict: ``mask_logits`` B x 1 x 256 x 256 low-res logits in the input frame,
+            dict: ``mask_logits`` B x 1 x 4G x 4G low-res logits over the SAM input frame,
             ``iou_predictions`` B x 1, ``points`` B x 2 x 2 (positive, negative; (x, y) input
             pixels), ``similarity`` B x S x S, ``prototypes`` B x 256.
         """
         if target_sam.dim() != 4 or reference_sam.dim() != 5 or reference_masks.dim() != 4:
-            raise ValueError(
+            raise ModelError(
                 "PerSAM expects target_sam B x 256 x h x w, reference_sam B x k x 256 x h x w and "
                 f"reference_masks B x k x H x W; got {tuple(target_sam.shape)}, {tuple(reference_sam.shape)}, "
                 f"{tuple(reference_masks.shape)}"
@@ -166,7 +208,7 @@ class PerSAM(nn.Module):
         if valid_sizes is None:
             valid_sizes = [(size, size)] * b
         if len(valid_sizes) != b:
-            raise ValueError(f"valid_sizes needs one (h, w) per target ({b}), got {len(valid_sizes)}")
+            raise ModelError(f"valid_sizes needs one (h, w) per target ({b}), got {len(valid_sizes)}")
         prototypes = persam_prototypes(reference_sam, reference_masks)
         similarity = location_prior(target_sam, prototypes, size)
         points = select_points(similarity, valid_sizes)
@@ -189,15 +231,3 @@ class PerSAM(nn.Module):
             "similarity": similarity,
             "prototypes": prototypes,
         }
-
-    def forward_episode(self, episode: EpisodeFeatures, valid_sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
-        """``forward`` on an :class:`EpisodeFeatures` batch (needs ``reference_sam``)."""
-        if episode.reference_sam is None:
-            raise ValueError("PerSAM needs EpisodeFeatures.reference_sam (the references' SAM embeddings)")
-        return self.forward(episode.target_sam, episode.reference_sam, episode.reference_masks, valid_sizes)
-
-
-def build_persam(sam_checkpoint: str | Path | None = None, refinement_steps: int = 2) -> PerSAM:
-    """PerSAM on SAM's frozen prompt encoder + mask decoder (``sam_checkpoint``: a full SAM
-    checkpoint; None leaves segment-anything's random init, for tests). Zero trainable parameters."""
-    return PerSAM(build_sam_decoder(sam_checkpoint), refinement_steps=refinement_steps)

@@ -1,12 +1,15 @@
-"""ProSAM: VRP-SAM + a variational (Student-t) prompt head.
+"""ProSAM (paper: "ProSAM: Enhancing the Robustness of SAM-based Visual Reference Segmentation with
+Probabilistic Prompts"): VRP-SAM + a variational (Student-t) prompt head.
 
-Decisions for what the paper leaves open (METHODS.md):
+Decisions for what the paper leaves open (stated in docs/methods.md):
 * two Linear(256, 256) heads on VRP-SAM's 50 x 256 decoder output: mu and s;
   sigma = softplus(s) + 1e-4 (instead of exp(log_sigma): positive, smooth, no clamping needed).
   Trainable parameters: 1,592,064 + 2 * 65,792 = 1,723,648 (paper: 1.73M).
-* diagonal Student-t with nu = 5 fixed; reparameterised z = mu + sigma * eps * sqrt(nu / u),
-  eps ~ N(0, I), u ~ Chi2(nu) independent (eq. 6-7); variance nu / (nu - 2) * sigma^2.
-  ``distribution="gaussian"`` drops the sqrt(nu / u) factor (ablation).
+* multivariate Student-t with diagonal scale, nu = 5 fixed; reparameterised
+  z = mu + sigma * eps * sqrt(nu / u), eps ~ N(0, I_256) and ONE u ~ Chi2(nu) per prompt vector
+  (per 256-d token and Monte Carlo sample), shared by its 256 dimensions (eq. 5-7: d in eq. 5 is the
+  dimensionality). Per-element u would give 256 independent 1-d t variables and lose the joint
+  outliers the heavy-tail argument rests on. ``distribution="gaussian"`` drops the factor (ablation).
 * training loss: mean over K = 10 samples of BCE + Dice (eq. 10), no KL term. The K samples are
   decoded as one batch of B*K prompt sets against the cached target embedding (repeated, not
   recomputed).
@@ -15,18 +18,20 @@ Decisions for what the paper leaves open (METHODS.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from refseg_models.losses import bce_dice_loss
-from refseg_models.modeling.features import resize_mask_nearest
-from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.criterion import PromptMaskCriterion
+from refseg_models.errors import ModelError
+from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
+from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
-from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS, VisualReferencePromptEncoder, resolve_sam_decoder
+from refseg_models.modeling.vrp_sam import VisualReferencePromptEncoder, VRPSamConfig, build_prompt_encoder
 
 DISTRIBUTIONS = ("student_t", "gaussian")
 INFERENCE_STRATEGIES = (
@@ -52,72 +57,93 @@ def sample_prompts(
     Args:
       mu, sigma: B x N x D location and scale (sigma > 0).
       num_samples: K.
-      distribution: "student_t": z = mu + sigma * eps * sqrt(nu / u), eps ~ N(0, I) and u ~ Chi2(nu)
-        drawn independently per element (diagonal); "gaussian": z = mu + sigma * eps.
+      distribution: "student_t": z = mu + sigma * eps * sqrt(nu / u) with eps ~ N(0, I_D) and ONE
+        u ~ Chi2(nu) per D-dimensional prompt vector (shared by its D entries: a multivariate t);
+        "gaussian": z = mu + sigma * eps.
     Returns:
       B x K x N x D samples, differentiable w.r.t. mu and sigma.
     """
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+        raise ModelError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise ModelError(f"num_samples must be >= 1, got {num_samples}")
     shape = (mu.shape[0], num_samples, *mu.shape[1:])
     eps = torch.randn(shape, device=mu.device, dtype=mu.dtype, generator=generator)
     if distribution == "student_t":
         # Chi2(nu) = Gamma(nu / 2, rate 1/2) = 2 * Gamma(nu / 2, 1); torch._standard_gamma takes no
         # generator, so draw it as a sum of squared normals when nu is an integer (exact), else
         # through torch.distributions (global RNG).
+        vector_shape = (*shape[:-1], 1)  # one u per prompt vector, broadcast over its D entries
         if float(nu).is_integer():
-            normals = torch.randn((int(nu), *shape), device=mu.device, dtype=mu.dtype, generator=generator)
+            normals = torch.randn((int(nu), *vector_shape), device=mu.device, dtype=mu.dtype, generator=generator)
             u = normals.square().sum(0)
         else:
-            u = torch.distributions.Chi2(torch.tensor(float(nu), device=mu.device, dtype=mu.dtype)).sample(shape)
+            u = torch.distributions.Chi2(torch.tensor(float(nu), device=mu.device, dtype=mu.dtype)).sample(vector_shape)
         eps = eps * torch.sqrt(nu / u)
     return mu.unsqueeze(1) + sigma.unsqueeze(1) * eps
 
 
-class ProSam(nn.Module):
+@dataclass(frozen=True)
+class ProSamConfig(VRPSamConfig):
+    """VRP-SAM's fields plus the variational head: K samples (10), nu (5), the distribution, and
+    the head initialisation (not stated by the paper; see docs/methods.md for what trains)."""
+
+    num_samples: int = 10
+    nu: float = 5.0
+    distribution: str = "student_t"
+    initial_sigma: float | None = None
+    mu_init: str = "default"
+
+
+class ProSam(RefSegMethod):
     """ProSAM on features: VRP-SAM's prompt encoder + mu / sigma heads; frozen SAM decoding."""
 
-    def __init__(
-        self,
-        prompt_encoder: VisualReferencePromptEncoder,
-        sam_decoder: SamDecoder,
-        num_samples: int = 10,
-        nu: float = 5.0,
-        distribution: str = "student_t",
-        output_size: int = 512,
-        initial_sigma: float | None = None,
-        mu_init: str = "default",
-    ) -> None:
+    name = "prosam"
+    config_class = ProSamConfig
+    uses_sam_decoder = True
+    logits_frame = "backbone"
+
+    def __init__(self, config: ProSamConfig, prompt_encoder: VisualReferencePromptEncoder, sam_decoder: SamDecoder) -> None:
         super().__init__()
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
-        if distribution == "student_t" and nu <= 2:
-            raise ValueError(f"nu must be > 2 for a finite variance, got {nu}")
-        dim = prompt_encoder.merge[0].out_channels
+        if config.distribution not in DISTRIBUTIONS:
+            raise ModelError(f"unknown distribution {config.distribution!r}; choose one of {DISTRIBUTIONS}")
+        if config.distribution == "student_t" and config.nu <= 2:
+            raise ModelError(f"nu must be > 2 for a finite variance, got {config.nu}")
+        if config.num_samples < 1:
+            raise ModelError(f"num_samples must be >= 1, got {config.num_samples}")
+        self.config = config
+        dim = config.hidden_dim
         self.prompt_encoder = prompt_encoder
         self.mu_head = nn.Linear(dim, dim)
         self.sigma_head = nn.Linear(dim, dim)
         # Initialisation is not stated by the paper: default nn.Linear (sigma ~ softplus(0) = 0.69 at
         # start, mu RMS ~0.6 for unit-scale tokens). Options: mu_init="xavier" puts mu at the scale of
         # VRP-SAM's tokens (RMS ~1); initial_sigma sets the bias so that sigma starts near that value.
-        if mu_init == "xavier":
+        if config.mu_init == "xavier":
             nn.init.xavier_uniform_(self.mu_head.weight)
             nn.init.zeros_(self.mu_head.bias)
-        elif mu_init != "default":
-            raise ValueError(f"mu_init must be 'default' or 'xavier', got {mu_init!r}")
-        if initial_sigma is not None:
-            if initial_sigma <= 1e-4:
-                raise ValueError(f"initial_sigma must be > 1e-4, got {initial_sigma}")
+        elif config.mu_init != "default":
+            raise ModelError(f"mu_init must be 'default' or 'xavier', got {config.mu_init!r}")
+        if config.initial_sigma is not None:
+            if config.initial_sigma <= 1e-4:
+                raise ModelError(f"initial_sigma must be > 1e-4, got {config.initial_sigma}")
             with torch.no_grad():
-                target = torch.tensor(initial_sigma - 1e-4)
+                target = torch.tensor(config.initial_sigma - 1e-4)
                 self.sigma_head.bias.fill_(float(target + torch.log(-torch.expm1(-target))))  # softplus^-1
         self.sam_decoder = sam_decoder
-        self.num_samples = num_samples
-        self.nu = nu
-        self.distribution = distribution
-        self.output_size = output_size
+        self.num_samples = config.num_samples
+        self.nu = config.nu
+        self.distribution = config.distribution
+        self.output_size = config.output_size
+        self.criterion = PromptMaskCriterion(config.bce_weight, config.dice_weight)
+
+    @classmethod
+    def from_config(cls, config: ProSamConfig, sam_decoder: SamDecoder | None = None) -> "ProSam":
+        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
+        return cls(config, build_prompt_encoder(config), sam_decoder)
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
     def distribution_params(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """mu, sigma: B x (k*50) x 256 (sigma = softplus(s) + 1e-4); pseudo_mask: B x k x 64 x 64."""
@@ -162,6 +188,7 @@ class ProSam(nn.Module):
           samples: B x K x (k*50) x 256 (when sampling).  prompt_tokens: what SAM received
             (mu, or the samples).
         """
+        self.check_features(features)
         sample = self.training if sample is None else sample
         params = self.distribution_params(features)
         out = dict(params)
@@ -176,14 +203,14 @@ class ProSam(nn.Module):
             out["mask_logits"] = self.decode_tokens(features.target_sam, params["mu"])
         return out
 
-    def compute_loss(self, outputs: dict[str, torch.Tensor], target_masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mean over the K sample channels of BCE + Dice at 512 (eq. 10). target_masks: B x H x W."""
-        logits = outputs["mask_logits"]  # B x K x H x W
-        b, k = logits.shape[:2]
-        target = resize_mask_nearest(target_masks, logits.shape[-2:]).to(logits.dtype)  # B x 1 x H x W
-        target = target.expand(-1, k, -1, -1)
-        loss = bce_dice_loss(logits.reshape(b * k, 1, *logits.shape[-2:]), target.reshape(b * k, 1, *target.shape[-2:]))
-        return {"loss": loss, "loss_prompt": loss}
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean over the K sample channels of BCE + Dice at 512 (eq. 10), valid pixels only."""
+        return self.criterion(outputs, targets, valid)
+
+    def mask_logits(self, outputs: Mapping[str, Any]) -> torch.Tensor:
+        """B x 1 x 512 x 512: the mean prompt's logits, or the mean over the K sampled logits."""
+        logits = outputs["mask_logits"]
+        return logits if logits.shape[1] == 1 else logits.mean(dim=1, keepdim=True)
 
     @torch.no_grad()
     def predict(
@@ -201,7 +228,7 @@ class ProSam(nn.Module):
         half of the K binary masks (strict majority).
         """
         if strategy not in INFERENCE_STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {INFERENCE_STRATEGIES}")
+            raise ModelError(f"unknown strategy {strategy!r}; choose one of {INFERENCE_STRATEGIES}")
         params = self.distribution_params(features)
         if strategy == "mean_prompt":
             return self.decode_tokens(features.target_sam, params["mu"]) > 0
@@ -219,40 +246,3 @@ class ProSam(nn.Module):
         else:
             merged = binary.sum(dim=1, keepdim=True) > num_samples / 2
         return merged
-
-
-def build_prosam(
-    backbone_channels: Sequence[int] = RESNET50_CHANNELS,
-    num_queries: int = 50,
-    hidden_dim: int = 256,
-    num_heads: int = 4,
-    feature_dropout: float = 0.5,
-    feature_size: int = 64,
-    output_size: int = 512,
-    num_samples: int = 10,
-    nu: float = 5.0,
-    distribution: str = "student_t",
-    initial_sigma: float | None = None,
-    mu_init: str = "default",
-    sam_checkpoint: str | Path | None = None,
-    sam_decoder: SamDecoder | None = None,
-) -> ProSam:
-    """ProSAM with the paper's configuration (ResNet-50 channels, 50 prompts, K = 10, nu = 5).
-
-    Other arguments as ``build_vrp_sam``; ``distribution="gaussian"`` is the ablation variant;
-    ``initial_sigma`` / ``mu_init="xavier"`` change the heads' initialisation (not stated by the
-    paper; defaults keep nn.Linear's).
-    """
-    encoder = VisualReferencePromptEncoder(
-        backbone_channels, num_queries, hidden_dim, num_heads, feature_dropout, feature_size
-    )
-    return ProSam(
-        encoder,
-        resolve_sam_decoder(sam_decoder, sam_checkpoint),
-        num_samples,
-        nu,
-        distribution,
-        output_size,
-        initial_sigma,
-        mu_init,
-    )

@@ -8,39 +8,63 @@ which makes it the cheapest real-feature sanity check of the data and evaluation
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from refseg_models.config import MethodConfig
+from refseg_models.criterion import PromptMaskCriterion
+from refseg_models.method import FeatureSpec, RefSegMethod
+from refseg_models.modeling.inputs import EpisodeFeatures
 
 
-class PrototypeMatching(nn.Module):
-    def __init__(self, feature: str = "layer4", threshold: float = 0.5, scale: float = 10.0, eps: float = 1e-6):
+@dataclass(frozen=True)
+class PrototypeMatchingConfig(MethodConfig):
+    feature: str = "layer4"
+    threshold: float = 0.5
+    scale: float = 10.0
+    eps: float = 1e-6
+
+
+class PrototypeMatching(RefSegMethod):
+    name = "prototype_matching"
+    config_class = PrototypeMatchingConfig
+    uses_sam_decoder = False
+    logits_frame = "backbone"
+    frozen_modules = ()
+
+    def __init__(self, config: PrototypeMatchingConfig) -> None:
         super().__init__()
-        self.feature = feature
-        self.threshold = threshold
-        self.scale = scale
-        self.eps = eps
+        self.config = config
+        self.feature = config.feature
+        self.threshold = config.threshold
+        self.scale = config.scale
+        self.eps = config.eps
+        self.criterion = PromptMaskCriterion()
 
-    def forward(
-        self,
-        target_features: dict[str, torch.Tensor],
-        reference_features: dict[str, torch.Tensor],
-        reference_masks: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    @classmethod
+    def from_config(cls, config: PrototypeMatchingConfig, sam_decoder: Any = None) -> "PrototypeMatching":
+        return cls(config)
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(backbone=(self.feature,))
+
+    def forward(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """
-        Args:
-            target_features: {name: B x C x h x w}.
-            reference_features: {name: B x k x C x h x w}.
-            reference_masks: B x k x H x W in {0, 1}.
-        Returns:
-            {"mask_logits": B x 1 x h x w, "similarity": B x 1 x h x w (cosine, before normalising)}.
+        Uses ``target_backbone[feature]`` (B x C x h x w), ``reference_backbone[feature]``
+        (B x k x C x h x w) and ``reference_masks`` (B x k x H x W).
+        Returns {"mask_logits": B x 1 x h x w, "similarity": B x 1 x h x w (cosine, before normalising)}.
         """
-        target = target_features[self.feature]
-        reference = reference_features[self.feature]
+        self.check_features(features)
+        target = features.target_backbone[self.feature]
+        reference = features.reference_backbone[self.feature]
         batch, shots, channels, height, width = reference.shape
         masks = F.interpolate(
-            reference_masks.float().flatten(0, 1)[:, None], size=(height, width), mode="bilinear", align_corners=False
-        ).view(batch, shots, 1, height, width)
+            features.reference_masks.float().flatten(0, 1)[:, None], size=(height, width), mode="bilinear", align_corners=False
+        ).view(batch, shots, 1, height, width).to(reference.dtype)
         prototype = (reference * masks).sum(dim=(1, 3, 4)) / (masks.sum(dim=(1, 3, 4)) + self.eps)  # B x C
         similarity = F.cosine_similarity(target, prototype[:, :, None, None], dim=1)[:, None]
         low = similarity.amin(dim=(2, 3), keepdim=True)
@@ -48,6 +72,6 @@ class PrototypeMatching(nn.Module):
         normalised = (similarity - low) / (high - low + self.eps)
         return {"mask_logits": self.scale * (normalised - self.threshold), "similarity": similarity}
 
-
-def build_prototype_matching(feature: str = "layer4", threshold: float = 0.5, scale: float = 10.0) -> PrototypeMatching:
-    return PrototypeMatching(feature=feature, threshold=threshold, scale=scale)
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BCE + Dice of the (training-free) prediction, for monitoring."""
+        return self.criterion(outputs, targets, valid)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from refseg_models.errors import ModelError
+
 
 def masked_reference_layer4(backbone: Any, layer3: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Layer4 of the masked reference layer3.
@@ -30,7 +32,7 @@ def masked_reference_layer4(backbone: Any, layer3: torch.Tensor, mask: torch.Ten
     if mask.dim() == 3:
         mask = mask[:, None]
     if mask.dim() != 4 or mask.shape[0] != layer3.shape[0]:
-        raise ValueError(f"mask must be B x [1 x] H x W with B={layer3.shape[0]}, got {tuple(mask.shape)}")
+        raise ModelError(f"mask must be B x [1 x] H x W with B={layer3.shape[0]}, got {tuple(mask.shape)}")
     with torch.no_grad():
         small = F.interpolate(mask.to(layer3.dtype), size=layer3.shape[-2:], mode="nearest")
         return backbone.forward_layer4(layer3 * small)

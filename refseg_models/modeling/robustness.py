@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from refseg_models.errors import ModelError
 from refseg_models.modeling.features import resize_mask_nearest
 from refseg_models.modeling.inputs import EpisodeFeatures
 
@@ -43,14 +44,20 @@ def prompt_robustness_curve(
         confound the measurement).
       features: the episodes; gt_masks: B x H x W {0,1} target GT (resized nearest to the output).
       noise_scales: standard deviations; 0 gives the clean IoU.
-      relative: scale the noise by each item's token RMS (compares models whose token norms differ).
+      relative: scale the noise by each item's token RMS over all its prompt entries (B x N x C for
+        VRP-SAM / ProSAM, B x k x N x C for FCP: one RMS per episode either way; compares models
+        whose token norms differ).
     Returns:
       list of mean IoU, one per noise scale.
     """
     if model.training:
-        raise ValueError("prompt_robustness_curve: put the model in eval mode first (model.eval())")
+        raise ModelError("prompt_robustness_curve: put the model in eval mode first (model.eval())")
     tokens = model.prompt_tokens(features)
-    rms = tokens.pow(2).mean(dim=(1, 2), keepdim=True).sqrt() if relative else torch.ones_like(tokens[:, :1, :1])
+    per_item = (tokens.shape[0],) + (1,) * (tokens.dim() - 1)
+    if relative:
+        rms = tokens.pow(2).flatten(1).mean(dim=1).sqrt().reshape(per_item)
+    else:
+        rms = tokens.new_ones(per_item)
     curve = []
     for scale in noise_scales:
         noise = torch.randn(tokens.shape, device=tokens.device, dtype=tokens.dtype, generator=generator)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from refseg_models.encoders.checkpoint import load_state_dict_strict
-from refseg_models.errors import WeightsNotFoundError
+from refseg_models.errors import ModelError, WeightsNotFoundError
 
 SAM_EMBED_DIM = 256
 SAM_EMBEDDING_SIZE = 64
@@ -86,17 +86,17 @@ class SamDecoder(nn.Module):
           iou_predictions: B x 1 (or 3).
         """
         if image_embeddings.dim() != 4 or image_embeddings.shape[1] != SAM_EMBED_DIM:
-            raise ValueError(f"image_embeddings must be B x 256 x h x w, got {tuple(image_embeddings.shape)}")
+            raise ModelError(f"image_embeddings must be B x 256 x h x w, got {tuple(image_embeddings.shape)}")
         if sparse_tokens.dim() != 3 or sparse_tokens.shape[-1] != SAM_EMBED_DIM:
-            raise ValueError(f"sparse_tokens must be B x N x 256, got {tuple(sparse_tokens.shape)}")
+            raise ModelError(f"sparse_tokens must be B x N x 256, got {tuple(sparse_tokens.shape)}")
         batch = image_embeddings.shape[0]
         if sparse_tokens.shape[0] != batch:
-            raise ValueError(
+            raise ModelError(
                 f"one image embedding per prompt set: got {batch} embeddings and {sparse_tokens.shape[0]} "
                 "prompt sets (repeat the embeddings to decode several prompt sets per image)"
             )
         if tuple(image_embeddings.shape[-2:]) != tuple(self.prompt_encoder.image_embedding_size):
-            raise ValueError(
+            raise ModelError(
                 f"image_embeddings spatial size {tuple(image_embeddings.shape[-2:])} != SAM's "
                 f"{tuple(self.prompt_encoder.image_embedding_size)}"
             )
@@ -186,19 +186,19 @@ def load_sam_decoder_weights(decoder: SamDecoder, checkpoint: str | Path) -> Non
     """Load the ``prompt_encoder.*`` and ``mask_decoder.*`` keys of a SAM checkpoint, strictly.
 
     Other keys (``image_encoder.*``) are ignored. Raises FileNotFoundError for a missing file and
-    ValueError naming the file and the missing / unexpected / mis-shaped keys otherwise.
+    ModelError naming the file and the missing / unexpected / mis-shaped keys otherwise.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise WeightsNotFoundError(f"SAM checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     selected = {k: v for k, v in state.items() if k.startswith(_PREFIXES)}
     if not selected:
-        raise ValueError(
+        raise ModelError(
             f"{path}: no 'prompt_encoder.*' or 'mask_decoder.*' keys (is this a SAM checkpoint? "
             f"first keys: {list(state)[:5]})"
         )

@@ -1,6 +1,7 @@
 """SegIC (Meng et al., ECCV 2024): an in-context decoder trained from scratch on frozen DINOv2 features.
 
-Trainable parts (METHODS.md, authors' ``model/segic.py`` + ``model/backbone/__init__.py``):
+Trainable parts (the paper, section 3, and the authors' ``model/segic.py`` +
+``model/backbone/__init__.py``; details in docs/methods_segic_persam.md):
 
 * ``neck``: 1x1 conv C->256 + LayerNorm2d + 3x3 conv + LayerNorm2d (:class:`SegICNeck`);
 * ``prompt_encoder``: SAM's PromptEncoder whose dense-mask path downscales the input-resolution
@@ -9,7 +10,8 @@ Trainable parts (METHODS.md, authors' ``model/segic.py`` + ``model/backbone/__in
   tokens, IoU head), instantiated fresh from segment_anything's classes and trained from scratch;
 * ``visual_instruction``: Linear(C->256) on the masked mean of the reference features;
 * ``meta_instruction``: Linear(text_dim->256) on a text embedding, only with
-  ``use_meta_instruction=True`` (default off; refused for novel-class evaluation, see ``forward``).
+  ``use_meta_instruction=True`` (default off; it then needs real text embeddings, and is refused
+  for novel-class evaluation, see ``forward``).
 
 Per target image and instruction the sparse prompt is, in the authors' order: the top-1 point of
 the cosine map (+ SAM's padding token when no box), the target GT box (training only, p = 0.5),
@@ -20,11 +22,18 @@ Deliberate deviations (stated in docs/methods_segic_persam.md):
 * k-shot (the paper is 1-shot): k visual tokens and the mean of the k per-shot cosine maps;
 * features whose grid differs from ``feature_size`` are resized bilinearly to it (only needed for
   non-ViT backbones such as the MobileNetV2 used in the tests; DINOv2 at 896 already gives 64x64);
-* there is no CLIP here: meta embeddings are passed in by the caller (precomputed text features).
+* there is no CLIP here: meta embeddings are passed in by the caller (precomputed text features);
+  a model with the meta instruction on and no text embedding is refused (never a zero vector).
+* context reversion (``--reverse_context``) runs inside ``forward`` in training mode when
+  ``config.context_reversion``: a second pass with reference and target swapped, the detached first
+  prediction (> 0) as the new reference mask and the first reference as the new ground truth; the
+  criterion averages both passes. With k > 1 shots only shot 0 is reversed (the paper is 1-shot).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -32,7 +41,12 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from torch import nn
 
-from refseg_models.modeling.segic_instructions import geometric_instruction, instance_features
+from refseg_models.config import MethodConfig
+from refseg_models.criterion import SegICCriterion
+from refseg_models.errors import ModelError
+from refseg_models.method import FeatureSpec, RefSegMethod
+from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.modeling.segic_instructions import geometric_instruction, instance_features, masks_to_boxes
 from refseg_models.modeling.segic_neck import SegICNeck
 from refseg_models.modeling.segic_prompt_encoder import SegICPromptEncoder
 
@@ -40,36 +54,111 @@ from refseg_models.modeling.segic_prompt_encoder import SegICPromptEncoder
 DINOV2_CHANNELS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024}
 
 
-class SegIC(nn.Module):
+@dataclass(frozen=True)
+class SegICConfig(MethodConfig):
+    """SegIC's configuration; defaults are the paper's DINOv2-L setting (C = 1024, 896 input, 64 x 64
+    grid, 1 point, box prompt p = 0.5 in training, loss on 12,544 importance-sampled points, negative
+    instructions weighted 0.1, context reversion on).
+
+    ``in_channels``: channels of the frozen encoder's ``feature_key`` map (ViT-B 768, ViT-L 1024;
+    ``DINOV2_CHANNELS``). ``similarity_size``: side at which cosine maps are computed (None:
+    input_size // 4 = 224, the authors').
+    """
+
+    in_channels: int = 1024
+    embed_dim: int = 256
+    input_size: int = 896
+    feature_size: int = 64
+    mask_in_chans: int = 16
+    mask_down_strides: tuple[int, int] = (7, 2)
+    similarity_size: int | None = None
+    num_points: int = 1
+    box_prob: float = 0.5
+    tau: float = 1.0
+    use_meta_instruction: bool = False
+    text_dim: int = 768
+    feature_key: str = "patch_tokens"
+    context_reversion: bool = True
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    negative_weight: float = 0.1
+    loss_points: int = 112 * 112
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+class SegIC(RefSegMethod):
+    name = "segic"
+    config_class = SegICConfig
+    uses_sam_decoder = False
+    logits_frame = "backbone"
+    frozen_modules = ()
+
     def __init__(
         self,
+        config: SegICConfig,
         neck: SegICNeck,
         prompt_encoder: SegICPromptEncoder,
         mask_decoder: MaskDecoder,
         visual_instruction: nn.Linear,
         meta_instruction: nn.Linear | None = None,
-        *,
-        input_size: int = 896,
-        feature_size: int = 64,
-        similarity_size: int | None = 224,
-        num_points: int = 1,
-        box_prob: float = 0.5,
-        tau: float = 1.0,
-        feature_key: str = "patch_tokens",
     ) -> None:
         super().__init__()
+        self.config = config
         self.neck = neck
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.visual_instruction = visual_instruction
         self.meta_instruction = meta_instruction
-        self.input_size = input_size
-        self.feature_size = feature_size
-        self.similarity_size = similarity_size
-        self.num_points = num_points
-        self.box_prob = box_prob
-        self.tau = tau
-        self.feature_key = feature_key
+        self.input_size = config.input_size
+        self.feature_size = config.feature_size
+        self.similarity_size = config.input_size // 4 if config.similarity_size is None else config.similarity_size
+        self.num_points = config.num_points
+        self.box_prob = config.box_prob
+        self.tau = config.tau
+        self.feature_key = config.feature_key
+        self.criterion = SegICCriterion(
+            config.ce_weight,
+            config.dice_weight,
+            config.negative_weight,
+            config.loss_points,
+            config.oversample_ratio,
+            config.importance_sample_ratio,
+        )
+
+    @classmethod
+    def from_config(cls, config: SegICConfig, sam_decoder: nn.Module | None = None) -> "SegIC":
+        """The SAM-style decoder is SAM's exact configuration: TwoWayTransformer(depth=2, 256,
+        mlp 2048, 8 heads), 3 multimask outputs + 1, IoU head depth 3 / hidden 256, all trained from
+        scratch (SegIC uses no pretrained SAM decoder: ``sam_decoder`` must be None)."""
+        if sam_decoder is not None:
+            raise ModelError("SegIC trains its own decoder from scratch: it takes no SAM decoder")
+        strides = tuple(int(s) for s in config.mask_down_strides)
+        if len(strides) != 2:
+            raise ModelError(f"mask_down_strides must have two entries, got {config.mask_down_strides}")
+        neck = SegICNeck(config.in_channels, config.embed_dim)
+        prompt_encoder = SegICPromptEncoder(
+            embed_dim=config.embed_dim,
+            image_embedding_size=(config.feature_size, config.feature_size),
+            input_image_size=(config.input_size, config.input_size),
+            mask_in_chans=config.mask_in_chans,
+            mask_down_strides=strides,  # type: ignore[arg-type]
+        )
+        mask_decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=config.embed_dim, mlp_dim=2048, num_heads=8),
+            transformer_dim=config.embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+        meta = nn.Linear(config.text_dim, config.embed_dim) if config.use_meta_instruction else None
+        return cls(config, neck, prompt_encoder, mask_decoder, nn.Linear(config.in_channels, config.embed_dim), meta)
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(backbone=(self.feature_key,), target_boxes=True)
+
+    def frame_size(self) -> int:
+        return self.input_size
 
     @property
     def in_channels(self) -> int:
@@ -124,6 +213,56 @@ class SegIC(nn.Module):
 
     def forward(
         self,
+        features: EpisodeFeatures,
+        *,
+        negative_prototypes: Sequence[torch.Tensor | None] | None = None,
+        novel_class_eval: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """The contract's forward: SegIC on ``features.target_backbone[feature_key]`` etc.
+
+        ``target_boxes`` / ``meta_embeddings`` come from ``features``; ``negative_prototypes`` are
+        the queue's negative instructions (training); ``novel_class_eval`` refuses a meta instruction.
+        In training mode with ``config.context_reversion`` the outputs hold a ``"reversed"`` pass
+        (its own outputs plus ``targets`` / ``valid``) that the criterion averages in.
+        """
+        self.check_features(features)
+        target = features.target_backbone[self.feature_key]
+        reference = features.reference_backbone[self.feature_key]
+        outputs = self.forward_tensors(
+            target,
+            reference,
+            features.reference_masks,
+            target_boxes=features.target_boxes,
+            meta_embeddings=features.meta_embeddings,
+            negative_prototypes=negative_prototypes,
+            novel_class_eval=novel_class_eval,
+            generator=generator,
+        )
+        if self.training and self.config.context_reversion:
+            size = features.reference_masks.shape[-2:]
+            first = F.interpolate(outputs["mask_logits"].detach(), size, mode="bilinear", align_corners=False) > 0
+            new_ground_truth = features.reference_masks[:, 0]
+            second = self.forward_tensors(
+                reference[:, 0],
+                target[:, None],
+                first.to(features.reference_masks.dtype),
+                target_boxes=masks_to_boxes(new_ground_truth),
+                meta_embeddings=features.meta_embeddings,
+                novel_class_eval=novel_class_eval,
+                generator=generator,
+            )
+            second["targets"] = (new_ground_truth > 0.5).to(target.dtype)
+            second["valid"] = torch.ones_like(second["targets"])
+            outputs["reversed"] = second
+        return outputs
+
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Point-sampled sigmoid-CE + Dice over positives (1) and negatives (0.1), both passes."""
+        return self.criterion(outputs, targets, valid)
+
+    def forward_tensors(
+        self,
         target_features: torch.Tensor,
         reference_features: torch.Tensor,
         reference_masks: torch.Tensor,
@@ -158,29 +297,35 @@ class SegIC(nn.Module):
             n_b x 1 x 4s x 4s (n_b = 0 when a target has no negatives).
         """
         if target_features.dim() != 4 or reference_features.dim() != 5 or reference_masks.dim() != 4:
-            raise ValueError(
+            raise ModelError(
                 "SegIC expects target_features B x C x h x w, reference_features B x k x C x h x w and "
                 f"reference_masks B x k x H x W; got {tuple(target_features.shape)}, "
                 f"{tuple(reference_features.shape)}, {tuple(reference_masks.shape)}"
             )
         b, k = reference_features.shape[:2]
         if target_features.shape[0] != b or reference_masks.shape[:2] != (b, k):
-            raise ValueError("batch size / shot count of targets, references and masks differ")
+            raise ModelError("batch size / shot count of targets, references and masks differ")
         if target_features.shape[1] != self.in_channels or reference_features.shape[2] != self.in_channels:
-            raise ValueError(
+            raise ModelError(
                 f"SegIC was built for {self.in_channels}-channel features, got "
                 f"{target_features.shape[1]} (target) / {reference_features.shape[2]} (reference)"
             )
         if meta_embeddings is not None:
             if not self.use_meta_instruction:
-                raise ValueError("meta_embeddings given but the model has use_meta_instruction=False")
+                raise ModelError("meta_embeddings given but the model has use_meta_instruction=False")
             if novel_class_eval:
-                raise ValueError(
+                raise ModelError(
                     "meta (text) instructions are refused for novel-class evaluation: the class name "
                     "would turn one-shot segmentation into text-prompted segmentation"
                 )
+        elif self.use_meta_instruction:
+            raise ModelError(
+                "this SegIC model uses the meta (text) instruction but got no text embedding: pass "
+                "EpisodeFeatures.meta_embeddings from a real text encoder (no zero vector stands in for it), "
+                "or use a model built with use_meta_instruction=False"
+            )
         if negative_prototypes is not None and len(negative_prototypes) != b:
-            raise ValueError(f"negative_prototypes must have one entry per target ({b})")
+            raise ModelError(f"negative_prototypes must have one entry per target ({b})")
 
         target = self._to_grid(target_features)
         reference = self._to_grid(reference_features.flatten(0, 1))
@@ -189,10 +334,7 @@ class SegIC(nn.Module):
 
         meta_tokens = None
         if self.meta_instruction is not None:
-            if meta_embeddings is None:
-                # No text: a zero text embedding (the authors feed CLIP's empty prompt).
-                meta_embeddings = target.new_zeros(b, self.meta_instruction.in_features)
-            meta_tokens = self.meta_instruction(meta_embeddings)[:, None]  # B x 1 x 256
+            meta_tokens = self.meta_instruction(meta_embeddings.to(target.dtype))[:, None]  # B x 1 x 256
 
         outputs: dict[str, list[torch.Tensor]] = {
             key: [] for key in ("mask_logits", "iou_predictions", "dense_prompt", "points")
@@ -212,10 +354,9 @@ class SegIC(nn.Module):
                 outputs[key].append(result[key])
             if has_negatives:
                 n = negatives.shape[0]
+                # A negative instruction carries no class name, so no meta token (the authors feed CLIP's
+                # empty prompt there; without a text encoder we leave the token out).
                 neg_meta = None
-                if self.meta_instruction is not None:
-                    # The authors fall back to an empty text for negatives without a known name.
-                    neg_meta = self.meta_instruction(target.new_zeros(n, self.meta_instruction.in_features))[:, None]
                 neg = self._decode(embeddings[i : i + 1], negatives[:, None].to(target.dtype), target[i], None, neg_meta)
                 negatives_out.append(neg["mask_logits"])
             else:
@@ -224,64 +365,3 @@ class SegIC(nn.Module):
         result["prototypes"] = prototypes
         result["negative_mask_logits"] = negatives_out
         return result
-
-
-def build_segic(
-    in_channels: int = 1024,
-    embed_dim: int = 256,
-    input_size: int = 896,
-    feature_size: int = 64,
-    mask_in_chans: int = 16,
-    mask_down_strides: Sequence[int] = (7, 2),
-    similarity_size: int | None = None,
-    num_points: int = 1,
-    box_prob: float = 0.5,
-    tau: float = 1.0,
-    use_meta_instruction: bool = False,
-    text_dim: int = 768,
-    feature_key: str = "patch_tokens",
-    encoder: str | None = None,
-) -> SegIC:
-    """SegIC with the paper's DINOv2-L configuration (C = 1024, 896 input, 64x64 grid) by default.
-
-    ``encoder`` may name a DINOv2 variant (``dinov2_vitb14`` ...) to take ``in_channels`` from it.
-    ``similarity_size`` defaults to input_size // 4 (224), where the authors compute the cosine map.
-    The SAM-style decoder is SAM's exact configuration: TwoWayTransformer(depth=2, 256, mlp 2048,
-    8 heads), 3 multimask outputs + 1, IoU head depth 3 / hidden 256, all randomly initialised.
-    """
-    if encoder is not None:
-        if encoder not in DINOV2_CHANNELS:
-            raise ValueError(f"unknown SegIC encoder {encoder!r}; known: {sorted(DINOV2_CHANNELS)}")
-        in_channels = DINOV2_CHANNELS[encoder]
-    strides = tuple(int(s) for s in mask_down_strides)
-    if len(strides) != 2:
-        raise ValueError(f"mask_down_strides must have two entries, got {mask_down_strides}")
-    neck = SegICNeck(in_channels, embed_dim)
-    prompt_encoder = SegICPromptEncoder(
-        embed_dim=embed_dim,
-        image_embedding_size=(feature_size, feature_size),
-        input_image_size=(input_size, input_size),
-        mask_in_chans=mask_in_chans,
-        mask_down_strides=strides,  # type: ignore[arg-type]
-    )
-    mask_decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
-        transformer_dim=embed_dim,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-    )
-    return SegIC(
-        neck,
-        prompt_encoder,
-        mask_decoder,
-        nn.Linear(in_channels, embed_dim),
-        nn.Linear(text_dim, embed_dim) if use_meta_instruction else None,
-        input_size=input_size,
-        feature_size=feature_size,
-        similarity_size=input_size // 4 if similarity_size is None else similarity_size,
-        num_points=num_points,
-        box_prob=box_prob,
-        tau=tau,
-        feature_key=feature_key,
-    )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from refseg_models.errors import ModelError
+
 
 def instance_features(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Masked mean of ``features`` over ``masks`` (authors' ``extract_inst_feat``).
@@ -28,7 +30,7 @@ def instance_features(features: torch.Tensor, masks: torch.Tensor) -> torch.Tens
         vector instead of NaN.
     """
     if features.dim() != 4 or masks.dim() != 3 or features.shape[0] != masks.shape[0]:
-        raise ValueError(
+        raise ModelError(
             f"instance_features expects N x C x h x w features and N x H x W masks, got "
             f"{tuple(features.shape)} and {tuple(masks.shape)}"
         )
@@ -125,7 +127,7 @@ def geometric_instruction(
         (dense n x 1 x input_size x input_size maps, points n x num_points x 2 in input pixels).
     """
     if prototypes.dim() != 3:
-        raise ValueError(f"prototypes must be n x k x C, got {tuple(prototypes.shape)}")
+        raise ModelError(f"prototypes must be n x k x C, got {tuple(prototypes.shape)}")
     n, k, c = prototypes.shape
     features = target_features
     if similarity_size is not None and features.shape[-1] != similarity_size:

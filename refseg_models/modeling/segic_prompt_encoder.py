@@ -13,6 +13,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
+from refseg_models.errors import ModelError
+
 
 class SegICPromptEncoder(PromptEncoder):
     def __init__(
@@ -28,7 +30,7 @@ class SegICPromptEncoder(PromptEncoder):
         first, second = mask_down_strides
         for axis in range(2):
             if image_embedding_size[axis] * first * second != input_image_size[axis]:
-                raise ValueError(
+                raise ModelError(
                     f"mask_down_strides {mask_down_strides} take an input of {input_image_size} to "
                     f"{tuple(s // (first * second) for s in input_image_size)}, not to the image "
                     f"embedding size {image_embedding_size}"

@@ -1,6 +1,7 @@
-"""VRP-SAM (CVPR 2024): visual reference prompt encoder + frozen SAM decoding.
+"""VRP-SAM (Sun et al., CVPR 2024): visual reference prompt encoder + frozen SAM decoding.
 
-Trainable part (1,592,064 parameters with the ResNet-50 configuration; METHODS.md):
+Trainable part (1,592,064 parameters with the ResNet-50 configuration; the authors' code,
+github.com/syp2ysy/VRP-SAM ``model/VRP_encoder.py``; details in docs/methods.md):
   down   1x1 conv (C2 + C3)->256, no bias, ReLU, Dropout2d(0.5), shared by reference and target;
   merge  1x1 conv (256+256+1)->256, no bias, ReLU, shared: [feat, prototype, mask*10];
   decoder 50 learned queries; cross-attn(reference) -> self-attn -> cross-attn(target) -> self-attn,
@@ -17,19 +18,23 @@ grid likewise; with the paper's dilated ResNet-50 every map is already 64 x 64 a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from refseg_models.losses import bce_dice_loss
+from refseg_models.errors import ModelError
+from refseg_models.config import MethodConfig
+from refseg_models.criterion import PromptMaskCriterion
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
-from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
+from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
-from refseg_models.modeling.sam_decoder import SamDecoder, build_sam_decoder, upsample_logits
+from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
 
 RESNET50_CHANNELS = (512, 1024, 2048)
 
@@ -40,10 +45,10 @@ class VRPDecoder(nn.Module):
     def __init__(self, num_queries: int = 50, dim: int = 256, num_heads: int = 4) -> None:
         super().__init__()
         self.queries = nn.Embedding(num_queries, dim)
-        self.cross_reference = CrossAttentionLayer(dim, num_heads, dropout=0.0)
-        self.self_reference = SelfAttentionLayer(dim, num_heads, dropout=0.0)
-        self.cross_target = CrossAttentionLayer(dim, num_heads, dropout=0.0)
-        self.self_target = SelfAttentionLayer(dim, num_heads, dropout=0.0)
+        self.cross_reference = CrossAttentionLayer(dim, num_heads)
+        self.self_reference = SelfAttentionLayer(dim, num_heads)
+        self.cross_target = CrossAttentionLayer(dim, num_heads)
+        self.self_target = SelfAttentionLayer(dim, num_heads)
 
     def forward(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """target, reference: B x C x H x W merged features -> B x N x C prompt tokens."""
@@ -73,7 +78,7 @@ class VisualReferencePromptEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if len(backbone_channels) != 3:
-            raise ValueError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
+            raise ModelError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
         c2, c3, _ = backbone_channels
         self.num_queries = num_queries
         self.feature_size = feature_size
@@ -94,13 +99,8 @@ class VisualReferencePromptEncoder(nn.Module):
           tokens: B x (k*N) x 256 sparse prompt tokens (shot-major).
           pseudo_mask: B x k x 64 x 64 prior pseudo masks (one per shot).
         """
-        if features.reference_masked_layer4 is None:
-            raise ValueError(
-                "VRP-SAM needs EpisodeFeatures.reference_masked_layer4 (layer4 of the masked reference layer3; "
-                "see refseg_models.modeling.pseudo_mask.masked_reference_layer4)"
-            )
         b, k, s = features.batch_size, features.shots, self.feature_size
-        ref_bb = {name: t.flatten(0, 1) for name, t in features.reference_backbone.items()}  # Bk x C x h x w
+        ref_bb = {name: features.reference_backbone[name].flatten(0, 1) for name in BACKBONE_LAYERS}  # Bk x C x h x w
         ref_mask = resize_mask_nearest(features.reference_masks.flatten(0, 1), s).to(features.target_sam.dtype)
 
         target = self._project(features.target_backbone["layer2"], features.target_backbone["layer3"])
@@ -124,33 +124,80 @@ class VisualReferencePromptEncoder(nn.Module):
         }
 
 
-class VRPSam(nn.Module):
-    """VRP-SAM on features: prompt encoder (trainable) + SAM prompt encoder / mask decoder (frozen).
+@dataclass(frozen=True)
+class VRPSamConfig(MethodConfig):
+    """VRP-SAM's configuration; defaults are the paper's (ResNet-50 v2, SAM's 64 x 64 grid, 512).
 
-    ``state_dict()`` holds both parts; ``prompt_encoder.state_dict()`` is the trained part alone.
+    ``backbone_channels``: (layer2, layer3, layer4) channels of the frozen backbone (MobileNetV2:
+    (32, 96, 1280)). ``feature_size``: the SAM embedding grid G (64 for SAM; the proxy SAM's grid
+    for it), to which the backbone maps are resized. ``feature_dropout``: Dropout2d after ``down``.
+    ``bce_weight`` / ``dice_weight``: the loss weights (1 and 1 in the authors' code).
     """
 
-    def __init__(self, prompt_encoder: VisualReferencePromptEncoder, sam_decoder: SamDecoder, output_size: int = 512):
+    backbone_channels: tuple[int, int, int] = RESNET50_CHANNELS
+    num_queries: int = 50
+    hidden_dim: int = 256
+    num_heads: int = 4
+    feature_dropout: float = 0.5
+    feature_size: int = 64
+    output_size: int = 512
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+
+
+def build_prompt_encoder(config: Any) -> VisualReferencePromptEncoder:
+    """VRP-SAM's prompt encoder from a config with VRP-SAM's fields (VRP-SAM, ProSAM)."""
+    return VisualReferencePromptEncoder(
+        config.backbone_channels,
+        config.num_queries,
+        config.hidden_dim,
+        config.num_heads,
+        config.feature_dropout,
+        config.feature_size,
+    )
+
+
+class VRPSam(RefSegMethod):
+    """VRP-SAM on features: prompt encoder (trainable) + SAM prompt encoder / mask decoder (frozen)."""
+
+    name = "vrp_sam"
+    config_class = VRPSamConfig
+    uses_sam_decoder = True
+    logits_frame = "backbone"
+
+    def __init__(self, config: VRPSamConfig, prompt_encoder: VisualReferencePromptEncoder, sam_decoder: SamDecoder):
         super().__init__()
+        self.config = config
         self.prompt_encoder = prompt_encoder
         self.sam_decoder = sam_decoder
-        self.output_size = output_size
+        self.output_size = config.output_size
+        self.criterion = PromptMaskCriterion(config.bce_weight, config.dice_weight)
+
+    @classmethod
+    def from_config(cls, config: VRPSamConfig, sam_decoder: SamDecoder | None = None) -> "VRPSam":
+        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
+        return cls(config, build_prompt_encoder(config), sam_decoder)
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
     def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
         """B x (k*50) x 256 tokens that go to SAM (deterministic in eval mode)."""
+        self.check_features(features)
         return self.prompt_encoder(features)["tokens"]
 
     def decode_tokens(self, target_sam: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """B x 256 x 64 x 64 + B x N x 256 -> B x 1 x out x out mask logits."""
+        """B x 256 x G x G + B x N x 256 -> B x 1 x out x out mask logits."""
         return upsample_logits(self.sam_decoder.decode(target_sam, tokens), self.output_size)
 
     def forward(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """
         Returns:
-          mask_logits: B x 1 x 512 x 512 (SAM's 256 x 256 low-res logits upsampled bilinearly).
-          low_res_logits: B x 1 x 256 x 256.  prompt_tokens: B x (k*50) x 256.
-          pseudo_mask: B x k x 64 x 64.
+          mask_logits: B x 1 x 512 x 512 (SAM's 4G x 4G low-res logits upsampled bilinearly).
+          low_res_logits: B x 1 x 4G x 4G.  prompt_tokens: B x (k*50) x 256.
+          pseudo_mask: B x k x G x G.
         """
+        self.check_features(features)
         enc = self.prompt_encoder(features)
         low = self.sam_decoder.decode(features.target_sam, enc["tokens"])
         return {
@@ -160,42 +207,6 @@ class VRPSam(nn.Module):
             "pseudo_mask": enc["pseudo_mask"],
         }
 
-    def compute_loss(self, outputs: dict[str, torch.Tensor], target_masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """BCE + Dice at 512. target_masks: B x H x W {0,1} (resized nearest to 512 if needed)."""
-        logits = outputs["mask_logits"]
-        target = resize_mask_nearest(target_masks, logits.shape[-2:]).to(logits.dtype)
-        loss = bce_dice_loss(logits, target)
-        return {"loss": loss, "loss_prompt": loss}
-
-
-def resolve_sam_decoder(sam_decoder: SamDecoder | None, sam_checkpoint: str | Path | None) -> SamDecoder:
-    if sam_decoder is not None and sam_checkpoint is not None:
-        raise ValueError("pass either sam_decoder or sam_checkpoint, not both")
-    return sam_decoder if sam_decoder is not None else build_sam_decoder(sam_checkpoint)
-
-
-def build_vrp_sam(
-    backbone_channels: Sequence[int] = RESNET50_CHANNELS,
-    num_queries: int = 50,
-    hidden_dim: int = 256,
-    num_heads: int = 4,
-    feature_dropout: float = 0.5,
-    feature_size: int = 64,
-    output_size: int = 512,
-    sam_checkpoint: str | Path | None = None,
-    sam_decoder: SamDecoder | None = None,
-) -> VRPSam:
-    """VRP-SAM with the paper's configuration (ResNet-50 v2 channels 512/1024/2048, 50 queries).
-
-    Args:
-      backbone_channels: (layer2, layer3, layer4) channels of the frozen backbone; MobileNetV2 is
-        (32, 96, 1280).
-      feature_dropout: Dropout2d after ``down`` (0.5 in the paper; 0 for overfit checks).
-      sam_checkpoint: full SAM checkpoint for the frozen prompt encoder / mask decoder; None keeps
-        segment-anything's random init (tests, parameter counts). Or pass a built ``sam_decoder``
-        to share one between models.
-    """
-    encoder = VisualReferencePromptEncoder(
-        backbone_channels, num_queries, hidden_dim, num_heads, feature_dropout, feature_size
-    )
-    return VRPSam(encoder, resolve_sam_decoder(sam_decoder, sam_checkpoint), output_size)
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BCE + Dice at 512 over valid pixels: {"loss", "loss_bce", "loss_dice"}."""
+        return self.criterion(outputs, targets, valid)

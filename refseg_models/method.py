@@ -1,0 +1,157 @@
+"""The method contract: one interface every method implements (VRP-SAM, ProSAM, FCP, SegIC, PerSAM,
+prototype matching), so the predictor, the evaluation runner and the training loop need no
+per-method branches.
+
+A method is an ``nn.Module`` subclass of :class:`RefSegMethod` with
+
+* ``config``: its frozen :class:`~refseg_models.config.MethodConfig` (defaults written once there);
+* :meth:`feature_spec`: which frozen features it consumes (:class:`FeatureSpec`: target / reference
+  SAM embeddings, named backbone maps, the masked-reference layer4), so data paths build exactly that;
+* ``forward(features: EpisodeFeatures) -> dict`` of outputs;
+* ``loss(outputs, targets, valid) -> {"loss": total, <named terms>...}`` (Mask2Former's criterion
+  style: the method's criterion names every term, the weights live in one place, pixels with
+  ``valid == 0`` contribute nothing);
+* ``mask_logits(outputs) -> B x 1 x H x W``: the prediction (> 0 = foreground) in the input frame of
+  the encoder named by :attr:`logits_frame` (``"backbone"``: the backbone's preprocessing frame,
+  e.g. VRP-SAM's 512 squash; ``"sam"``: the SAM encoder's frame, e.g. SAM's longest-side-1024 pad);
+* ``trainable_parameters()`` / ``trainable_state_dict()`` / ``load_trainable_state_dict()``: exactly
+  the learnable part; frozen submodules (the SAM prompt encoder / mask decoder) are never in them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from refseg_models.config import MethodConfig
+from refseg_models.errors import ModelError
+from refseg_models.modeling.inputs import EpisodeFeatures
+
+ENCODER_ROLES = ("sam", "backbone")
+LOGITS_FRAMES = ("sam", "backbone")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which frozen features a method reads from :class:`EpisodeFeatures`.
+
+    ``target_sam`` / ``reference_sam``: SAM image embeddings (B x 256 x G x G / B x k x 256 x G x G).
+    ``backbone``: names of the backbone maps needed for target and references (``layer2/3/4`` for
+    the ResNet-style backbones, ``patch_tokens`` for DINOv2). ``masked_reference_layer4``: layer4 of
+    the masked reference layer3 (one live backbone call per reference, see
+    :func:`refseg_models.modeling.pseudo_mask.masked_reference_layer4`). ``target_boxes``: the
+    targets' GT boxes (SegIC's training-time box prompt; data paths fill it in training).
+    """
+
+    target_sam: bool = False
+    reference_sam: bool = False
+    backbone: tuple[str, ...] = ()
+    masked_reference_layer4: bool = False
+    target_boxes: bool = False
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """The frozen encoder roles this spec needs, in ``ENCODER_ROLES`` order."""
+        roles = []
+        if self.target_sam or self.reference_sam:
+            roles.append("sam")
+        if self.backbone or self.masked_reference_layer4:
+            roles.append("backbone")
+        return tuple(roles)
+
+    def check(self, features: EpisodeFeatures, method: str) -> None:
+        """Raise ModelError naming every feature ``features`` lacks for ``method``."""
+        missing = []
+        if self.target_sam and features.target_sam is None:
+            missing.append("target_sam")
+        if self.reference_sam and features.reference_sam is None:
+            missing.append("reference_sam")
+        for name in self.backbone:
+            if name not in features.target_backbone:
+                missing.append(f"target_backbone[{name!r}]")
+            if name not in features.reference_backbone:
+                missing.append(f"reference_backbone[{name!r}]")
+        if self.masked_reference_layer4 and features.reference_masked_layer4 is None:
+            missing.append("reference_masked_layer4 (see refseg_models.modeling.pseudo_mask.masked_reference_layer4)")
+        if missing:
+            raise ModelError(f"{method} needs EpisodeFeatures fields it did not get: {', '.join(missing)}")
+
+
+def split_target(mask: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """A {0, 1, ignore} label mask -> (targets, valid), both float {0, 1} of the same shape."""
+    valid = mask != ignore_index
+    return (mask == 1).float(), valid.float()
+
+
+class RefSegMethod(nn.Module):
+    """Base class of every method (see the module docstring for the contract)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    # Whether the method decodes through a frozen SAM prompt encoder + mask decoder.
+    uses_sam_decoder: ClassVar[bool] = False
+    # Whose input frame ``mask_logits`` lives in: "sam" or "backbone".
+    logits_frame: ClassVar[str] = "backbone"
+    # Frozen submodules: never trained, never in ``trainable_state_dict``.
+    frozen_modules: ClassVar[tuple[str, ...]] = ("sam_decoder",)
+
+    config: MethodConfig
+
+    @classmethod
+    def from_config(cls, config: MethodConfig, sam_decoder: nn.Module | None = None) -> "RefSegMethod":
+        raise NotImplementedError
+
+    def feature_spec(self) -> FeatureSpec:
+        raise NotImplementedError
+
+    def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``targets``, ``valid``: B x H x W float {0, 1} in the logits frame (any resolution)."""
+        raise NotImplementedError
+
+    def mask_logits(self, outputs: Mapping[str, Any]) -> torch.Tensor:
+        """B x 1 x H x W prediction logits over the :attr:`logits_frame` encoder's frame."""
+        return outputs["mask_logits"]
+
+    def frame_size(self) -> int | None:
+        """Side of the square frame the method reads reference masks (and ``valid_sizes``) in, when it
+        is not its ``logits_frame`` encoder's input size (SegIC: its input size; PerSAM: SAM's
+        prompt frame); None = the encoder's input size."""
+        return None
+
+    # -- the learnable part ---------------------------------------------------------------------
+    def _is_frozen(self, name: str) -> bool:
+        return any(name == m or name.startswith(m + ".") for m in self.frozen_modules)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not self._is_frozen(n)]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights (and buffers) of everything but the frozen submodules, detached on the CPU."""
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if not self._is_frozen(k)}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Strictly load ``trainable_state_dict()`` output; errors name missing / unexpected keys."""
+        from refseg_models.encoders.checkpoint import load_state_dict_strict
+
+        full = {k: v for k, v in self.state_dict().items() if self._is_frozen(k)}
+        unexpected_frozen = sorted(k for k in state if self._is_frozen(k))
+        if unexpected_frozen:
+            raise ModelError(f"{source}: holds frozen weights {unexpected_frozen[:5]} (trainable part expected)")
+        load_state_dict_strict(self, {**full, **state}, source=f"{source} ({self.name})")
+
+    def check_features(self, features: EpisodeFeatures) -> None:
+        self.feature_spec().check(features, self.name)
+
+
+def check_sam_decoder_grid(sam_decoder: nn.Module, grid: int, method: str) -> None:
+    """The frozen decoder's image-embedding grid must be the method's SAM grid."""
+    size = tuple(sam_decoder.prompt_encoder.image_embedding_size)
+    if size != (grid, grid):
+        raise ModelError(
+            f"{method}: the SAM decoder was built for a {size[0]} x {size[1]} embedding grid, the method "
+            f"config for {grid} x {grid} (set feature_size to the SAM store's grid)"
+        )
