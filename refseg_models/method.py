@@ -108,6 +108,15 @@ class RefSegMethod(nn.Module):
     def feature_spec(self) -> FeatureSpec:
         raise NotImplementedError
 
+    @classmethod
+    def config_for_features(
+        cls, config: MethodConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]
+    ) -> MethodConfig:
+        """``config`` adapted to the frozen features at hand: ``shapes[role][name] = (C, h, w)`` as
+        the feature stores (or live encoders) give them, e.g. the SAM grid of a proxy SAM or the
+        channels of the backbone. The default changes nothing."""
+        return config
+
     def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """``targets``, ``valid``: B x H x W float {0, 1} in the logits frame (any resolution)."""
         raise NotImplementedError

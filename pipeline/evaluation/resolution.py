@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
+from refseg_models.frames import Frame
 
 Mode = Literal["fixed", "original"]
 
@@ -36,9 +37,13 @@ class EvalResolution:
     def describe(self) -> str:
         return f"{self.size}x{self.size} (resized GT)" if self.mode == "fixed" else "original image size"
 
-    def prepare(self, logits: torch.Tensor, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One episode: ``logits`` (h x w or 1 x h x w) and ``gt`` (H x W, original size) ->
-        (bool prediction, gt) at the evaluation resolution."""
+    def prepare(self, logits: torch.Tensor, gt: np.ndarray, frame: Frame | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One episode: ``logits`` (h x w or 1 x h x w) over the method's input ``frame`` and ``gt``
+        (H x W, original size) -> (bool prediction, gt) at the evaluation resolution.
+
+        ``frame=None`` means a squash frame (the logits cover the whole image, as VRP-SAM's 512
+        output does); a padded frame (SAM's / SegIC's longest-side pad) is cropped to the image
+        first (:meth:`refseg_models.frames.Frame.logits_to_size`)."""
         logits = logits.detach().float().reshape(1, 1, *logits.shape[-2:])
         gt = np.asarray(gt)
         if self.mode == "fixed":
@@ -47,6 +52,8 @@ class EvalResolution:
             gt = F.interpolate(gt_tensor, size=target_size, mode="nearest")[0, 0].numpy().astype(np.uint8)
         else:
             target_size = tuple(gt.shape)
-        if tuple(logits.shape[-2:]) != target_size:
+        if frame is not None:
+            logits = frame.logits_to_size(logits, target_size)
+        elif tuple(logits.shape[-2:]) != target_size:
             logits = F.interpolate(logits, size=target_size, mode="bilinear", align_corners=False)
         return (logits[0, 0] > 0).cpu().numpy(), gt

@@ -88,5 +88,17 @@ __all__ = [
     "FrozenEncoder",
     "available_encoders",
     "build_encoder",
+    "encoder_options",
     "get_preprocessor",
 ]
+
+
+def encoder_options(name: str) -> list[str]:
+    """The keyword options the builder of encoder ``name`` accepts (besides ``checkpoint``)."""
+    import inspect
+
+    if name not in ENCODER_BUILDERS:
+        raise ModelError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+    target, fixed = ENCODER_BUILDERS[name]
+    parameters = inspect.signature(_resolve(target)).parameters
+    return [p for p in parameters if p not in ("checkpoint", *fixed)]

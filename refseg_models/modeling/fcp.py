@@ -51,7 +51,7 @@ from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
 from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
-from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS
+from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS, config_for_sam_and_backbone
 
 
 # The authors' min-max normalisation epsilon (transformer_decoder).
@@ -299,6 +299,10 @@ class FCP(RefSegMethod):
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(target_sam=True, reference_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
+
+    @classmethod
+    def config_for_features(cls, config: FCPConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> FCPConfig:
+        return config_for_sam_and_backbone(config, shapes)
 
     def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
         """B x k x 50 x 256 per-shot prompt tokens."""

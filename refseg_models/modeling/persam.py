@@ -155,6 +155,12 @@ class PerSAM(RefSegMethod):
     def frame_size(self) -> int:
         return self.input_size  # SAM's prompt frame (1024): points and valid sizes live there
 
+    @classmethod
+    def config_for_features(cls, config: PerSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> PerSamConfig:
+        if "sam" in shapes:
+            return config.replace(feature_size=int(shapes["sam"]["image_embedding"][-1]))
+        return config
+
     def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """BCE + Dice of the (training-free) prediction, for monitoring."""
         return self.criterion(outputs, targets, valid)

@@ -31,7 +31,12 @@ from refseg_models.errors import ModelError
 from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
-from refseg_models.modeling.vrp_sam import VisualReferencePromptEncoder, VRPSamConfig, build_prompt_encoder
+from refseg_models.modeling.vrp_sam import (
+    VisualReferencePromptEncoder,
+    VRPSamConfig,
+    build_prompt_encoder,
+    config_for_sam_and_backbone,
+)
 
 DISTRIBUTIONS = ("student_t", "gaussian")
 INFERENCE_STRATEGIES = (
@@ -144,6 +149,10 @@ class ProSam(RefSegMethod):
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
+
+    @classmethod
+    def config_for_features(cls, config: ProSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> ProSamConfig:
+        return config_for_sam_and_backbone(config, shapes)
 
     def distribution_params(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """mu, sigma: B x (k*50) x 256 (sigma = softplus(s) + 1e-4); pseudo_mask: B x k x 64 x 64."""

@@ -160,6 +160,13 @@ class SegIC(RefSegMethod):
     def frame_size(self) -> int:
         return self.input_size
 
+    @classmethod
+    def config_for_features(cls, config: SegICConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> SegICConfig:
+        """``in_channels`` from the frozen encoder's ``feature_key`` map."""
+        if "backbone" in shapes and config.feature_key in shapes["backbone"]:
+            return config.replace(in_channels=int(shapes["backbone"][config.feature_key][0]))
+        return config
+
     @property
     def in_channels(self) -> int:
         return self.visual_instruction.in_features

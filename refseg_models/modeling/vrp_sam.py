@@ -145,6 +145,17 @@ class VRPSamConfig(MethodConfig):
     dice_weight: float = 1.0
 
 
+def config_for_sam_and_backbone(config: Any, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Any:
+    """VRP-SAM / ProSAM / FCP configs on given features: the SAM grid G (``feature_size``) from the
+    SAM embedding, ``backbone_channels`` from the backbone's layer2/3/4."""
+    changes: dict[str, Any] = {}
+    if "sam" in shapes:
+        changes["feature_size"] = int(shapes["sam"]["image_embedding"][-1])
+    if "backbone" in shapes:
+        changes["backbone_channels"] = tuple(int(shapes["backbone"][name][0]) for name in BACKBONE_LAYERS)
+    return config.replace(**changes)
+
+
 def build_prompt_encoder(config: Any) -> VisualReferencePromptEncoder:
     """VRP-SAM's prompt encoder from a config with VRP-SAM's fields (VRP-SAM, ProSAM)."""
     return VisualReferencePromptEncoder(
@@ -180,6 +191,10 @@ class VRPSam(RefSegMethod):
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
+
+    @classmethod
+    def config_for_features(cls, config: VRPSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> VRPSamConfig:
+        return config_for_sam_and_backbone(config, shapes)
 
     def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
         """B x (k*50) x 256 tokens that go to SAM (deterministic in eval mode)."""

@@ -1,0 +1,119 @@
+"""The frozen features a training worker reads: the feature stores (validated against the
+feature-set keys the configuration implies), the live backbone for the masked-reference layer4,
+and the identities recorded in inference checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.store.feature_set import FeatureSetKey, sha256_file
+from pipeline.store.reader import FeatureStore, open_store
+from pipeline.training.config import StoreSpec, TrainConfig
+from refseg_models.checkpoint import RANDOM_INIT, EncoderIdentity
+from refseg_models.encoders import build_encoder
+from refseg_models.method import FeatureSpec
+
+STORE_DTYPE = "float16"
+
+
+def encoder_identity(spec: StoreSpec) -> EncoderIdentity:
+    """(encoder id, weights sha256, preprocessing id, options) of a store spec, without loading weights:
+    the encoder is built on the meta device only to read its ids."""
+    with torch.device("meta"):
+        encoder = build_encoder(spec.encoder, None, allow_random_init=True, **spec.options)
+    sha = RANDOM_INIT if spec.checkpoint is None else sha256_file(spec.checkpoint)
+    return EncoderIdentity(str(encoder.encoder_id), sha, str(encoder.preprocessing_id), dict(spec.options))
+
+
+def expected_key(cfg: TrainConfig, role: str) -> FeatureSetKey:
+    """The feature-set key the store of ``role`` must have for this configuration."""
+    identity = encoder_identity(getattr(cfg, role))
+    return FeatureSetKey(cfg.feature_dataset, identity.encoder_id, identity.weights_sha256, identity.preprocessing_id, STORE_DTYPE)
+
+
+def extraction_command(cfg: TrainConfig, role: str) -> str:
+    """The ``refseg extract`` command that builds the store of ``role``."""
+    spec: StoreSpec = getattr(cfg, role)
+    parts = [
+        "refseg extract", f"--output {spec.store}", f"--dataset {cfg.feature_dataset}", f"--encoder {spec.encoder}",
+    ]
+    if spec.checkpoint:
+        parts.append(f"--checkpoint {spec.checkpoint}")
+    options = {**spec.options, **spec.path_options}
+    if options:
+        import json
+
+        parts.append(f"--encoder-options '{json.dumps(options)}'")
+    if cfg.dataset == "coco20i":
+        parts.append(f"--coco-annotations {cfg.annotations} --image-dir {cfg.images}")
+    else:
+        parts.append(f"--image-dir {cfg.images}/JPEGImages")
+    return " ".join(parts)
+
+
+def store_exists(uri: str) -> bool:
+    """Whether a finished store (its manifest, written last) is at ``uri``."""
+    from pipeline.store.fs import resolve_location
+    from pipeline.store.layout import MANIFEST_NAME
+
+    return resolve_location(uri).exists(MANIFEST_NAME)
+
+
+@dataclass
+class FrozenFeatures:
+    stores: dict[str, FeatureStore]
+    backbone: Any  # the live frozen backbone (masked-reference layer4), or None
+    identities: dict[str, EncoderIdentity]
+
+    @property
+    def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {role: {k: tuple(v) for k, v in store.manifest.feature_shapes.items()} for role, store in self.stores.items()}
+
+    def manifest_sha256(self) -> dict[str, str]:
+        import hashlib
+
+        from pipeline.store.layout import MANIFEST_NAME
+
+        return {
+            role: hashlib.sha256(store.location.read_bytes(MANIFEST_NAME)).hexdigest() for role, store in self.stores.items()
+        }
+
+
+def open_frozen_features(
+    cfg: TrainConfig, spec: FeatureSpec, image_ids: set[str] | None = None, live_backbone: bool = True
+) -> FrozenFeatures:
+    """Open (and check) the stores ``spec`` reads; build the live backbone if it needs one.
+
+    Raises a clear error before any training step for a missing store (naming the extraction command
+    that builds it), a store made with other weights / preprocessing / dtype than the configuration
+    implies (every differing field named), and images the episodes need but the store lacks.
+    """
+    stores, identities = {}, {}
+    for role in spec.encoders:
+        store_spec: StoreSpec = getattr(cfg, role)
+        if not store_spec.encoder or not store_spec.store:
+            raise ConfigError(f"{cfg.method} reads {role} features: configure the {role} encoder and its store")
+        identities[role] = encoder_identity(store_spec)
+        if not store_exists(store_spec.store):
+            raise DataError(
+                f"no finished {role} feature store at {store_spec.store}; build it with:\n  "
+                f"{extraction_command(cfg, role)}\n(or run the training job with --extract-missing)"
+            )
+        stores[role] = open_store(store_spec.store, expect=expected_key(cfg, role))
+        if image_ids is not None:
+            missing = sorted(image_ids - set(stores[role].image_ids))
+            if missing:
+                raise DataError(
+                    f"the {role} store {store_spec.store} lacks {len(missing)} image(s) the episodes need "
+                    f"(e.g. {missing[:5]}): extract them into it (the same extraction command resumes)"
+                )
+    backbone = None
+    if live_backbone and spec.masked_reference_layer4:
+        b = cfg.backbone
+        backbone = build_encoder(b.encoder, b.checkpoint, allow_random_init=b.checkpoint is None, **b.options, **b.path_options)
+    return FrozenFeatures(stores, backbone, identities)
