@@ -98,6 +98,8 @@ class RefSegMethod(nn.Module):
     logits_frame: ClassVar[str] = "backbone"
     # Frozen submodules: never trained, never in ``trainable_state_dict``.
     frozen_modules: ClassVar[tuple[str, ...]] = ("sam_decoder",)
+    # Training-free methods (PerSAM, prototype matching) have nothing to train.
+    trainable: ClassVar[bool] = True
 
     config: MethodConfig
 

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.data.folds import check_fold
 from pipeline.errors import ConfigError
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
-from refseg_models.build import available_models, method_config
+from refseg_models.build import available_models, method_class, method_config
 from refseg_models.config import FrozenConfig
 from refseg_models.errors import ModelError
 from refseg_models.recipes import Recipe, recipe_for
@@ -90,6 +90,11 @@ class TrainConfig(FrozenConfig):
     def __post_init__(self) -> None:
         if self.method not in available_models():
             raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(available_models())}")
+        if not method_class(self.method).trainable:
+            raise ConfigError(
+                f"{self.method} is training-free: nothing to train (evaluate it with jobs/evaluate_coco20i.py, "
+                "or add it to a training run's test rows with --baseline)"
+            )
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         check_fold(self.dataset, self.fold)

@@ -188,7 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if computed["miou"] > best["val_miou"]:
                     best = {"val_miou": computed["miou"], "step": step, "model": model.trainable_state_dict()}
                 if logger is not None:
-                    logger.add({"val_miou": computed["miou"], "val_fbiou": computed["fbiou"], "val_best_miou": best["val_miou"]}, step)
+                    logger.add({"val_miou": computed["miou"], "val_fbiou": computed["fbiou"], "val_best_miou": best["val_miou"],
+                                "memory/peak_rss_mb": _peak_rss_mb()}, step)
                 save_and_report({"val_miou": computed["miou"], "step": step, "epoch": progress["epoch"]})
                 train_model.train()
             waited = time.perf_counter()
@@ -233,6 +234,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.end("FINISHED")
     model.load_trainable_state_dict(trained, "last weights")
     ray.train.report({**results, "done": 1})
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _log_overlays(logger: Any, data: Any, kept: list[dict], cfg: TrainConfig) -> None:

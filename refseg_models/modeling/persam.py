@@ -132,6 +132,7 @@ class PerSAM(RefSegMethod):
     config_class = PerSamConfig
     uses_sam_decoder = True
     logits_frame = "sam"
+    trainable = False
 
     def __init__(self, config: PerSamConfig, sam_decoder: SamDecoder) -> None:
         super().__init__()

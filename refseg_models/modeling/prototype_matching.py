@@ -35,6 +35,7 @@ class PrototypeMatching(RefSegMethod):
     uses_sam_decoder = False
     logits_frame = "backbone"
     frozen_modules = ()
+    trainable = False
 
     def __init__(self, config: PrototypeMatchingConfig) -> None:
         super().__init__()
