@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = RunLogger(tracking["uri"], tracking["run_id"])
         if checkpoint is None:
             logger.log_dict(cfg.to_dict(), "config.json")
-            logger.log_now(
+            logger.add(  # flushed with the first checkpoint: a restart before it never logs them twice
                 {"data/train_pairs": data.num_train_pairs, "data/episodes_per_epoch": n_episodes,
                  "data/steps_per_epoch": steps_per_epoch, "data/val_episodes": data.val.num_rows,
                  "data/test_episodes": data.test.num_rows, "model/trainable_parameters":
@@ -130,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         computed, _ = evaluate(data.test)
         extra["untrained_test"] = {"miou": computed["miou"], "fbiou": computed["fbiou"]}
         if logger is not None:
-            logger.log_now({"test_untrained_miou": computed["miou"], "test_untrained_fbiou": computed["fbiou"]}, 0)
+            logger.add({"test_untrained_miou": computed["miou"], "test_untrained_fbiou": computed["fbiou"]}, 0)
 
     def save_and_report(metrics: dict[str, float]) -> None:
         directory = None
