@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
+from pipeline.parquet import read_parquet_table
 from pipeline.store.fs import Location
 from pipeline.store.layout import INDEX_NAME
 
@@ -48,7 +49,7 @@ def write_index(location: Location, table: pa.Table) -> None:
 def read_index(location: Location) -> pa.Table:
     data = location.read_bytes(INDEX_NAME)
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = read_parquet_table(data)  # no Arrow threads: see pipeline/parquet.py (SIGABRT at exit)
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"index {location.join(INDEX_NAME)} is not a readable Parquet file: {error}") from error
     if not table.schema.equals(INDEX_SCHEMA):
