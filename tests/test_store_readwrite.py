@@ -147,7 +147,7 @@ def test_verify_detects_corruption(tmp_path):
     uri = str(tmp_path / "store")
     write_store(uri, list(range(1, 7)))
     store = open_store(uri)
-    shard, offset, _ = store._rows["2"]["layer3"]
+    shard, offset, *_ = store._rows["2"]["layer3"]
     path = tmp_path / "store" / shard
     data = bytearray(path.read_bytes())
     data[offset + 2] ^= 0xFF  # break the .npy magic of one member
@@ -159,3 +159,35 @@ def test_verify_detects_corruption(tmp_path):
     assert any("bytes, manifest says" in problem for problem in report.problems)
     with pytest.raises(DataError):
         verify_store(uri, raise_on_error=True)
+
+
+def test_verify_detects_flipped_payload_bits_by_checksum(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.store.index import INDEX_SCHEMA_V1, write_index
+
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 7)))
+    assert verify_store(uri).checksums_checked == 6 * len(SHAPES)
+    shard, offset, size, crc = open_store(uri)._rows["2"]["layer3"]
+    assert crc is not None
+    path = tmp_path / "store" / shard
+    data = bytearray(path.read_bytes())
+    data[offset + size - 40] ^= 0x04  # two flipped bits inside the fp16 values, the .npy header intact
+    data[offset + size - 7] ^= 0x20
+    path.write_bytes(bytes(data))
+    report = verify_store(uri)
+    assert not report.ok
+    assert any("image '2', feature 'layer3') is corrupted: crc32" in problem for problem in report.problems)
+    quick = verify_store(uri, quick=True)  # headers only: layout fine, payloads not read
+    assert quick.ok and quick.checksums_checked == 0 and "quick" in quick.summary()
+    assert open_store(uri).get("2")["layer3"].shape == SHAPES["layer3"]  # no checks unless asked
+    with pytest.raises(DataError, match="image '2' feature 'layer3' is corrupted"):
+        open_store(uri, verify_checksums=True).get("2")
+
+    # A store written before checksums existed: still readable, verify says what it cannot check.
+    old_index = pq.read_table(tmp_path / "store" / "index.parquet").select(INDEX_SCHEMA_V1.names)
+    write_index(resolve_location(uri), old_index.cast(INDEX_SCHEMA_V1))
+    report = verify_store(uri)
+    assert report.checksums_checked == 0 and "no crc32 column" in report.summary()
+    assert len(open_store(uri)) == 6

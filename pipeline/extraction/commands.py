@@ -93,7 +93,7 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from pipeline.store.verify import verify_store
 
-    report = verify_store(args.store)
+    report = verify_store(args.store, quick=args.quick)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -107,6 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.set_defaults(handler=run_extract)
     verify = subparsers.add_parser("verify", help="check every entry of a feature store against its manifest")
     verify.add_argument("store", help="store location: a path or s3://bucket/prefix")
+    verify.add_argument(
+        "--quick", action="store_true", help="tar headers and counts only: skip reading payloads (no checksums)"
+    )
     verify.set_defaults(handler=run_verify)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import random
 import threading
+import zlib
 from collections import OrderedDict
 from typing import Iterable, Iterator, Sequence
 
@@ -22,7 +23,7 @@ import webdataset as wds
 from pipeline.errors import DataError
 from pipeline.store.feature_set import FeatureSetKey, StoreMismatchError, check_key
 from pipeline.store.fs import Location, resolve_location
-from pipeline.store.index import read_index
+from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
 from pipeline.store.shard_writer import ID_MEMBER
 
@@ -62,6 +63,8 @@ class FeatureStore:
     ``expect_shapes``: {name: (C, h, w)} the caller needs (e.g. ``encoder.output_shapes()``); checked
     too, as a second guard for encoders whose ``preprocessing_id`` does not name the input size.
     ``cache_bytes``: bound of the in-process LRU cache of decoded features (0 disables it).
+    ``verify_checksums``: compare every payload read from a shard with its index crc32 (a
+    ``DataError`` names the corrupted entry); off by default (``refseg verify`` checks whole stores).
     Picklable (DataLoader workers, Ray tasks): open file handles and the cache are per process.
     """
 
@@ -73,8 +76,10 @@ class FeatureStore:
         expect_shapes: dict[str, Sequence[int]] | None = None,
         filesystem: pafs.FileSystem | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        verify_checksums: bool = False,
     ) -> None:
         self.uri = uri
+        self.verify_checksums = bool(verify_checksums)
         self.location: Location = resolve_location(uri, filesystem)
         self.manifest = Manifest.read(self.location)
         if expect is not None:
@@ -89,15 +94,19 @@ class FeatureStore:
                 )
         self.cache_bytes = int(cache_bytes)
         table = read_index(self.location)
-        self._rows: dict[str, dict[str, tuple[str, int, int]]] = {}
-        for image_id, shard, feature, offset, size in zip(
+        self._rows: dict[str, dict[str, tuple[str, int, int, int | None]]] = {}
+        crcs = (
+            table.column(CHECKSUM_COLUMN).to_pylist() if has_checksums(table) else [None] * table.num_rows
+        )
+        for image_id, shard, feature, offset, size, crc in zip(
             table.column("image_id").to_pylist(),
             table.column("shard").to_pylist(),
             table.column("feature").to_pylist(),
             table.column("offset").to_pylist(),
             table.column("size").to_pylist(),
+            crcs,
         ):
-            self._rows.setdefault(image_id, {})[feature] = (shard, offset, size)
+            self._rows.setdefault(image_id, {})[feature] = (shard, offset, size, crc)
         if len(self._rows) != self.manifest.num_written:
             raise DataError(
                 f"store {uri}: index lists {len(self._rows)} images, manifest says {self.manifest.num_written}"
@@ -162,12 +171,17 @@ class FeatureStore:
         for name in names:
             if name not in rows:
                 raise KeyError(f"feature {name!r} is not in store {self.uri}; it has {self.feature_names}")
-            shard, offset, size = rows[name]
+            shard, offset, size, crc = rows[name]
             with self._lock:
                 data = self._file(shard).read_at(size, offset)
             if len(data) != size:
                 raise DataError(
                     f"{self.location.join(shard)}: short read for image {image_id!r} ({len(data)}/{size} bytes)"
+                )
+            if self.verify_checksums and crc is not None and zlib.crc32(data) != crc:
+                raise DataError(
+                    f"{self.location.join(shard)}: image {image_id!r} feature {name!r} is corrupted "
+                    f"(crc32 {zlib.crc32(data):08x}, index says {crc:08x}); run `refseg verify {self.uri}`"
                 )
             array = decode_npy(data, f"{self.location.join(shard)} image {image_id!r} feature {name!r}")
             array.flags.writeable = False  # shared with the cache: callers must copy to modify
@@ -305,8 +319,10 @@ def open_store(
     filesystem: pafs.FileSystem | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     expect_shapes: dict[str, Sequence[int]] | None = None,
+    verify_checksums: bool = False,
 ) -> FeatureStore:
     """Open (and validate against ``expect`` / ``expect_shapes``) the store at ``uri``."""
     return FeatureStore(
-        uri, expect=expect, expect_shapes=expect_shapes, filesystem=filesystem, cache_bytes=cache_bytes
+        uri, expect=expect, expect_shapes=expect_shapes, filesystem=filesystem, cache_bytes=cache_bytes,
+        verify_checksums=verify_checksums,
     )

@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,7 @@ class ShardWriter:
         self._done: set[str] = set()
         self._last_position = -1
         self._written: list[tuple[str, str]] = []  # (image_id, sample key) in tar order
+        self._crc32: dict[str, int] = {}  # member name -> crc32 of its bytes (the index's checksum)
         self._failures: list[dict[str, str]] = []
 
     def _position(self, image_id: str) -> int:
@@ -148,7 +150,9 @@ class ShardWriter:
                     f"image {image_id!r}: feature {name!r} is {array.dtype}{tuple(array.shape)}, "
                     f"the store expects {self.dtype}{self.feature_shapes[name]}"
                 )
-            sample[f"{name}.npy"] = npy_bytes(array)
+            payload = npy_bytes(array)
+            sample[f"{name}.npy"] = payload
+            self._crc32[f"{sample['__key__']}.{name}.npy"] = zlib.crc32(payload)
         self._tar.write(sample)
         self._written.append((image_id, str(sample["__key__"])))
 
@@ -211,6 +215,7 @@ class ShardWriter:
                         "offset": member.offset_data,
                         "size": member.size,
                         "shape": list(self.feature_shapes[feature]),
+                        "crc32": self._crc32[member.name],
                     }
                 )
         expected = len(self._written) * len(self.feature_shapes)
