@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,9 @@ from pipeline.extraction import FactoryEncoder, RegistryEncoder, extract_store
 from pipeline.extraction.sources import coco_items
 from pipeline.errors import ConfigError
 from pipeline.store import StoreMismatchError, feature_provider, open_store, sha256_file, verify_store
+from pipeline.store.lease import RunIdentity, make_scratch_dir
 
-from test_store_s3 import s3_filesystem  # noqa: F401  (module-scoped moto S3 server fixture)
+from test_store_s3 import s3_endpoint, s3_filesystem  # noqa: F401  (module-scoped moto S3 server fixtures)
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights]
 ray = pytest.importorskip("ray")
@@ -150,7 +153,9 @@ def test_interrupted_extraction_resumes_to_an_identical_store(ray_local, coco_im
     assert not (resumed_dir / "manifest.json").exists()
     finished = sorted(p.name for p in resumed_dir.glob("*_stats.json"))
     assert finished == ["shard-000000_stats.json", "shard-000001_stats.json"]
-    (resumed_dir / ".partial" / "shard-000002.tar.partial-1").write_bytes(b"half a shard")  # a killed writer's leftover
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ghost = make_scratch_dir(resumed_dir / ".partial", RunIdentity.new(pid=int(gone.stdout)))  # a killed run's
+    (ghost / "shard-000002.tar.partial-1").write_bytes(b"half a shard")
     (resumed_dir / "shard-000002_stats.json.tmp").write_bytes(b"{")  # a stats write cut short
 
     again: list[str] = []

@@ -33,6 +33,16 @@ from pipeline.extraction.encoder_source import EncoderSource
 from pipeline.store.builder import StoreBuilder
 from pipeline.store.feature_set import FeatureSetKey
 from pipeline.store.fs import Location, resolve_location
+from pipeline.store.lease import (
+    DEFAULT_TTL_S,
+    TMP_SCRATCH_PREFIX,
+    RunIdentity,
+    StoreLockedError,
+    clean_stale_scratch,
+    lease_holder,
+    make_scratch_dir,
+    temp_root,
+)
 from pipeline.store.layout import (
     DEFAULT_TARGET_SHARD_BYTES,
     ImageItem,
@@ -218,6 +228,8 @@ class _ShardActor:
         decode_num_cpus: float,
         decode_memory: int,
         code_version: str,
+        run: dict,
+        lease_ttl_s: float = DEFAULT_TTL_S,
         decode_window: int = 2,
     ) -> None:
         import ray
@@ -232,17 +244,36 @@ class _ShardActor:
         self.batch_size = batch_size
         self.decode_window = max(1, decode_window)
         self.code_version = code_version
+        self.run_id = run["run_id"]
+        if scratch_dir is None:
+            # Object store: scratch in this node's temp dir, owned by this actor process; scratch of
+            # dead runs on this node (a killed actor's half shard) is removed first.
+            me = RunIdentity.from_dict(run).derived(f"actor{os.getpid()}")
+            clean_stale_scratch(temp_root(), me, ttl_s=lease_ttl_s, prefix=TMP_SCRATCH_PREFIX)
+            self.scratch_dir = str(make_scratch_dir(temp_root(), me, prefix=TMP_SCRATCH_PREFIX))
+
+    def __del__(self) -> None:
+        if self.location is not None and not self.location.is_local:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+
+    def _check_lease(self) -> None:
+        holder = lease_holder(self.location)
+        if holder != self.run_id:
+            raise StoreLockedError(
+                f"run {self.run_id} no longer holds the lease of {self.location.join('')} (holder: {holder}); "
+                "not publishing"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tempfile
-
         import ray
 
         items = tuple(ImageItem(*item) for item in json.loads(batch["items"][0]))
         spec = ShardSpec(int(batch["shard"][0]), items)
         rows = [{key: np.array([value]) for key, value in row.items()} for row in _chunk_rows([spec], self.batch_size)]
-        scratch = self.scratch_dir or tempfile.mkdtemp(prefix="refseg-shard-")
-        writer = ShardWriter(spec, self.location, scratch, self.feature_shapes, self.dtype, self.code_version)
+        writer = ShardWriter(
+            spec, self.location, self.scratch_dir, self.feature_shapes, self.dtype, self.code_version,
+            guard=self._check_lease,
+        )
         pids: set[int] = set()
         try:
             submitted = [self.decode.remote(row, self.decode_holder) for row in rows[: self.decode_window]]
@@ -259,9 +290,6 @@ class _ShardActor:
         except BaseException:
             writer.abort()
             raise
-        finally:
-            if self.scratch_dir is None:
-                shutil.rmtree(scratch, ignore_errors=True)
         return {
             "shard": batch["shard"],
             "result": np.array([result.to_json()], dtype=object),
@@ -322,6 +350,8 @@ def extract_store(
     on_shard_done: Callable[[ShardResult], None] | None = None,
     ray_address: str | None = None,
     writer: str = "driver",
+    lease_ttl_s: float = DEFAULT_TTL_S,
+    lease_settle_s: float | None = None,
 ) -> ExtractionSummary:
     """Extract ``encoder``'s features of ``items`` into the store at ``output`` (resumable).
 
@@ -331,10 +361,9 @@ def extract_store(
     ``writer``: ``"driver"`` (chunks stream back to this process, which writes every shard: one node)
     or ``"actors"`` (each encoder actor writes whole shards itself: scales out over nodes; the store
     must be object storage or a filesystem all nodes see). Both write the same bytes.
+    ``lease_ttl_s`` / ``lease_settle_s``: the store's write lease (one run at a time; see
+    :mod:`pipeline.store.lease`). A second run on the same output is refused with the holder's name.
     """
-    import ray
-    from tqdm import tqdm
-
     if batch_size <= 0 or num_actors <= 0:
         raise ConfigError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be positive")
     if writer not in ("driver", "actors"):
@@ -345,12 +374,37 @@ def extract_store(
         raise ConfigError("the image list is empty")
 
     built = encoder.build()
-    feature_shapes = {name: tuple(int(s) for s in shape) for name, shape in built.output_shapes().items()}
+    feature_shapes = {name: tuple(int(size) for size in shape) for name, shape in built.output_shapes().items()}
     key = FeatureSetKey(dataset, built.encoder_id, encoder.weights_sha256(), built.preprocessing_id, dtype)
     per_shard = images_per_shard or images_per_shard_for(feature_shapes, np.dtype(dtype).itemsize, target_shard_bytes)
     location = resolve_location(output, filesystem)
-    builder = StoreBuilder(location, key, feature_shapes, ordered, per_shard)
+    builder = StoreBuilder(
+        location, key, feature_shapes, ordered, per_shard, lease_ttl_s=lease_ttl_s, lease_settle_s=lease_settle_s
+    )
     pending = builder.prepare()
+    try:
+        return _run_pipeline(
+            builder, pending, built, key, output, started, batch_size=batch_size, num_actors=num_actors,
+            actor_num_cpus=actor_num_cpus, decode_num_cpus=decode_num_cpus, num_gpus_per_actor=num_gpus_per_actor,
+            dtype=dtype, dataset=dataset, config=config, progress=progress, on_shard_done=on_shard_done,
+            ray_address=ray_address, writer=writer, lease_ttl_s=lease_ttl_s,
+        )
+    finally:
+        builder.close()  # scratch removed and lease given back, also when the run fails
+
+
+def _run_pipeline(
+    builder: StoreBuilder, pending: list[ShardSpec], built: Any, key: FeatureSetKey, output: str, started: float,
+    *, batch_size: int, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
+    num_gpus_per_actor: float | None, dtype: str, dataset: str, config: dict | None, progress: bool,
+    on_shard_done: Callable[[ShardResult], None] | None, ray_address: str | None, writer: str, lease_ttl_s: float,
+) -> ExtractionSummary:
+    import ray
+    from tqdm import tqdm
+
+    location = builder.location
+    feature_shapes = builder.feature_shapes
+    per_shard = builder.images_per_shard
     torch_threads = max(1, int(actor_num_cpus))
     # What decides the bytes (batching, threads) is recorded next to the caller's own config.
     record = dict(config or {})
@@ -412,6 +466,8 @@ def extract_store(
                         "decode_num_cpus": decode_num_cpus,
                         "decode_memory": decode_memory,
                         "code_version": code_version(),
+                        "run": builder.run.to_dict(),
+                        "lease_ttl_s": lease_ttl_s,
                         **encoder_kwargs,
                     },
                 )

@@ -16,6 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import webdataset as wds
@@ -98,8 +99,10 @@ class ShardWriter:
         feature_shapes: dict[str, tuple[int, ...]],
         dtype: str,
         writer_code_version: str | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
+        self.guard = guard  # called before publishing (the builder's lease check)
         # Workers on other nodes may not see the checkout: the driver passes its version along.
         self.code_version = writer_code_version or code_version()
         self.location = location
@@ -167,6 +170,12 @@ class ShardWriter:
         if missing:
             self.abort()
             raise DataError(f"{self.spec.name}: images {missing[:5]} were neither written nor failed")
+        if self.guard is not None:
+            try:
+                self.guard()
+            except BaseException:
+                self.abort()
+                raise
         self._tar.close()
         self._file.close()
         size = self._temp_path.stat().st_size
