@@ -123,7 +123,7 @@ def test_corrupt_and_missing_images_are_reported_not_fatal(ray_local, coco_image
     assert stats["count"] == 3 and stats["failed"] == 3 and {f["image_id"] for f in stats["failures"]} == set(reasons)
     store = open_store(str(tmp_path / "store"))
     assert sorted(store.image_ids) == sorted(item[0] for item in items[:4])
-    assert verify_store(str(tmp_path / "store")).ok
+    assert verify_store(str(tmp_path / "store"), allow_failed=True).ok
 
 
 def _store_files(root: Path) -> dict[str, bytes]:
@@ -185,7 +185,7 @@ def test_interrupted_extraction_resumes_to_an_identical_store(ray_local, coco_im
     assert all(actor_files[n] == clean_files[n] for n in clean_files if not n.endswith("_stats.json"))
 
     # A finished store re-run does nothing; other weights are refused before any work.
-    rerun = extract_store(items, str(resumed_dir), encoder, "coco_mini", **kwargs)
+    rerun = extract_store(items, str(resumed_dir), encoder, "coco_mini", retry_failed=False, **kwargs)
     assert rerun.shards_extracted == 0 and rerun.written == 9
     other = FactoryEncoder(encoder.build, weights="0" * 64)
     with pytest.raises(StoreMismatchError, match="weights_sha256"):
@@ -232,3 +232,34 @@ def test_extraction_into_s3(ray_local, coco_images, mobilenet_v2_weights, s3_fil
     store = open_store(uri, expect=open_store(uri, filesystem=s3_filesystem).feature_set, filesystem=s3_filesystem)
     assert store.get(coco_images[41].image_id)["layer4"].shape == (1280, 4, 4)
     assert verify_store(uri, filesystem=s3_filesystem).ok
+
+
+def test_failed_images_exit_1_fail_verify_and_a_rerun_retries_only_their_shards(
+    ray_local, coco_images, mobilenet_v2_weights, tmp_path, capsys
+):
+    from pipeline.extraction.commands import main as commands_main
+
+    chosen = coco_images[50:54]
+    wrong, right = tmp_path / "wrong.txt", tmp_path / "right.txt"
+    # A wrong folder for the second shard's images (the "wrong --image-dir" case, for one shard).
+    wrong.write_text("".join(f"{item.image_id}\t{tmp_path / 'nowhere' / Path(item.path).name if n >= 2 else item.path}\n"
+                             for n, item in enumerate(chosen)))
+    right.write_text("".join(f"{item.image_id}\t{item.path}\n" for item in chosen))
+    output = tmp_path / "store"
+    args = ["extract", "--output", str(output), "--dataset", "coco_mini", "--encoder", "mobilenet_v2",
+            "--checkpoint", str(mobilenet_v2_weights), "--encoder-options", '{"input_size": 128}',
+            "--batch-size", "2", "--images-per-shard", "2", "--no-progress"]
+    assert commands_main(args + ["--image-list", str(wrong)]) == 1
+    captured = capsys.readouterr()
+    assert "2 of 4 images failed and are not in the store" in captured.err and "FAILED" in captured.out
+    assert commands_main(["verify", str(output)]) == 1
+    assert "2 of 4 images FAILED extraction" in capsys.readouterr().out
+    assert commands_main(["verify", "--allow-failed", str(output)]) == 0
+    assert commands_main(args + ["--image-list", str(wrong), "--no-retry-failed"]) == 1  # opted out: as it was
+    assert "extracted now 0, already done 2" in capsys.readouterr().out
+
+    good = {name: (output / name).read_bytes() for name in ("shard-000000.tar", "shard-000000_stats.json")}
+    assert commands_main(args + ["--image-list", str(right)]) == 0
+    assert "extracted now 1, already done 1 (retried 1 with failed images)" in capsys.readouterr().out
+    assert good == {name: (output / name).read_bytes() for name in good}  # the good shard untouched
+    assert commands_main(["verify", str(output)]) == 0 and len(open_store(str(output))) == 4

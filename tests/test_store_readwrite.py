@@ -70,7 +70,7 @@ def test_random_access_round_trip_and_layout(tmp_path):
     assert names[:3] == ["000000_000000.embed.npy", "000000_000000.image_id.txt", "000000_000000.layer3.npy"]
     stats = json.loads((tmp_path / "store" / "shard-000001_stats.json").read_text())
     assert stats["count"] == 3 and stats["failed"] == 1 and stats["failures"][0]["image_id"] == "4"
-    assert verify_store(uri).ok
+    assert verify_store(uri, allow_failed=True).ok
 
 
 def test_cache_is_bounded_in_bytes(tmp_path):
@@ -191,3 +191,34 @@ def test_verify_detects_flipped_payload_bits_by_checksum(tmp_path):
     report = verify_store(uri)
     assert report.checksums_checked == 0 and "no crc32 column" in report.summary()
     assert len(open_store(uri)) == 6
+
+
+def test_failed_images_fail_verify_and_are_retried_without_touching_good_shards(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 10)), failed=(4,))  # shard 1 = images 4, 5, 6
+    report = verify_store(uri)
+    assert not report.ok and not report.problems
+    assert "1 of 9 images FAILED extraction" in report.summary()
+    assert "4 (/data/4.jpg): corrupt test image" in report.summary()
+    assert verify_store(uri, allow_failed=True).ok
+
+    root = tmp_path / "store"
+    good = ["shard-000000.tar", "shard-000000_stats.json", "shard-000002.tar", "shard-000002_stats.json"]
+    before = {name: ((root / name).read_bytes(), (root / name).stat().st_mtime_ns) for name in good}
+    items = sorted_items([(i, f"/data/{i}.jpg") for i in range(1, 10)])
+    skip = StoreBuilder(resolve_location(uri), KEY, SHAPES, items, 3)
+    assert skip.prepare(retry_failed=False) == [] and not skip.lease.held  # opted out: nothing to do
+
+    messages: list[str] = []
+    builder = StoreBuilder(resolve_location(uri), KEY, SHAPES, items, 3, log=messages.append)
+    pending = builder.prepare()
+    assert [spec.name for spec in pending] == ["shard-000001.tar"] and builder.retried == ["shard-000001.tar"]
+    assert "retrying 1 failed image(s) of 1 finished shard(s) (shard-000001.tar)" in messages[0]
+    assert not (root / "manifest.json").exists() and not (root / "shard-000001_stats.json").exists()
+    writer = builder.writer(pending[0])
+    for item in pending[0].items:  # the image reads fine now
+        writer.add(item.image_id, features_of(item.image_id))
+    writer.publish()
+    builder.finalize({})
+    assert verify_store(uri).ok and open_store(uri).manifest.num_failed == 0 and "4" in open_store(uri)
+    assert before == {name: ((root / name).read_bytes(), (root / name).stat().st_mtime_ns) for name in good}

@@ -87,12 +87,15 @@ class ExtractionSummary:
     processes: dict[str, list[int]] = field(default_factory=dict)
     # True when decode tasks got a weightless (meta-device) copy of the encoder for ``preprocess``.
     decode_weightless: bool | None = None
+    # Finished shards written again because they had failed images (``retry_failed``).
+    retried_shards: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         lines = [
             f"store {self.store} [{self.feature_set}]",
             f"  images {self.images}: written {self.written}, failed {self.failed}",
-            f"  shards {self.shards}: extracted now {self.shards_extracted}, already done {self.shards_skipped}",
+            f"  shards {self.shards}: extracted now {self.shards_extracted}, already done {self.shards_skipped}"
+            + (f" (retried {len(self.retried_shards)} with failed images)" if self.retried_shards else ""),
             f"  {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
         ]
         lines += [f"  FAILED {f['image_id']} ({f['path']}): {f['reason']}" for f in self.failures[:20]]
@@ -352,6 +355,7 @@ def extract_store(
     writer: str = "driver",
     lease_ttl_s: float = DEFAULT_TTL_S,
     lease_settle_s: float | None = None,
+    retry_failed: bool = True,
 ) -> ExtractionSummary:
     """Extract ``encoder``'s features of ``items`` into the store at ``output`` (resumable).
 
@@ -363,6 +367,8 @@ def extract_store(
     must be object storage or a filesystem all nodes see). Both write the same bytes.
     ``lease_ttl_s`` / ``lease_settle_s``: the store's write lease (one run at a time; see
     :mod:`pipeline.store.lease`). A second run on the same output is refused with the holder's name.
+    ``retry_failed``: re-extract finished shards that recorded failed images (e.g. after fixing a
+    wrong image folder); shards without failures are never rewritten.
     """
     if batch_size <= 0 or num_actors <= 0:
         raise ConfigError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be positive")
@@ -381,7 +387,7 @@ def extract_store(
     builder = StoreBuilder(
         location, key, feature_shapes, ordered, per_shard, lease_ttl_s=lease_ttl_s, lease_settle_s=lease_settle_s
     )
-    pending = builder.prepare()
+    pending = builder.prepare(retry_failed=retry_failed)
     try:
         return _run_pipeline(
             builder, pending, built, key, output, started, batch_size=batch_size, num_actors=num_actors,
@@ -530,6 +536,7 @@ def _run_pipeline(
         failures=list(manifest.failures),
         processes={stage: sorted(pids) for stage, pids in processes.items()},
         decode_weightless=decode_weightless,
+        retried_shards=list(builder.retried),
     )
 
 

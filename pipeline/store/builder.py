@@ -92,16 +92,25 @@ class StoreBuilder:
         }
         self._scratch: Path | None = None
         self._read_only = False
+        self._failed_counts: dict[int, int] = {}
+        self.retried: list[str] = []
 
     # ------------------------------------------------------------------ start / resume
-    def prepare(self) -> list[ShardSpec]:
+    def prepare(self, retry_failed: bool = True) -> list[ShardSpec]:
         """Take the lease, create or validate the store; return the shards that still have to be written.
 
-        A store that is finished (manifest in place, every shard done) is only checked: no lease,
-        no write, so a finished re-run leaves every byte of the store as it was.
+        ``retry_failed``: finished shards that recorded failed images are written again (all their
+        images: a shard's bytes depend on every position), other finished shards are not touched.
+        Their stats files (and the manifest) are removed first, so a run killed during the retry
+        leaves an unfinished store that the next run completes, never a stats file describing
+        another tar. ``self.retried`` lists them.
+
+        A store that is finished (manifest in place, every shard done, nothing to retry) is only
+        checked: no lease, no write, so such a re-run leaves every byte of the store as it was.
         """
         self._check_existing()
-        if self._finished():
+        self.retried: list[str] = []
+        if self._finished(retry_failed):
             self._read_only = True
             return []
         self.location.makedirs()
@@ -116,13 +125,36 @@ class StoreBuilder:
                 # A small file (stats/index/manifest) whose rename a kill prevented; we hold the lease.
                 self.location.filesystem.delete_file(self.location.join(name))
         self._clean_stale_scratch()
-        return [spec for spec in self.shards if spec.stats_name not in existing]
+        done = [spec for spec in self.shards if spec.stats_name in existing]
+        retry = [spec for spec in done if self._failed_count(spec) > 0] if retry_failed else []
+        if retry:
+            failed = sum(self._failed_count(spec) for spec in retry)
+            self.log(
+                f"retrying {failed} failed image(s) of {len(retry)} finished shard(s) "
+                f"({', '.join(spec.name for spec in retry[:5])}{', ...' if len(retry) > 5 else ''}); "
+                "shards without failures are left as they are"
+            )
+            if MANIFEST_NAME in existing:
+                self.location.filesystem.delete_file(self.location.join(MANIFEST_NAME))
+            for spec in retry:
+                self.location.filesystem.delete_file(self.location.join(spec.stats_name))
+            self.retried = [spec.name for spec in retry]
+        retried = {spec.index for spec in retry}
+        return [spec for spec in self.shards if spec.stats_name not in existing or spec.index in retried]
 
-    def _finished(self) -> bool:
+    def _failed_count(self, spec: ShardSpec) -> int:
+        if spec.index not in self._failed_counts:
+            stats = json.loads(self.location.read_bytes(spec.stats_name))
+            self._failed_counts[spec.index] = int(stats.get("failed", len(stats.get("failures", []))))
+        return self._failed_counts[spec.index]
+
+    def _finished(self, retry_failed: bool) -> bool:
         if not self.location.exists(MANIFEST_NAME):
             return False
         existing = set(self.location.list_names())
-        return all(spec.stats_name in existing for spec in self.shards)
+        if not all(spec.stats_name in existing for spec in self.shards):
+            return False
+        return not (retry_failed and Manifest.read(self.location).num_failed > 0)
 
     def _check_existing(self) -> None:
         where = self.location.join("")

@@ -37,10 +37,14 @@ class VerifyReport:
     checksums_checked: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Images the extraction could not read (manifest failures): the store is sound but incomplete.
+    failed: list[dict] = field(default_factory=list)
+    planned: int = 0
+    allow_failed: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and (self.allow_failed or not self.failed)
 
     def problem(self, message: str) -> None:
         if len(self.problems) < _MAX_PROBLEMS:
@@ -55,17 +59,34 @@ class VerifyReport:
             f"{self.bytes_read / 1e6:.1f} MB read, {mode}"
         )
         lines = [f"  note: {note}" for note in self.notes]
-        if self.ok:
-            return "\n".join([head + ": OK", *lines])
-        return "\n".join([head + f": {len(self.problems)} problem(s)", *lines, *(f"  {p}" for p in self.problems)])
+        if self.failed:
+            lines.append(
+                f"  {'(allowed) ' if self.allow_failed else ''}{len(self.failed)} of {self.planned} images FAILED "
+                "extraction and are not in the store (re-run the extraction to retry them):"
+            )
+            lines += [f"    {f['image_id']} ({f['path']}): {f['reason']}" for f in self.failed[:10]]
+            if len(self.failed) > 10:
+                lines.append(f"    ... {len(self.failed) - 10} more in manifest.json 'failures'")
+        verdict = "OK" if self.ok else f"{len(self.problems)} problem(s), {len(self.failed)} failed image(s)"
+        return "\n".join([f"{head}: {verdict}", *lines, *(f"  {p}" for p in self.problems)])
 
 
 def verify_store(
-    uri: str, filesystem: pafs.FileSystem | None = None, raise_on_error: bool = False, quick: bool = False
+    uri: str,
+    filesystem: pafs.FileSystem | None = None,
+    raise_on_error: bool = False,
+    quick: bool = False,
+    allow_failed: bool = False,
 ) -> VerifyReport:
+    """Check the store at ``uri``; ``report.ok`` is False on any problem and, unless
+    ``allow_failed``, when images failed extraction (the store then lacks them)."""
     location = resolve_location(uri, filesystem)
-    report = VerifyReport(uri, quick=quick)
+    report = VerifyReport(uri, quick=quick, allow_failed=allow_failed)
     manifest = Manifest.read(location)
+    report.failed = list(manifest.failures)
+    report.planned = manifest.num_images
+    if manifest.num_failed != len(manifest.failures):
+        report.problem(f"manifest counts {manifest.num_failed} failed images but lists {len(manifest.failures)}")
     index = read_index(location)
     if not has_checksums(index):
         report.notes.append(
