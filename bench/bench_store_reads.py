@@ -53,7 +53,7 @@ def write_random_store(root: Path, shapes: dict, images: int, per_shard: int) ->
             features = {n: rng.standard_normal(s, dtype=np.float32).astype(np.float16) for n, s in shapes.items()}
             writer.add(item.image_id, features)
         writer.publish()
-    builder.finalize({})
+    builder.finalize()
     return str(root)
 
 

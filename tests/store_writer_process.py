@@ -58,7 +58,7 @@ def main() -> None:
         for item in spec.items:
             writer.add(item.image_id, features_of(item.image_id))
         writer.publish()
-    builder.finalize({})
+    builder.finalize()
     print("DONE", flush=True)
 
 

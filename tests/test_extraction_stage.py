@@ -169,9 +169,10 @@ def test_interrupted_extraction_resumes_to_an_identical_store(ray_local, coco_im
     assert sorted(clean_files) == sorted(resumed_files)
     assert not (resumed_dir / ".partial").exists()
     for name, data in clean_files.items():
-        if name.endswith("_stats.json"):  # identical except the measured duration
+        if name.endswith("_stats.json"):  # identical except who wrote it and the measured duration
             a, b = json.loads(data), json.loads(resumed_files[name])
-            a.pop("duration_s"), b.pop("duration_s")
+            for stats in (a, b):
+                stats.pop("duration_s"), stats.pop("run")
             assert a == b, name
         else:
             assert data == resumed_files[name], name
@@ -204,17 +205,29 @@ def test_job_entry_point_and_verify_command(ray_local, coco_mini_dir, mobilenet_
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     output = str(tmp_path / "cli_store")
-    code = job.main([
-        "--output", output, "--dataset", "coco_mini", "--encoder", "mobilenet_v2",
-        "--checkpoint", str(mobilenet_v2_weights), "--encoder-options", '{"input_size": 128}',
-        "--coco-annotations", str(coco_mini_dir / "instances.json"), "--image-dir", str(coco_mini_dir / "images"),
-        "--limit", "5", "--batch-size", "2", "--images-per-shard", "2", "--no-progress",
-    ])
-    assert code == 0
-    manifest = json.loads((tmp_path / "cli_store" / "manifest.json").read_text())
-    assert manifest["counts"]["written"] == 5 and manifest["config"]["extraction"]["limit"] == 5
-    assert manifest["config"]["extraction"]["encoder_options"] == {"input_size": 128}
+
+    def argv_of_job(out):
+        return [
+            "--output", out, "--dataset", "coco_mini", "--encoder", "mobilenet_v2",
+            "--checkpoint", str(mobilenet_v2_weights), "--encoder-options", '{"input_size": 128}',
+            "--coco-annotations", str(coco_mini_dir / "instances.json"), "--image-dir", str(coco_mini_dir / "images"),
+            "--limit", "5", "--batch-size", "2", "--images-per-shard", "2", "--no-progress",
+        ]
+
+    assert job.main(argv_of_job(output)) == 0
+    manifest_bytes = (tmp_path / "cli_store" / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    assert manifest["counts"]["written"] == 5 and "config" not in manifest
+    assert manifest["writer_settings"] == [{"batch_size": 2, "device": "cpu", "dtype": "float16", "torch_threads": 1}]
     assert manifest["code_version"] == "refseg-test" and manifest["shard_code_versions"] == ["refseg-test"]
+    stats = json.loads((tmp_path / "cli_store" / "shard-000002_stats.json").read_text())
+    assert stats["writer"] == manifest["writer_settings"][0]  # what wrote each shard, in its own stats
+    assert stats["run"]["config"]["extraction"]["limit"] == 5 and stats["run"]["pid"] > 0
+    assert stats["run"]["config"]["extraction"]["encoder_options"] == {"input_size": 128}
+    # A finished re-run from another directory, other batch size, progress on: manifest bytes unchanged.
+    rerun = [arg if arg != "--no-progress" else "--batch-size" for arg in argv_of_job(output)] + ["3"]
+    assert job.main(rerun) == 0
+    assert (tmp_path / "cli_store" / "manifest.json").read_bytes() == manifest_bytes
     assert commands_main(["verify", output]) == 0
     assert "OK" in capsys.readouterr().out
     (tmp_path / "cli_store" / "shard-000001.tar").write_bytes(b"broken")

@@ -63,7 +63,7 @@ def write_all(builder: StoreBuilder) -> None:
         for item in spec.items:
             writer.add(item.image_id, features_of(item.image_id))
         writer.publish()
-    builder.finalize({})
+    builder.finalize()
 
 
 def test_a_live_run_is_refused_naming_it_and_its_partial_survives(tmp_path):

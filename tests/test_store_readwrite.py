@@ -30,10 +30,10 @@ def features_of(image_id: str) -> dict[str, np.ndarray]:
 
 
 def write_store(
-    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None
+    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None, **builder_options
 ) -> StoreBuilder:
     items = sorted_items([(i, f"/data/{i}.jpg") for i in ids])
-    builder = StoreBuilder(resolve_location(uri, filesystem), KEY, SHAPES, items, per_shard)
+    builder = StoreBuilder(resolve_location(uri, filesystem), KEY, SHAPES, items, per_shard, **builder_options)
     for spec in builder.prepare():
         writer = builder.writer(spec)
         for item in spec.items:
@@ -42,7 +42,7 @@ def write_store(
             else:
                 writer.add(item.image_id, features_of(item.image_id))
         writer.publish()
-    builder.finalize({"test": True})
+    builder.finalize()
     return builder
 
 
@@ -219,6 +219,31 @@ def test_failed_images_fail_verify_and_are_retried_without_touching_good_shards(
     for item in pending[0].items:  # the image reads fine now
         writer.add(item.image_id, features_of(item.image_id))
     writer.publish()
-    builder.finalize({})
+    builder.finalize()
     assert verify_store(uri).ok and open_store(uri).manifest.num_failed == 0 and "4" in open_store(uri)
     assert before == {name: ((root / name).read_bytes(), (root / name).stat().st_mtime_ns) for name in good}
+
+
+def test_manifest_depends_only_on_the_shards_and_a_finished_rerun_writes_nothing(tmp_path):
+    settings = {"batch_size": 4, "torch_threads": 1, "dtype": "float16", "device": "cpu"}
+    for name, progress in (("a", True), ("b", False)):  # two invocations that differ in everything else
+        write_store(str(tmp_path / name), list(range(1, 8)), failed=(5,), writer_settings=settings,
+                    run_config={"output": f"relative/{name}", "progress": progress})
+    a, b = tmp_path / "a", tmp_path / "b"
+    for name in ("manifest.json", "index.parquet", "shard-000000.tar", "shard-000001.tar", "_plan.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert "config" not in manifest and manifest["writer_settings"] == [settings]
+    stats_a, stats_b = (json.loads((root / "shard-000001_stats.json").read_text()) for root in (a, b))
+    assert stats_a["writer"] == settings and stats_a["run"]["config"] == {"output": "relative/a", "progress": True}
+    assert stats_a["run"]["run_id"] != stats_b["run"]["run_id"]
+    for stats in (stats_a, stats_b):  # the only fields that differ between runs: who wrote it, how long it took
+        stats.pop("run"), stats.pop("duration_s")
+    assert stats_a == stats_b
+
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in a.iterdir() if path.is_file()}
+    items = sorted_items([(i, f"/elsewhere/{i}.jpg") for i in range(1, 8)])
+    rerun = StoreBuilder(resolve_location(str(a)), KEY, SHAPES, items, 3, run_config={"progress": "changed"})
+    assert rerun.prepare(retry_failed=False) == []
+    assert rerun.finalize().num_written == 6
+    assert before == {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in a.iterdir() if path.is_file()}

@@ -232,6 +232,8 @@ class _ShardActor:
         decode_memory: int,
         code_version: str,
         run: dict,
+        settings: dict,
+        run_record: dict,
         lease_ttl_s: float = DEFAULT_TTL_S,
         decode_window: int = 2,
     ) -> None:
@@ -248,6 +250,7 @@ class _ShardActor:
         self.decode_window = max(1, decode_window)
         self.code_version = code_version
         self.run_id = run["run_id"]
+        self.settings, self.run_record = settings, run_record
         if scratch_dir is None:
             # Object store: scratch in this node's temp dir, owned by this actor process; scratch of
             # dead runs on this node (a killed actor's half shard) is removed first.
@@ -275,7 +278,7 @@ class _ShardActor:
         rows = [{key: np.array([value]) for key, value in row.items()} for row in _chunk_rows([spec], self.batch_size)]
         writer = ShardWriter(
             spec, self.location, self.scratch_dir, self.feature_shapes, self.dtype, self.code_version,
-            guard=self._check_lease,
+            guard=self._check_lease, settings=self.settings, run=dict(self.run_record, actor_pid=os.getpid()),
         )
         pids: set[int] = set()
         try:
@@ -412,14 +415,16 @@ def _run_pipeline(
     feature_shapes = builder.feature_shapes
     per_shard = builder.images_per_shard
     torch_threads = max(1, int(actor_num_cpus))
-    # What decides the bytes (batching, threads) is recorded next to the caller's own config.
-    record = dict(config or {})
-    record["extract"] = {
-        "dataset": dataset, "dtype": dtype, "batch_size": batch_size, "images_per_shard": per_shard,
-        "num_actors": num_actors, "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
-        "num_gpus_per_actor": num_gpus_per_actor, "actor_torch_threads": torch_threads,
-    }
-    # Where shards are written does not change their bytes: kept out of the manifest on purpose.
+    # Each shard's stats record this run (id, host, pid) with the caller's config and the settings
+    # that decide its bytes; the manifest only aggregates what the stats say (stable bytes).
+    builder.run_config = json.loads(json.dumps({
+        **(config or {}),
+        "extract": {
+            "dataset": dataset, "images_per_shard": per_shard, "num_actors": num_actors, "writer": writer,
+            "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
+            "num_gpus_per_actor": num_gpus_per_actor,
+        },
+    }, default=str))
 
     processes: dict[str, set[int]] = {"decode": set(), "encode": set()}
     decode_weightless = None
@@ -427,6 +432,10 @@ def _run_pipeline(
         _ray_init(ray_address)
         if num_gpus_per_actor is None:
             num_gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        builder.writer_settings = {
+            "batch_size": batch_size, "torch_threads": torch_threads, "dtype": dtype,
+            "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+        }
         encoder_ref = ray.put(built.cpu() if hasattr(built, "cpu") else built)
         preprocess_only, pixel_shape = _weightless(built)
         # Decode tasks only call ``preprocess``: they get a weightless copy when it gives identical
@@ -473,6 +482,8 @@ def _run_pipeline(
                         "decode_memory": decode_memory,
                         "code_version": code_version(),
                         "run": builder.run.to_dict(),
+                        "settings": builder.writer_settings,
+                        "run_record": builder.run_record,
                         "lease_ttl_s": lease_ttl_s,
                         **encoder_kwargs,
                     },
@@ -519,7 +530,7 @@ def _run_pipeline(
                 )
         finally:
             context.execution_options.preserve_order, context.enable_progress_bars = saved
-    manifest = builder.finalize(record)
+    manifest = builder.finalize()
     seconds = time.perf_counter() - started
     extracted_images = sum(len(spec.items) for spec in pending)
     return ExtractionSummary(

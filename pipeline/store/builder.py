@@ -69,8 +69,14 @@ class StoreBuilder:
         lease_ttl_s: float = DEFAULT_TTL_S,
         lease_settle_s: float | None = None,
         log: Log | None = None,
+        writer_settings: dict | None = None,
+        run_config: dict | None = None,
     ) -> None:
         self.location = location
+        # Recorded in every shard this builder writes: settings that decide the bytes (``writer``)
+        # and this run's identity plus the caller's config (``run``), never in the manifest.
+        self.writer_settings = dict(writer_settings or {})
+        self.run_config = json.loads(json.dumps(run_config or {}, default=str))
         self.run = run or RunIdentity.new()
         self.lease = StoreLease(location, self.run, ttl_s=lease_ttl_s, settle_s=lease_settle_s, log=log)
         self.log = self.lease.log
@@ -191,10 +197,16 @@ class StoreBuilder:
                 self._scratch = make_scratch_dir(temp_root(), self.run, prefix=TMP_SCRATCH_PREFIX)
         return self._scratch
 
-    def writer(self, spec: ShardSpec) -> ShardWriter:
+    @property
+    def run_record(self) -> dict:
+        """What each shard's stats record about the run that wrote it (``"run"``)."""
+        return {"run_id": self.run.run_id, "host": self.run.host, "pid": self.run.pid, "config": self.run_config}
+
+    def writer(self, spec: ShardSpec, started: float | None = None) -> ShardWriter:
         self.lease.check()
         return ShardWriter(
-            spec, self.location, self.scratch_dir, self.feature_shapes, self.key.dtype, guard=self.lease.check
+            spec, self.location, self.scratch_dir, self.feature_shapes, self.key.dtype, guard=self.lease.check,
+            settings=self.writer_settings, run=self.run_record, started=started,
         )
 
     # ------------------------------------------------------------------ finish
@@ -205,10 +217,11 @@ class StoreBuilder:
             results.append(ShardResult.from_json(self.location.read_bytes(spec.stats_name), source))
         return results
 
-    def finalize(self, config: dict) -> Manifest:
+    def finalize(self) -> Manifest:
         """Index + manifest from every shard's stats (raises if a shard is not done); gives the lease back.
 
-        A builder whose :meth:`prepare` found the store finished only reads the manifest.
+        Both are functions of the plan and the stats alone (see manifest.py). A builder whose
+        :meth:`prepare` found the store finished only reads the manifest.
         """
         if self._read_only:
             return Manifest.read(self.location)
@@ -227,7 +240,9 @@ class StoreBuilder:
             ),
             failures=tuple(failure for result in results for failure in result.failures),
             shard_code_versions=tuple(sorted({result.code_version for result in results})),
-            config=json.loads(json.dumps(config, default=str)),
+            writer_settings=tuple(
+                json.loads(text) for text in sorted({json.dumps(result.writer, sort_keys=True) for result in results})
+            ),
         )
         manifest.write(self.location)
         self.close()

@@ -43,6 +43,10 @@ class ShardResult:
     bytes: int
     entries: list[dict] = field(repr=False)
     code_version: str = ""
+    # What decided this shard's bytes besides the feature set (batch size, torch threads, device).
+    writer: dict = field(default_factory=dict)
+    # Which run wrote it (run id, host, pid, the caller's config): differs between runs by design.
+    run: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         payload = {
@@ -54,9 +58,11 @@ class ShardResult:
             "duration_s": round(self.duration_s, 3),
             "bytes": self.bytes,
             "code_version": self.code_version,
+            "writer": self.writer,
+            "run": self.run,
             "entries": self.entries,
         }
-        return json.dumps(payload, indent=1).encode()
+        return json.dumps(payload, indent=1, default=str).encode()
 
     @classmethod
     def from_json(cls, data: bytes, source: str) -> "ShardResult":
@@ -71,6 +77,8 @@ class ShardResult:
                 bytes=int(payload["bytes"]),
                 entries=list(payload["entries"]),
                 code_version=str(payload.get("code_version", "")),
+                writer=dict(payload.get("writer", {})),
+                run=dict(payload.get("run", {})),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise DataError(f"shard stats file {source} is unreadable or incomplete: {error}") from error
@@ -100,9 +108,14 @@ class ShardWriter:
         dtype: str,
         writer_code_version: str | None = None,
         guard: Callable[[], None] | None = None,
+        settings: dict | None = None,
+        run: dict | None = None,
+        started: float | None = None,
     ) -> None:
         self.spec = spec
         self.guard = guard  # called before publishing (the builder's lease check)
+        self.settings = dict(settings or {})
+        self.run = dict(run or {})
         # Workers on other nodes may not see the checkout: the driver passes its version along.
         self.code_version = writer_code_version or code_version()
         self.location = location
@@ -118,7 +131,8 @@ class ShardWriter:
             encoder=False,
             mtime=0,  # an int: a float mtime makes tarfile add a PAX header to every member
         )
-        self._started = time.perf_counter()
+        # ``started`` (a perf_counter value): when the run began working on this shard (default: now).
+        self._started = time.perf_counter() if started is None else started
         self._positions = {item.image_id: position for position, item in enumerate(spec.items)}
         self._done: set[str] = set()
         self._last_position = -1
@@ -201,6 +215,8 @@ class ShardWriter:
             bytes=size,
             entries=entries,
             code_version=self.code_version,
+            writer=self.settings,
+            run=self.run,
         )
         self.location.write_bytes(self.spec.stats_name, result.to_json())
         return result
