@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.store import StoreMismatchError, feature_provider, open_store, sha256_file, verify_store
 from pipeline.store.lease import RunIdentity, make_scratch_dir
 
+from process_titles import RayProcessTitles
 from test_store_s3 import s3_endpoint, s3_filesystem  # noqa: F401  (module-scoped moto S3 server fixtures)
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights]
@@ -51,13 +52,21 @@ def mobilenet(weights: Path, **options) -> RegistryEncoder:
 def test_round_trip_is_bit_exact_on_real_images(ray_local, coco_images, mobilenet_v2_weights, tmp_path):
     items = coco_images[:6]
     encoder = mobilenet(mobilenet_v2_weights)
-    summary = extract_store(
-        items, str(tmp_path / "store"), encoder, "coco_mini", batch_size=4, images_per_shard=4, progress=False
-    )
+    with RayProcessTitles() as titles:
+        summary = extract_store(
+            items, str(tmp_path / "store"), encoder, "coco_mini", batch_size=4, images_per_shard=4, progress=False
+        )
     assert (summary.written, summary.failed, summary.shards) == (6, 0, 2)
-    # Decode ran in Ray tasks, encoding in the actor pool: different processes.
-    assert summary.processes["decode"] and set(summary.processes["decode"]).isdisjoint(summary.processes["encode"])
+    # Decode ran in Ray tasks, encoding in the actor pool: different processes (seen from outside).
+    decode, encode = titles.running("_decode_chunk"), titles.running("_EncodeChunk")
+    assert decode and encode and decode.isdisjoint(encode), dict(titles.pids)
     assert summary.decode_weightless  # decode tasks got a meta-device copy, not the weights
+    # The summary's rate excludes start-up; the shards' durations add up to the pipeline's wall time.
+    assert summary.startup_seconds > 0 and summary.extract_seconds > 0
+    assert summary.images_per_second == pytest.approx(6 / summary.extract_seconds)
+    durations = [json.loads((tmp_path / "store" / f"shard-00000{i}_stats.json").read_text())["duration_s"]
+                 for i in range(2)]
+    assert 0.8 * summary.extract_seconds <= sum(durations) <= summary.extract_seconds + 0.01
 
     store = open_store(str(tmp_path / "store"))
     assert store.feature_set.weights_sha256 == sha256_file(mobilenet_v2_weights)
@@ -178,9 +187,11 @@ def test_interrupted_extraction_resumes_to_an_identical_store(ray_local, coco_im
             assert data == resumed_files[name], name
 
     # Shards written by the encoder actors themselves (multi-node mode) are the same bytes.
-    by_actors = extract_store(items, str(tmp_path / "actors"), encoder, "coco_mini", writer="actors", **kwargs)
+    with RayProcessTitles() as titles:
+        by_actors = extract_store(items, str(tmp_path / "actors"), encoder, "coco_mini", writer="actors", **kwargs)
     assert by_actors.shards_extracted == 4 and by_actors.failed == 1
-    assert set(by_actors.processes["decode"]).isdisjoint(by_actors.processes["encode"])
+    decode, encode = titles.running("_decode_chunk"), titles.running("_ShardActor")
+    assert decode and encode and decode.isdisjoint(encode), dict(titles.pids)
     actor_files = _store_files(tmp_path / "actors")
     assert sorted(actor_files) == sorted(clean_files)
     assert all(actor_files[n] == clean_files[n] for n in clean_files if not n.endswith("_stats.json"))

@@ -80,11 +80,13 @@ class ExtractionSummary:
     shards: int
     shards_extracted: int
     shards_skipped: int
-    seconds: float
-    images_per_second: float
+    seconds: float  # the whole call
+    images_per_second: float  # images extracted now / extract_seconds (0 when nothing was extracted)
     failures: list[dict[str, str]] = field(default_factory=list)
-    # Process ids that ran decode tasks / encoder actors (shows the stages really ran apart).
-    processes: dict[str, list[int]] = field(default_factory=dict)
+    # seconds = startup_seconds (encoder build, Ray start/connect, weights into the object store)
+    #         + extract_seconds (the Ray Data pipeline: actor start-up, decode, encode, writes) + the rest
+    startup_seconds: float = 0.0
+    extract_seconds: float = 0.0
     # True when decode tasks got a weightless (meta-device) copy of the encoder for ``preprocess``.
     decode_weightless: bool | None = None
     # Finished shards written again because they had failed images (``retry_failed``).
@@ -96,7 +98,9 @@ class ExtractionSummary:
             f"  images {self.images}: written {self.written}, failed {self.failed}",
             f"  shards {self.shards}: extracted now {self.shards_extracted}, already done {self.shards_skipped}"
             + (f" (retried {len(self.retried_shards)} with failed images)" if self.retried_shards else ""),
-            f"  {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+            f"  {self.seconds:.1f} s: start-up {self.startup_seconds:.1f} s (encoder, Ray), extraction "
+            f"{self.extract_seconds:.1f} s"
+            + (f" = {self.images_per_second:.2f} images/s" if self.shards_extracted else ""),
         ]
         lines += [f"  FAILED {f['image_id']} ({f['path']}): {f['reason']}" for f in self.failures[:20]]
         if len(self.failures) > 20:
@@ -153,7 +157,6 @@ def _decode_chunk(batch: dict[str, np.ndarray], holder: list) -> dict[str, np.nd
     else:
         shape, payload = [], b""
     return {
-        "decode_pid": np.array([os.getpid()]),
         "shard": batch["shard"],
         "chunk": batch["chunk"],
         "last": batch["last"],
@@ -186,9 +189,8 @@ class _EncodeChunk:
         import torch
 
         shape = json.loads(batch["pixels_shape"][0])
-        keys = ("decode_pid", "shard", "chunk", "last", "image_ids", "paths", "ok_ids", "failures")
+        keys = ("shard", "chunk", "last", "image_ids", "paths", "ok_ids", "failures")
         out = {key: batch[key] for key in keys}
-        out["encode_pid"] = np.array([os.getpid()])
         if not shape:
             for name in self.feature_shapes:
                 out[f"feature_{name}"] = np.array([b""], dtype=object)
@@ -280,7 +282,6 @@ class _ShardActor:
             spec, self.location, self.scratch_dir, self.feature_shapes, self.dtype, self.code_version,
             guard=self._check_lease, settings=self.settings, run=dict(self.run_record, actor_pid=os.getpid()),
         )
-        pids: set[int] = set()
         try:
             submitted = [self.decode.remote(row, self.decode_holder) for row in rows[: self.decode_window]]
             for index in range(len(rows)):
@@ -289,19 +290,13 @@ class _ShardActor:
                 if index + self.decode_window < len(rows):
                     submitted.append(self.decode.remote(rows[index + self.decode_window], self.decode_holder))
                 encoded = self.encode(decoded)
-                pids.add(int(decoded["decode_pid"][0]))
                 row = {key: value[0] for key, value in encoded.items()}
                 _write_chunk(writer, row, self.feature_shapes, self.dtype)
             result = writer.publish()
         except BaseException:
             writer.abort()
             raise
-        return {
-            "shard": batch["shard"],
-            "result": np.array([result.to_json()], dtype=object),
-            "decode_pids": np.array([json.dumps(sorted(pids))]),
-            "encode_pid": np.array([os.getpid()]),
-        }
+        return {"shard": batch["shard"], "result": np.array([result.to_json()], dtype=object)}
 
 
 def _state_bytes(module: Any) -> int:
@@ -363,8 +358,12 @@ def extract_store(
     """Extract ``encoder``'s features of ``items`` into the store at ``output`` (resumable).
 
     ``items``: ``(image_id, path)`` pairs in any order (sorted by id for the shard plan).
-    ``on_shard_done``: called after each published shard (progress hooks; tests use it to interrupt).
-    ``config``: the caller's full call configuration, recorded in ``manifest.json``.
+    ``on_shard_done``: progress callback, called in this process with each shard's
+    :class:`~pipeline.store.shard_writer.ShardResult` right after the shard is published (e.g. to
+    log per-shard counts and failures to MLflow); an exception it raises stops the run, and the
+    next run resumes after the last published shard.
+    ``config``: the caller's full call configuration, recorded in the stats of every shard this run
+    writes (``run.config``), not in ``manifest.json`` (whose bytes must not depend on the invocation).
     ``writer``: ``"driver"`` (chunks stream back to this process, which writes every shard: one node)
     or ``"actors"`` (each encoder actor writes whole shards itself: scales out over nodes; the store
     must be object storage or a filesystem all nodes see). Both write the same bytes.
@@ -426,8 +425,8 @@ def _run_pipeline(
         },
     }, default=str))
 
-    processes: dict[str, set[int]] = {"decode": set(), "encode": set()}
     decode_weightless = None
+    startup_seconds = extract_seconds = 0.0
     if pending:
         _ray_init(ray_address)
         if num_gpus_per_actor is None:
@@ -452,6 +451,8 @@ def _run_pipeline(
         saved = (context.execution_options.preserve_order, context.enable_progress_bars)
         context.execution_options.preserve_order = True  # rows arrive in plan order -> streaming writes
         context.enable_progress_bars = False  # one bar (ours, images/s) instead of one per operator
+        pipeline_started = time.perf_counter()
+        startup_seconds = pipeline_started - started
         encoder_kwargs = {
             "feature_shapes": {name: list(shape) for name, shape in feature_shapes.items()},
             "dtype": dtype,
@@ -488,7 +489,7 @@ def _run_pipeline(
                         **encoder_kwargs,
                     },
                 )
-                _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm, processes)
+                _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm)
             else:
                 rows = _chunk_rows(pending, batch_size)
                 dataset_ = (
@@ -517,19 +518,12 @@ def _run_pipeline(
                     )
                 )
                 _write_rows(
-                    dataset_.iter_rows(),
-                    builder,
-                    specs,
-                    feature_shapes,
-                    dtype,
-                    total,
-                    progress,
-                    on_shard_done,
-                    tqdm,
-                    processes,
+                    dataset_.iter_rows(), builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm,
+                    started=pipeline_started,
                 )
         finally:
             context.execution_options.preserve_order, context.enable_progress_bars = saved
+        extract_seconds = time.perf_counter() - pipeline_started
     manifest = builder.finalize()
     seconds = time.perf_counter() - started
     extracted_images = sum(len(spec.items) for spec in pending)
@@ -543,9 +537,10 @@ def _run_pipeline(
         shards_extracted=len(pending),
         shards_skipped=len(manifest.shards) - len(pending),
         seconds=seconds,
-        images_per_second=extracted_images / seconds if seconds > 0 else 0.0,
+        images_per_second=extracted_images / extract_seconds if extract_seconds > 0 else 0.0,
         failures=list(manifest.failures),
-        processes={stage: sorted(pids) for stage, pids in processes.items()},
+        startup_seconds=startup_seconds,
+        extract_seconds=extract_seconds,
         decode_weightless=decode_weightless,
         retried_shards=list(builder.retried),
     )
@@ -561,15 +556,15 @@ def _check_room_for_nested_decode(resources: dict, num_actors: int, actor_cpus: 
         )
 
 
-def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm, processes) -> None:
+def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm) -> None:
     """``writer="actors"``: shards arrive finished (any order); report them."""
+    failed = 0
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         for row in rows:
             result = ShardResult.from_json(row["result"], location.join(f"shard {row['shard']}"))
-            processes["decode"].update(json.loads(row["decode_pids"]))
-            processes["encode"].add(int(row["encode_pid"]))
+            failed += len(result.failures)
             bar.update(result.count)
-            bar.set_postfix(shard=result.shard, failed=len(result.failures), refresh=False)
+            bar.set_postfix(shard=result.shard, failed=failed, refresh=False)  # failed so far, all shards
             if on_shard_done is not None:
                 on_shard_done(result)
 
@@ -593,25 +588,35 @@ def _write_chunk(writer: ShardWriter, row: dict, feature_shapes: dict, dtype: st
     return len(image_ids)
 
 
-def _write_rows(rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, processes) -> None:
-    """Stream ordered chunk rows into their shard tars; publish each shard after its last chunk."""
+def _write_rows(
+    rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, started: float | None = None
+) -> None:
+    """Stream ordered chunk rows into their shard tars; publish each shard after its last chunk.
+
+    A shard's ``duration_s`` is the wall time the run spent on it: from the previous shard's publish
+    (the first shard: from ``started``, the pipeline's start, so it includes actor start-up) to its
+    own publish. Decode and encode of a shard overlap the previous shard's writes, so these add up to
+    the pipeline's wall time instead of measuring only how long the tar was open.
+    """
     writer = None
     current = None
+    failed = 0
+    shard_started = time.perf_counter() if started is None else started
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         try:
             for row in rows:
                 shard = int(row["shard"])
-                processes["decode"].add(int(row["decode_pid"]))
-                processes["encode"].add(int(row["encode_pid"]))
                 if shard != current:
                     if writer is not None:
                         raise DataError(f"shard {current} ended without its last chunk (rows out of order)")
-                    current, writer = shard, builder.writer(specs[shard])
+                    current, writer = shard, builder.writer(specs[shard], started=shard_started)
                 bar.update(_write_chunk(writer, row, feature_shapes, dtype))
+                failed += len(json.loads(row["failures"]))
+                bar.set_postfix(shard=specs[shard].name, failed=failed, refresh=False)  # failed so far, all shards
                 if bool(row["last"]):
                     result = writer.publish()
                     writer, current = None, None
-                    bar.set_postfix(shard=result.shard, failed=len(result.failures), refresh=False)
+                    shard_started = time.perf_counter()
                     if on_shard_done is not None:
                         on_shard_done(result)
         except BaseException:
