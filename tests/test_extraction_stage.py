@@ -287,3 +287,13 @@ def test_failed_images_exit_1_fail_verify_and_a_rerun_retries_only_their_shards(
     assert "extracted now 1, already done 1 (retried 1 with failed images)" in capsys.readouterr().out
     assert good == {name: (output / name).read_bytes() for name in good}  # the good shard untouched
     assert commands_main(["verify", str(output)]) == 0 and len(open_store(str(output))) == 4
+
+
+@pytest.mark.timeout(180)  # before the guard, the driver writer hung here forever
+@pytest.mark.parametrize("writer", ["driver", "actors"])
+def test_actors_holding_every_cpu_are_refused_up_front(ray_local, coco_images, mobilenet_v2_weights, tmp_path, writer):
+    with pytest.raises(ConfigError, match=r"1 encoder actor\(s\) x 2 CPU .* = 2 of the cluster's 2 CPUs leave 0 "
+                                          r"for decode tasks, each needs 1 .*would hang"):
+        extract_store(coco_images[:2], str(tmp_path / "store"), mobilenet(mobilenet_v2_weights, input_size=128),
+                      "coco_mini", actor_num_cpus=2, progress=False, writer=writer)
+    assert not (tmp_path / "store" / "_lease.json").exists()  # the refused run gave the store back

@@ -429,8 +429,10 @@ def _run_pipeline(
     startup_seconds = extract_seconds = 0.0
     if pending:
         _ray_init(ray_address)
+        resources = ray.cluster_resources()
         if num_gpus_per_actor is None:
-            num_gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            num_gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        _check_room(resources, num_actors, actor_num_cpus, decode_num_cpus, num_gpus_per_actor)
         builder.writer_settings = {
             "batch_size": batch_size, "torch_threads": torch_threads, "dtype": dtype,
             "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
@@ -444,6 +446,12 @@ def _run_pipeline(
         encoder_bytes = 0 if decode_weightless else _state_bytes(built)
         # A decode worker holds torch (~650 MiB RSS measured) and ~3 copies of a chunk's float32 pixels.
         decode_memory = _DECODE_WORKER_BASE_BYTES + encoder_bytes + 3 * batch_size * 4 * int(np.prod(pixel_shape))
+        if resources.get("memory", float("inf")) < decode_memory:
+            raise ConfigError(
+                f"a decode task reserves {decode_memory / 2**30:.1f} GiB (torch + {batch_size} images of pixels), "
+                f"the cluster offers {resources['memory'] / 2**30:.1f} GiB: it could never be scheduled; "
+                "lower --batch-size or give Ray more memory"
+            )
         del built, preprocess_only
         total = sum(len(spec.items) for spec in pending)
         specs = {spec.index: spec for spec in pending}
@@ -461,7 +469,6 @@ def _run_pipeline(
         }
         try:
             if writer == "actors":
-                _check_room_for_nested_decode(ray.cluster_resources(), num_actors, actor_num_cpus, decode_num_cpus)
                 shard_rows = [
                     {"shard": spec.index, "items": json.dumps([[item.image_id, item.path] for item in spec.items])}
                     for spec in pending
@@ -546,13 +553,25 @@ def _run_pipeline(
     )
 
 
-def _check_room_for_nested_decode(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float) -> None:
-    # Actors that wait on their own decode tasks deadlock if the actors hold every CPU.
-    needed = num_actors * actor_cpus + decode_cpus
-    if resources.get("CPU", 0) < needed:
+def _check_room(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float, gpus: float) -> None:
+    """Refuse settings under which the pipeline could never make progress (it would hang silently).
+
+    Ray Data starts the encoder actor pool first; if the actors hold every CPU, no decode task can
+    ever be scheduled and nothing moves. Both writers need room for one decode task beside the
+    actors (``writer="actors"``: each actor waits on its own decode tasks)."""
+    cpus, gpus_available = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    actors_cpus = num_actors * actor_cpus
+    if actors_cpus + decode_cpus > cpus:
         raise ConfigError(
-            f"writer='actors' needs {needed} CPUs ({num_actors} actors x {actor_cpus} + one decode task x "
-            f"{decode_cpus}), the cluster has {resources.get('CPU', 0)}: lower --num-actors/--actor-num-cpus"
+            f"{num_actors} encoder actor(s) x {actor_cpus:g} CPU (--num-actors x --actor-num-cpus) = {actors_cpus:g} "
+            f"of the cluster's {cpus:g} CPUs leave {max(cpus - actors_cpus, 0):g} for decode tasks, each needs "
+            f"{decode_cpus:g} (--decode-num-cpus): no image could ever be decoded and the extraction would hang. "
+            "Lower --actor-num-cpus / --num-actors or --decode-num-cpus."
+        )
+    if num_actors * gpus > gpus_available:
+        raise ConfigError(
+            f"{num_actors} encoder actor(s) x {gpus:g} GPU need {num_actors * gpus:g} GPUs, the cluster has "
+            f"{gpus_available:g}: the actors could never start. Lower --num-actors or --num-gpus-per-actor."
         )
 
 
