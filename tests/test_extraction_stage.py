@@ -297,3 +297,21 @@ def test_actors_holding_every_cpu_are_refused_up_front(ray_local, coco_images, m
         extract_store(coco_images[:2], str(tmp_path / "store"), mobilenet(mobilenet_v2_weights, input_size=128),
                       "coco_mini", actor_num_cpus=2, progress=False, writer=writer)
     assert not (tmp_path / "store" / "_lease.json").exists()  # the refused run gave the store back
+
+
+def test_cli_reaches_an_s3_compatible_server_through_aws_endpoint_url(
+    ray_local, coco_mini_dir, mobilenet_v2_weights, s3_endpoint, monkeypatch, capsys  # noqa: F811
+):
+    from pipeline.cli import main as refseg
+
+    for name, value in {"AWS_ENDPOINT_URL": f"http://{s3_endpoint}", "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    uri = "s3://refseg-test/stores/from-cli"
+    assert refseg([
+        "extract", "--output", uri, "--dataset", "coco_mini", "--encoder", "mobilenet_v2",
+        "--checkpoint", str(mobilenet_v2_weights), "--encoder-options", '{"input_size": 128}',
+        "--coco-annotations", str(coco_mini_dir / "instances.json"), "--image-dir", str(coco_mini_dir / "images"),
+        "--limit", "3", "--batch-size", "2", "--images-per-shard", "2", "--no-progress",
+    ]) == 0
+    assert refseg(["verify", uri]) == 0 and "3 images" in capsys.readouterr().out

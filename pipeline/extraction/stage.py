@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import USER_ERRORS, ConfigError, DataError
 from pipeline.extraction.encoder_source import EncoderSource
 from pipeline.store.builder import StoreBuilder
 from pipeline.store.feature_set import FeatureSetKey
@@ -528,6 +528,13 @@ def _run_pipeline(
                     dataset_.iter_rows(), builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm,
                     started=pipeline_started,
                 )
+        except Exception as error:
+            # Ray wraps errors raised in tasks/actors (a full disk in an actor's writer, a lost lease, a
+            # bad checkpoint) in its own exceptions: surface ours, as one line, not Ray's traceback.
+            user_error = _user_error(error)
+            if user_error is None or user_error is error:
+                raise
+            raise user_error from error
         finally:
             context.execution_options.preserve_order, context.enable_progress_bars = saved
         extract_seconds = time.perf_counter() - pipeline_started
@@ -551,6 +558,22 @@ def _run_pipeline(
         decode_weightless=decode_weightless,
         retried_shards=list(builder.retried),
     )
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The first refseg/model error in ``error``'s chain of causes, unwrapped from Ray's exceptions."""
+    import ray.exceptions
+
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS) and not isinstance(current, ray.exceptions.RayError):
+            return current
+        stack += [current.__context__, current.__cause__, getattr(current, "cause", None)]
+    return None
 
 
 def _check_room(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float, gpus: float) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.store.feature_set import FeatureSetKey, StoreMismatchError, check_key
-from pipeline.store.fs import Location
+from pipeline.store.fs import Location, io_errors
 from pipeline.store.index import build_index_table, write_index
 from pipeline.store.lease import (
     DEFAULT_TTL_S,
@@ -129,7 +129,7 @@ class StoreBuilder:
         for name in existing:
             if name.endswith(".tmp") and name != f"{LEASE_NAME}.tmp":
                 # A small file (stats/index/manifest) whose rename a kill prevented; we hold the lease.
-                self.location.filesystem.delete_file(self.location.join(name))
+                self.location.delete(name)
         self._clean_stale_scratch()
         done = [spec for spec in self.shards if spec.stats_name in existing]
         retry = [spec for spec in done if self._failed_count(spec) > 0] if retry_failed else []
@@ -141,9 +141,9 @@ class StoreBuilder:
                 "shards without failures are left as they are"
             )
             if MANIFEST_NAME in existing:
-                self.location.filesystem.delete_file(self.location.join(MANIFEST_NAME))
+                self.location.delete(MANIFEST_NAME)
             for spec in retry:
-                self.location.filesystem.delete_file(self.location.join(spec.stats_name))
+                self.location.delete(spec.stats_name)
             self.retried = [spec.name for spec in retry]
         retried = {spec.index for spec in retry}
         return [spec for spec in self.shards if spec.stats_name not in existing or spec.index in retried]
@@ -191,10 +191,12 @@ class StoreBuilder:
         """This run's scratch for temporary tars: ``.partial/<run id>`` inside a local store (same
         filesystem: atomic rename), ``$TMPDIR/refseg-scratch-<run id>`` for object stores."""
         if self._scratch is None:
-            if self.location.is_local:
-                self._scratch = make_scratch_dir(self.location.join(SCRATCH_NAME), self.run)
-            else:
-                self._scratch = make_scratch_dir(temp_root(), self.run, prefix=TMP_SCRATCH_PREFIX)
+            parent = Path(self.location.join(SCRATCH_NAME)) if self.location.is_local else temp_root()
+            with io_errors(f"cannot create this run's scratch directory in {parent}"):
+                if self.location.is_local:
+                    self._scratch = make_scratch_dir(parent, self.run)
+                else:
+                    self._scratch = make_scratch_dir(parent, self.run, prefix=TMP_SCRATCH_PREFIX)
         return self._scratch
 
     @property

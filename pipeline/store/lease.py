@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 import pyarrow.fs as pafs
 
 from pipeline.errors import DataError
-from pipeline.store.fs import Location
+from pipeline.store.fs import Location, io_errors
 
 LEASE_NAME = "_lease.json"
 LOCK_NAME = "_lease.lock"
@@ -216,7 +216,8 @@ class StoreLease:
         import fcntl
 
         lock_path = self.location.join(LOCK_NAME)
-        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        with io_errors(f"cannot create the store's lock file {lock_path}"):
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
@@ -329,7 +330,7 @@ class StoreLease:
             current = self.read()
             holder = self._holder(current) if current else None
             if holder is not None and holder.run_id == self.run.run_id:
-                self.location.filesystem.delete_file(self.location.join(LEASE_NAME))
+                self.location.delete(LEASE_NAME)
 
     def __enter__(self) -> "StoreLease":
         return self.acquire()

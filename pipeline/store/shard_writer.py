@@ -22,7 +22,7 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.errors import DataError
-from pipeline.store.fs import Location
+from pipeline.store.fs import Location, io_errors
 from pipeline.store.layout import ShardSpec
 from pipeline.store.version import code_version
 
@@ -122,7 +122,8 @@ class ShardWriter:
         self.feature_shapes = {name: tuple(shape) for name, shape in feature_shapes.items()}
         self.dtype = np.dtype(dtype)
         self._temp_path = Path(scratch_dir) / f"{spec.name}.partial-{os.getpid()}"
-        self._file = self._temp_path.open("wb")
+        with io_errors(f"cannot create the temporary shard {self._temp_path}"):
+            self._file = self._temp_path.open("wb")
         self._tar = wds.TarWriter(
             self._file,
             user=_TAR_USER,
@@ -170,7 +171,8 @@ class ShardWriter:
             payload = npy_bytes(array)
             sample[f"{name}.npy"] = payload
             self._crc32[f"{sample['__key__']}.{name}.npy"] = zlib.crc32(payload)
-        self._tar.write(sample)
+        with io_errors(f"cannot write the temporary shard {self._temp_path}"):
+            self._tar.write(sample)
         self._written.append((image_id, str(sample["__key__"])))
 
     def fail(self, image_id: str, path: str, reason: str) -> None:
@@ -180,16 +182,20 @@ class ShardWriter:
 
     def publish(self) -> ShardResult:
         """Close the tar, move it into the store, then write ``_stats.json`` (the completion marker)."""
+        try:
+            with io_errors(f"cannot publish {self.location.join(self.spec.name)}"):
+                return self._publish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _publish(self) -> ShardResult:
         missing = [item.image_id for item in self.spec.items if item.image_id not in self._done]
         if missing:
             self.abort()
             raise DataError(f"{self.spec.name}: images {missing[:5]} were neither written nor failed")
         if self.guard is not None:
-            try:
-                self.guard()
-            except BaseException:
-                self.abort()
-                raise
+            self.guard()  # the lease is still ours (publish() aborts the tar otherwise)
         self._tar.close()
         self._file.close()
         size = self._temp_path.stat().st_size
