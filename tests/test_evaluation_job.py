@@ -187,3 +187,14 @@ def test_job_script_refuses_a_bad_fold_before_ray(tmp_path, coco_mini_dir, coco2
     assert "evaluate_coco20i: error: fold must be an integer in 0..3, got 7" in completed.stderr
     assert "Started a local Ray instance" not in completed.stderr + completed.stdout
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_skip_reports_of_ranks_add_up_with_at_most_five_examples():
+    total = SkipReport("evaluation")
+    for rank in range(3):
+        share = SkipReport(f"evaluation rank {rank}")
+        for index in range(4):
+            share.skip("image file not found", f"episode {rank}-{index}")
+        total.add(share.as_dict())
+    assert total.counts["image file not found"] == 12 and len(total.examples["image file not found"]) == 5
+    assert "12 x image file not found" in total.summary()
