@@ -247,3 +247,29 @@ def test_manifest_depends_only_on_the_shards_and_a_finished_rerun_writes_nothing
     assert rerun.prepare(retry_failed=False) == []
     assert rerun.finalize().num_written == 6
     assert before == {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in a.iterdir() if path.is_file()}
+
+
+def test_streamed_samples_stay_intact_while_read_buffers_are_reused(tmp_path, monkeypatch):
+    from pipeline.store import reader
+
+    monkeypatch.setattr(reader, "_STREAM_BLOCK_BYTES", 2048)  # a read block of ~1 sample: many reuses
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 15)), per_shard=7)
+    store = open_store(uri)
+    kept = list(store.stream())  # every sample kept alive: no buffer may be reused under them
+    assert [sample["image_id"] for sample in kept] == [str(i) for i in range(1, 15)]
+    for sample in kept:
+        assert all(np.array_equal(sample[name], value) for name, value in features_of(sample["image_id"]).items())
+        assert not sample["embed"].flags.writeable
+    dropped = 0
+    for sample in store.stream():  # dropped one by one: buffers are reused, values still right
+        assert np.array_equal(sample["layer3"], features_of(sample["image_id"])["layer3"])
+        dropped += 1
+    assert dropped == 14
+    shard, offset, size, _ = store._rows["9"]["embed"]
+    path = tmp_path / "store" / shard
+    data = bytearray(path.read_bytes())
+    data[offset + size - 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="image '9' feature 'embed' is corrupted"):
+        list(open_store(uri, verify_checksums=True).stream())
