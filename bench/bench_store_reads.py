@@ -8,6 +8,7 @@
    raw    = the shard file read sequentially in 16 MiB blocks into one buffer (the floor: the same
             bytes, no format, no allocation);
    random = ``store.get(image_id)`` for every image of the shard in a shuffled order, cache off;
+   random4 = the same ids through ``store.get_many(ids, threads=4)`` (4 reads in flight);
    stream = ``store.stream()`` over that shard (what a training DataLoader iterates).
    A round reads every shard raw, mode, mode, raw (ABBA: a linear drift of this shared machine
    cancels); its ratio = raw seconds / mode seconds (1.0 = as fast as the raw read). Warm: files in
@@ -122,11 +123,14 @@ def bench_reads(root: Path, shapes: dict, images: int, repeats: int, warm_unit_s
         for image_id in orders[i]:
             store.get(image_id)
 
+    def random_4_threads(i: int) -> None:
+        store.get_many(orders[i], threads=4)
+
     def stream(i: int) -> None:
         for _ in store.stream(rank=i, world_size=len(shard_files)):  # shard i alone
             pass
 
-    modes = {"random": random_access, "stream": stream}
+    modes = {"random": random_access, "random4": random_4_threads, "stream": stream}
     results: dict = {"bytes": total_bytes, "images": images}
     for i in range(len(shard_files)):
         raw(i)  # warm
@@ -215,18 +219,19 @@ def main() -> None:
     print(f"load average after: {os.getloadavg()[0]:.1f}; {args.repeats} rounds per cell; median [min, max] over rounds")
     print(
         "\n| feature set | MB/img | images | store MB | cache | MB read per round and side | raw MB/s "
-        "| random img/s | random x raw | stream img/s | stream x raw |"
+        "| random img/s | random x raw | random, 4 threads x raw | stream img/s | stream x raw |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         per_image = bytes_per_sample(FEATURE_SETS[name], 2) / 1e6
         for cache in ("warm", "cold"):
             c = r[cache]
-            raw_mb_s = c["random"]["raw_mb_s"] + c["stream"]["raw_mb_s"]
+            raw_mb_s = c["random"]["raw_mb_s"] + c["random4"]["raw_mb_s"] + c["stream"]["raw_mb_s"]
             print(
                 f"| {name} | {per_image:.2f} | {r['images']} | {r['bytes'] / 1e6:.0f} | {cache} | "
                 f"{2 * r['bytes'] * c['sweeps'] / 1e6:.0f} | {_spread(raw_mb_s, '{:.0f}')} | "
                 f"{_spread(c['random']['img_s'], '{:.0f}')} | {_spread(c['random']['ratio'])} | "
+                f"{_spread(c['random4']['ratio'])} | "
                 f"{_spread(c['stream']['img_s'], '{:.0f}')} | {_spread(c['stream']['ratio'])} |"
             )
     print("\n| feature set | cache-hit img/s |")

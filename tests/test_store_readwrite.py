@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 import tarfile
 
 import numpy as np
@@ -273,3 +274,22 @@ def test_streamed_samples_stay_intact_while_read_buffers_are_reused(tmp_path, mo
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match="image '9' feature 'embed' is corrupted"):
         list(open_store(uri, verify_checksums=True).stream())
+
+
+def test_parallel_reads_equal_single_reads_while_shard_handles_are_evicted(tmp_path, monkeypatch):
+    from pipeline.store import reader
+
+    monkeypatch.setattr(reader, "_MAX_OPEN_SHARDS", 1)  # every read of another shard evicts a handle in use
+    uri = str(tmp_path / "store")
+    ids = list(range(1, 25))
+    write_store(uri, ids, per_shard=2)  # 12 shards
+    store = open_store(uri, cache_bytes=0)
+    order = [str(i) for i in ids] * 3
+    random.Random(1).shuffle(order)
+    many = store.get_many(order, threads=4)
+    for image_id, got in zip(order, many):
+        assert all(np.array_equal(got[name], value) for name, value in features_of(image_id).items()), image_id
+    batch = store.get_batch(["3", "17", "8"], features=["embed"])
+    assert np.array_equal(batch["embed"][1].numpy(), features_of("17")["embed"])
+    store.close()
+    assert store.get("5")["layer3"].shape == SHAPES["layer3"]  # reopens after close

@@ -161,6 +161,8 @@ class FeatureStore:
         self._init_process_state()
 
     def _init_process_state(self) -> None:
+        self._executor = None
+        self._executor_threads = 0
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self._cached_bytes = 0
@@ -169,7 +171,7 @@ class FeatureStore:
         self.misses = 0
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_cache", "_files")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_cache", "_files", "_executor")}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -199,10 +201,13 @@ class FeatureStore:
         return [self.location.join(shard.name) for shard in self.manifest.shards if shard.written > 0]
 
     # ------------------------------------------------------------------ random access
-    def _handle(self, shard: str):
-        """An open shard: a raw file descriptor (local stores) or a pyarrow random-access file."""
-        handle = self._files.get(shard)
-        if handle is None:
+    def _acquire(self, shard: str) -> list:
+        """``[handle, users, retired]`` of an open shard (call with ``self._lock`` held): a raw file
+        descriptor (local stores) or a pyarrow random-access file. Reads happen outside the lock
+        (``preadv``/``read_at`` are position-free and release the GIL, so threads read in parallel);
+        a handle evicted from the LRU while in use is closed by its last user."""
+        entry = self._files.get(shard)
+        if entry is None:
             path = self.location.join(shard)
             if self.location.is_local:
                 try:
@@ -211,17 +216,24 @@ class FeatureStore:
                     raise DataError(f"cannot open shard {path}: {error}") from error
             else:
                 handle = self.location.filesystem.open_input_file(path)
-            self._files[shard] = handle
+            entry = [handle, 0, False]
+            self._files[shard] = entry
             if len(self._files) > _MAX_OPEN_SHARDS:
-                _close(self._files.popitem(last=False)[1])
+                evicted = self._files.popitem(last=False)[1]
+                evicted[2] = True
+                if evicted[1] == 0:
+                    _close(evicted[0])
         else:
             self._files.move_to_end(shard)
-        return handle
+        entry[1] += 1
+        return entry
 
     def _read_range(self, shard: str, start: int, length: int) -> np.ndarray:
         """``length`` bytes at ``start`` of ``shard`` as a fresh uint8 array (one read)."""
         with self._lock:
-            handle = self._handle(shard)
+            entry = self._acquire(shard)
+        try:
+            handle = entry[0]
             if isinstance(handle, int):
                 buffer = np.empty(length, dtype=np.uint8)
                 done = 0
@@ -234,6 +246,11 @@ class FeatureStore:
                 data = handle.read_at(length, start)
                 done = len(data)
                 buffer = np.frombuffer(data, dtype=np.uint8)
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[2] and entry[1] == 0:
+                    _close(entry[0])
         if done != length:
             raise DataError(f"{self.location.join(shard)}: short read at {start} ({done}/{length} bytes)")
         return buffer
@@ -300,9 +317,29 @@ class FeatureStore:
         """Like :meth:`get`, as (writable, copied) torch tensors."""
         return {name: torch.from_numpy(array.copy()) for name, array in self.get(image_id, features).items()}
 
-    def get_batch(self, image_ids: Sequence[object], features: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """{name: B x C x h x w tensor} for an episode's images (query + supports)."""
-        per_image = [self.get(image_id, features) for image_id in image_ids]
+    def get_many(
+        self, image_ids: Sequence[object], features: Sequence[str] | None = None, threads: int = 4
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`get` for several images, ``threads`` reads in flight. On a page-cold disk a single
+        1-2 MB read waits on the device; several in flight use its queue (measured here: 4 threads
+        read random 1.1 MB records about twice as fast as one). Same results as :meth:`get`."""
+        image_ids = list(image_ids)
+        if threads <= 1 or len(image_ids) < 2:
+            return [self.get(image_id, features) for image_id in image_ids]
+        if self._executor is None or self._executor_threads != threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="refseg-store-read")
+            self._executor_threads = threads
+        return list(self._executor.map(lambda image_id: self.get(image_id, features), image_ids))
+
+    def get_batch(
+        self, image_ids: Sequence[object], features: Sequence[str] | None = None, threads: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """{name: B x C x h x w tensor} for an episode's images (query + supports), read in parallel."""
+        per_image = self.get_many(image_ids, features, threads)
         names = list(per_image[0]) if per_image else []
         return {name: torch.from_numpy(np.stack([item[name] for item in per_image])) for name in names}
 
@@ -311,9 +348,14 @@ class FeatureStore:
         return self._cached_bytes
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         with self._lock:
-            for handle in self._files.values():
-                _close(handle)
+            for entry in self._files.values():
+                entry[2] = True
+                if entry[1] == 0:
+                    _close(entry[0])
             self._files.clear()
 
     def __del__(self) -> None:
