@@ -48,7 +48,7 @@ def plain_loop(items, source: RegistryEncoder, output: str, batch_size: int, per
             for index, item in enumerate(chunk):
                 writer.add(item.image_id, {k: v[index] for k, v in out.items()})
         writer.publish()
-    builder.finalize({})
+    builder.finalize()
     return time.perf_counter() - start
 
 

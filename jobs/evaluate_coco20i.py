@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--feature", default="layer4")
     parser.add_argument("--resolution-mode", choices=("fixed", "original"), default="fixed")
     parser.add_argument("--resolution-size", type=int, default=512)
+    parser.add_argument(
+        "--crowd",
+        choices=("background", "ignore"),
+        default="background",
+        help="COCO crowd regions: background as in HSNet's COCO-20i masks (default, HSNet-comparable) or ignore (255)",
+    )
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--output-dir", default="outputs/evaluate")

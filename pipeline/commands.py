@@ -13,6 +13,7 @@ from pipeline.data.splits import coco_image_id, map_coco20i_list, read_coco20i_l
 from pipeline.episodes.annotations import ANNOTATION_TYPES
 from pipeline.episodes.hsnet import hsnet_pascal_test_episodes, hsnet_test_episodes
 from pipeline.episodes.manifest import build_episode_manifest, manifest_from_hsnet, write_manifest
+from pipeline.errors import ConfigError
 from pipeline.report import SkipReport
 
 
@@ -76,6 +77,8 @@ def _episodes_hsnet(args: argparse.Namespace) -> int:
 
 
 def _episodes_build(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ConfigError(f"n (the number of episodes) must be >= 1, got {args.n}")
     source_type = Coco2014Instances if args.layout == "2014" else CocoInstances
     source = source_type(args.annotations, args.images)
     classes = fold_classes("coco20i", args.fold, args.split)

@@ -42,6 +42,15 @@ class SkipReport:
         if self:
             print(self.summary(), file=stream if stream is not None else sys.stderr)
 
+    def add(self, other: dict) -> None:
+        """Add the counts (and examples, up to ``MAX_EXAMPLES`` per reason) of another report's
+        :meth:`as_dict` (e.g. a Ray worker's)."""
+        for reason, count in other["counts"].items():
+            self.counts[reason] += count
+            room = MAX_EXAMPLES - len(self.examples[reason])
+            if room > 0:
+                self.examples[reason].extend(other["examples"].get(reason, [])[:room])
+
     def as_dict(self) -> dict[str, object]:
         return {
             "context": self.context,

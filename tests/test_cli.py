@@ -36,3 +36,15 @@ def test_episodes_build_command(coco_mini_dir, coco20i_lists_dir, tmp_path, caps
     assert main(argv) == 0
     assert pq.read_table(out).num_rows == 50
     assert "list entry's image not in the dataset" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("kind", ["hsnet", "build"])
+def test_episode_count_is_validated_where_given(kind, coco20i_lists_dir, coco_mini_dir, tmp_path, capsys):
+    argv = ["episodes", kind, "--lists-dir", str(coco20i_lists_dir), "--fold", "0", "--n", "-5",
+            "--out", str(tmp_path / "m.parquet")]
+    if kind == "build":
+        argv += ["--annotations", str(coco_mini_dir / "instances.json"), "--images", str(coco_mini_dir / "images")]
+    assert main(argv) == 2
+    assert "n (the number of episodes) must be >= 1, got -5" in capsys.readouterr().err
+    assert not (tmp_path / "m.parquet").exists()

@@ -64,6 +64,24 @@ def test_crowd_regions_are_ignore(coco):
     assert (mask[crowd_pixels] == IGNORE_INDEX).any()
 
 
+def test_crowd_regions_are_background_in_hsnet_masks(coco, coco_mini_dir, tmp_path):
+    """crowd="background": HSNet's COCO-20i masks (the class label or 0, nothing ignored)."""
+    hsnet = CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", crowd="background")
+    crowd = [a for a in coco.coco.anns.values() if a["iscrowd"]]
+    changed = 0
+    for annotation in crowd:
+        class_id = coco.category_ids.index(annotation["category_id"])
+        ignore, background = (source.class_mask(annotation["image_id"], class_id) for source in (coco, hsnet))
+        assert set(np.unique(background)) <= {0, 1}
+        assert np.array_equal(background, np.where(ignore == IGNORE_INDEX, 0, ignore))  # only crowd pixels differ
+        changed += int((ignore == IGNORE_INDEX).sum())
+    assert changed > 0
+    # Cached masks are keyed by the crowd rule: one cache folder never serves the other's masks.
+    assert MaskCache(coco, tmp_path).directory != MaskCache(hsnet, tmp_path).directory
+    with pytest.raises(Exception, match="crowd must be one of"):
+        CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", crowd="foreground")
+
+
 def test_unknown_images_and_categories_are_counted_and_strict_raises(coco_mini_dir, tmp_path, capsys):
     data = json.loads((coco_mini_dir / "instances.json").read_text())
     data["annotations"][0]["category_id"] = 999

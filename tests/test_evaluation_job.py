@@ -1,9 +1,11 @@
 """The evaluation path end to end on real images and real MobileNetV2 features, through Ray."""
 
 import json
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +38,8 @@ def test_ray_evaluation_equals_single_process(local_ray, coco_mini_dir, coco20i_
     assert fold["episodes"] == 24
     assert 0.0 < fold["miou"] < 100.0 and 0.0 < fold["fbiou"] < 100.0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["folds"]["1"]["miou"] == fold["miou"]
+    assert saved["folds"]["1"]["miou"] == fold["miou"] and saved["status"] == "complete"
+    assert saved["crowd"] == "background" and "HSNet-compatible" in saved["crowd_meaning"]
     assert json.loads((tmp_path / "config.json").read_text())["folds"] == [1]
 
     table = read_manifest(tmp_path / "episodes_fold1.parquet")
@@ -77,3 +80,121 @@ def test_job_script_rejects_bad_paths(tmp_path):
     )
     assert completed.returncode != 0
     assert "path not found" in completed.stderr and "x.json" in completed.stderr
+
+
+def _config(coco_mini_dir, coco20i_lists_dir, weights, tmp_path, **changes) -> EvaluateConfig:
+    base = dict(annotations=str(coco_mini_dir / "instances.json"), images=str(coco_mini_dir / "images"),
+                backbone_checkpoint=str(weights), lists_dir=str(coco20i_lists_dir), folds=[0, 1], n_episodes=6,
+                num_workers=1, output_dir=str(tmp_path / "out"))
+    return EvaluateConfig(**{**base, **changes})
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The job's Ray start and per-fold evaluation replaced: fold 0 evaluates (to a fixed meter),
+    fold 1 fails; starting Ray is recorded."""
+    from pipeline.evaluation import FewShotMeter, job
+
+    calls = {"ray": 0, "folds": []}
+
+    def start_ray(address):
+        calls["ray"] += 1
+
+    def evaluate(manifest_path, source_factory, predictor_factory, class_ids, resolution, num_workers):
+        calls["folds"].append(str(manifest_path))
+        if "fold1" in str(manifest_path):
+            raise RuntimeError("worker died in fold 1")
+        meter = FewShotMeter(class_ids)
+        meter.update(np.ones((4, 4), np.uint8), np.ones((4, 4), np.uint8), class_ids[0])
+        return meter, SkipReport("evaluation")
+
+    monkeypatch.setattr(job, "_start_ray", start_ray)
+    monkeypatch.setattr(job, "evaluate_manifest_with_ray", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"folds": [0, 7]}, "fold must be an integer in 0..3, got 7"),
+        ({"folds": [1, 1]}, "name a fold twice"),
+        ({"shot": 0}, "shot must be >= 1, got 0"),
+        ({"n_episodes": -5}, "n_episodes must be >= 1, got -5"),
+        ({"crowd": "maybe"}, "crowd must be one of"),
+        ({"backbone": "mobilenet_v3"}, "unknown backbone 'mobilenet_v3'"),
+        ({"lists_dir": "/nowhere"}, "HSNet COCO-20i lists not found: /nowhere/val/fold0.json"),
+        ({"images": "/nowhere/images"}, "path not found: /nowhere/images"),
+    ],
+)
+def test_everything_is_validated_before_ray_starts(changes, message, no_ray, coco_mini_dir, coco20i_lists_dir,
+                                                   mobilenet_v2_weights, tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, **changes))
+    assert no_ray == {"ray": 0, "folds": []} and not (tmp_path / "out" / "results.json").exists()
+
+
+def test_each_finished_fold_is_saved_and_the_skip_report_is_shown_and_saved(
+    no_ray, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, capsys
+):
+    data = json.loads((coco_mini_dir / "instances.json").read_text())
+    data["annotations"] += [
+        dict(data["annotations"][0], id=990001, image_id=123456789),  # an image the json does not have
+        dict(data["annotations"][1], id=990002, category_id=91),  # a category it does not have
+    ]
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps(data))
+    config = _config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, annotations=str(annotations))
+    with pytest.raises(RuntimeError, match="worker died in fold 1"):
+        run(config)
+    out = capsys.readouterr().out
+    assert "coco annotations instances.json: skipped 2 item(s)" in out
+    assert "annotation references an unknown category id (e.g. ann 990002)" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["status"] == "failed" and "worker died in fold 1" in results["error"]
+    assert list(results["folds"]) == ["0"] and results["folds_pending"] == [1]  # fold 0 kept
+    assert results["folds"]["0"]["episodes"] == 1 and results["crowd"] == "background"
+    assert results["skipped_annotations"]["counts"] == {
+        "annotation references an unknown image id": 1, "annotation references an unknown category id": 1,
+    }
+    assert no_ray["ray"] == 1 and len(no_ray["folds"]) == 2
+
+
+def test_a_foreign_category_id_set_fails_before_ray(no_ray, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights,
+                                                   tmp_path):
+    from pipeline.errors import DataError
+
+    data = json.loads((coco_mini_dir / "instances.json").read_text())
+    for category in data["categories"]:  # e.g. a json with 0-based or shifted ids: every class id would be off
+        category["id"] += 100
+    annotations = tmp_path / "shifted.json"
+    annotations.write_text(json.dumps(data))
+    config = _config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, annotations=str(annotations))
+    with pytest.raises(DataError, match=r"its 80 category ids are not COCO's 80 \(missing \[1, 2, 3"):
+        run(config)
+    assert no_ray["ray"] == 0
+
+
+def test_job_script_refuses_a_bad_fold_before_ray(tmp_path, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights):
+    completed = subprocess.run(
+        [sys.executable, "jobs/evaluate_coco20i.py", "--annotations", str(coco_mini_dir / "instances.json"),
+         "--images", str(coco_mini_dir / "images"), "--backbone-checkpoint", str(mobilenet_v2_weights),
+         "--lists-dir", str(coco20i_lists_dir), "--folds", "0", "7", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "evaluate_coco20i: error: fold must be an integer in 0..3, got 7" in completed.stderr
+    assert "Started a local Ray instance" not in completed.stderr + completed.stdout
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_skip_reports_of_ranks_add_up_with_at_most_five_examples():
+    total = SkipReport("evaluation")
+    for rank in range(3):
+        share = SkipReport(f"evaluation rank {rank}")
+        for index in range(4):
+            share.skip("image file not found", f"episode {rank}-{index}")
+        total.add(share.as_dict())
+    assert total.counts["image file not found"] == 12 and len(total.examples["image file not found"]) == 5
+    assert "12 x image file not found" in total.summary()

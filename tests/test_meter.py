@@ -118,3 +118,27 @@ def test_resolution_modes():
     assert pred[:3, :3].all() and not pred[5:, 5:].any()
     with pytest.raises(ConfigError):
         EvalResolution("half")
+
+
+def test_fbiou_without_valid_pixels_is_nan_as_in_hsnet():
+    """HSNet's FB-IoU divides summed areas without a guard: no valid pixel -> 0/0 = NaN. mIoU keeps
+    HSNet's max(U, 1): classes without episodes count 0."""
+    import math
+
+    empty = FewShotMeter([1, 2]).compute()
+    assert math.isnan(empty["fbiou"]) and empty["miou"] == 0.0
+    all_ignored = FewShotMeter([1])
+    all_ignored.update(np.ones((2, 2), np.uint8), np.full((2, 2), 255, np.uint8), 1)
+    assert math.isnan(all_ignored.compute()["fbiou"])
+    measured = FewShotMeter([1])
+    measured.update(np.ones((2, 2), np.uint8), np.ones((2, 2), np.uint8), 1)  # no background pixel at all
+    assert math.isnan(measured.compute()["fbiou"])  # HSNet: the background term is 0/0
+
+
+def test_results_json_writes_undefined_numbers_as_null(tmp_path):
+    import json
+
+    from pipeline.evaluation.job import write_json
+
+    write_json(tmp_path / "r.json", {"fbiou": float("nan"), "miou": 1.5, "per_class": [float("inf")]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"fbiou": None, "miou": 1.5, "per_class": [None]}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import random
 import tarfile
 
 import numpy as np
@@ -30,10 +32,10 @@ def features_of(image_id: str) -> dict[str, np.ndarray]:
 
 
 def write_store(
-    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None
+    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None, **builder_options
 ) -> StoreBuilder:
     items = sorted_items([(i, f"/data/{i}.jpg") for i in ids])
-    builder = StoreBuilder(resolve_location(uri, filesystem), KEY, SHAPES, items, per_shard)
+    builder = StoreBuilder(resolve_location(uri, filesystem), KEY, SHAPES, items, per_shard, **builder_options)
     for spec in builder.prepare():
         writer = builder.writer(spec)
         for item in spec.items:
@@ -42,7 +44,7 @@ def write_store(
             else:
                 writer.add(item.image_id, features_of(item.image_id))
         writer.publish()
-    builder.finalize({"test": True})
+    builder.finalize()
     return builder
 
 
@@ -70,7 +72,7 @@ def test_random_access_round_trip_and_layout(tmp_path):
     assert names[:3] == ["000000_000000.embed.npy", "000000_000000.image_id.txt", "000000_000000.layer3.npy"]
     stats = json.loads((tmp_path / "store" / "shard-000001_stats.json").read_text())
     assert stats["count"] == 3 and stats["failed"] == 1 and stats["failures"][0]["image_id"] == "4"
-    assert verify_store(uri).ok
+    assert verify_store(uri, allow_failed=True).ok
 
 
 def test_cache_is_bounded_in_bytes(tmp_path):
@@ -147,7 +149,7 @@ def test_verify_detects_corruption(tmp_path):
     uri = str(tmp_path / "store")
     write_store(uri, list(range(1, 7)))
     store = open_store(uri)
-    shard, offset, _ = store._rows["2"]["layer3"]
+    shard, offset, *_ = store._rows["2"]["layer3"]
     path = tmp_path / "store" / shard
     data = bytearray(path.read_bytes())
     data[offset + 2] ^= 0xFF  # break the .npy magic of one member
@@ -159,3 +161,143 @@ def test_verify_detects_corruption(tmp_path):
     assert any("bytes, manifest says" in problem for problem in report.problems)
     with pytest.raises(DataError):
         verify_store(uri, raise_on_error=True)
+
+
+def test_verify_detects_flipped_payload_bits_by_checksum(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.store.index import INDEX_SCHEMA_V1, write_index
+
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 7)))
+    assert verify_store(uri).checksums_checked == 6 * len(SHAPES)
+    shard, offset, size, crc = open_store(uri)._rows["2"]["layer3"]
+    assert crc is not None
+    path = tmp_path / "store" / shard
+    data = bytearray(path.read_bytes())
+    data[offset + size - 40] ^= 0x04  # two flipped bits inside the fp16 values, the .npy header intact
+    data[offset + size - 7] ^= 0x20
+    path.write_bytes(bytes(data))
+    report = verify_store(uri)
+    assert not report.ok
+    assert any("image '2', feature 'layer3') is corrupted: crc32" in problem for problem in report.problems)
+    quick = verify_store(uri, quick=True)  # headers only: layout fine, payloads not read
+    assert quick.ok and quick.checksums_checked == 0 and "quick" in quick.summary()
+    assert open_store(uri).get("2")["layer3"].shape == SHAPES["layer3"]  # no checks unless asked
+    with pytest.raises(DataError, match="image '2' feature 'layer3' is corrupted"):
+        open_store(uri, verify_checksums=True).get("2")
+
+    # A store written before checksums existed: still readable, verify says what it cannot check.
+    old_index = pq.read_table(tmp_path / "store" / "index.parquet").select(INDEX_SCHEMA_V1.names)
+    write_index(resolve_location(uri), old_index.cast(INDEX_SCHEMA_V1))
+    report = verify_store(uri)
+    assert report.checksums_checked == 0 and "no crc32 column" in report.summary()
+    assert len(open_store(uri)) == 6
+
+
+def test_failed_images_fail_verify_and_are_retried_without_touching_good_shards(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 10)), failed=(4,))  # shard 1 = images 4, 5, 6
+    report = verify_store(uri)
+    assert not report.ok and not report.problems
+    assert "1 of 9 images FAILED extraction" in report.summary()
+    assert "4 (/data/4.jpg): corrupt test image" in report.summary()
+    assert verify_store(uri, allow_failed=True).ok
+
+    root = tmp_path / "store"
+    good = ["shard-000000.tar", "shard-000000_stats.json", "shard-000002.tar", "shard-000002_stats.json"]
+    before = {name: ((root / name).read_bytes(), (root / name).stat().st_mtime_ns) for name in good}
+    items = sorted_items([(i, f"/data/{i}.jpg") for i in range(1, 10)])
+    skip = StoreBuilder(resolve_location(uri), KEY, SHAPES, items, 3)
+    assert skip.prepare(retry_failed=False) == [] and not skip.lease.held  # opted out: nothing to do
+
+    messages: list[str] = []
+    builder = StoreBuilder(resolve_location(uri), KEY, SHAPES, items, 3, log=messages.append)
+    pending = builder.prepare()
+    assert [spec.name for spec in pending] == ["shard-000001.tar"] and builder.retried == ["shard-000001.tar"]
+    assert "retrying 1 failed image(s) of 1 finished shard(s) (shard-000001.tar)" in messages[0]
+    assert not (root / "manifest.json").exists() and not (root / "shard-000001_stats.json").exists()
+    writer = builder.writer(pending[0])
+    for item in pending[0].items:  # the image reads fine now
+        writer.add(item.image_id, features_of(item.image_id))
+    writer.publish()
+    builder.finalize()
+    assert verify_store(uri).ok and open_store(uri).manifest.num_failed == 0 and "4" in open_store(uri)
+    assert before == {name: ((root / name).read_bytes(), (root / name).stat().st_mtime_ns) for name in good}
+
+
+def test_manifest_depends_only_on_the_shards_and_a_finished_rerun_writes_nothing(tmp_path):
+    settings = {"batch_size": 4, "torch_threads": 1, "dtype": "float16", "device": "cpu"}
+    for name, progress in (("a", True), ("b", False)):  # two invocations that differ in everything else
+        write_store(str(tmp_path / name), list(range(1, 8)), failed=(5,), writer_settings=settings,
+                    run_config={"output": f"relative/{name}", "progress": progress})
+    a, b = tmp_path / "a", tmp_path / "b"
+    for name in ("manifest.json", "index.parquet", "shard-000000.tar", "shard-000001.tar", "_plan.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert "config" not in manifest and manifest["writer_settings"] == [settings]
+    stats_a, stats_b = (json.loads((root / "shard-000001_stats.json").read_text()) for root in (a, b))
+    assert stats_a["writer"] == settings and stats_a["run"]["config"] == {"output": "relative/a", "progress": True}
+    assert stats_a["run"]["run_id"] != stats_b["run"]["run_id"]
+    for stats in (stats_a, stats_b):  # the only fields that differ between runs: who wrote it, how long it took
+        stats.pop("run"), stats.pop("duration_s")
+    assert stats_a == stats_b
+
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in a.iterdir() if path.is_file()}
+    items = sorted_items([(i, f"/elsewhere/{i}.jpg") for i in range(1, 8)])
+    rerun = StoreBuilder(resolve_location(str(a)), KEY, SHAPES, items, 3, run_config={"progress": "changed"})
+    assert rerun.prepare(retry_failed=False) == []
+    assert rerun.finalize().num_written == 6
+    assert before == {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in a.iterdir() if path.is_file()}
+
+
+def test_streamed_samples_stay_intact_while_read_buffers_are_reused(tmp_path, monkeypatch):
+    from pipeline.store import reader
+
+    monkeypatch.setattr(reader, "_STREAM_BLOCK_BYTES", 2048)  # a read block of ~1 sample: many reuses
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 15)), per_shard=7)
+    store = open_store(uri)
+    kept = list(store.stream())  # every sample kept alive: no buffer may be reused under them
+    assert [sample["image_id"] for sample in kept] == [str(i) for i in range(1, 15)]
+    for sample in kept:
+        assert all(np.array_equal(sample[name], value) for name, value in features_of(sample["image_id"]).items())
+        assert not sample["embed"].flags.writeable
+    dropped = 0
+    for sample in store.stream():  # dropped one by one: buffers are reused, values still right
+        assert np.array_equal(sample["layer3"], features_of(sample["image_id"])["layer3"])
+        dropped += 1
+    assert dropped == 14
+    shard, offset, size, _ = store._rows["9"]["embed"]
+    path = tmp_path / "store" / shard
+    data = bytearray(path.read_bytes())
+    data[offset + size - 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="image '9' feature 'embed' is corrupted"):
+        list(open_store(uri, verify_checksums=True).stream())
+
+
+def test_parallel_reads_equal_single_reads_while_shard_handles_are_evicted(tmp_path, monkeypatch):
+    from pipeline.store import reader
+
+    monkeypatch.setattr(reader, "_MAX_OPEN_SHARDS", 1)  # every read of another shard evicts a handle in use
+    uri = str(tmp_path / "store")
+    ids = list(range(1, 25))
+    write_store(uri, ids, per_shard=2)  # 12 shards
+    store = open_store(uri, cache_bytes=0)
+    order = [str(i) for i in ids] * 3
+    random.Random(1).shuffle(order)
+    for evicted in (False, True):  # served from the page cache in this thread, or by the read threads
+        if evicted:
+            for path in (tmp_path / "store").glob("shard-*.tar"):
+                descriptor = os.open(path, os.O_RDONLY)
+                os.fsync(descriptor)
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(descriptor)
+        many = store.get_many(order, threads=4)
+        for image_id, got in zip(order, many):
+            assert all(np.array_equal(got[name], value) for name, value in features_of(image_id).items()), image_id
+    batch = store.get_batch(["3", "17", "8"], features=["embed"])
+    assert np.array_equal(batch["embed"][1].numpy(), features_of("17")["embed"])
+    store.close()
+    assert store.get("5")["layer3"].shape == SHAPES["layer3"]  # reopens after close

@@ -25,7 +25,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_filesystem():
+def s3_endpoint():
+    """``127.0.0.1:<port>`` of a moto S3 server (loopback only) with the bucket ``refseg-test``."""
     moto_server = Path(sys.executable).with_name("moto_server")
     if not moto_server.exists():
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
@@ -43,19 +44,22 @@ def s3_filesystem():
                 if time.monotonic() > deadline or process.poll() is not None:
                     pytest.fail("moto_server did not start")
                 time.sleep(0.2)
-        fs = pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{port}",
-            scheme="http",
-            access_key="test",
-            secret_key="test",
-            region="us-east-1",
-            allow_bucket_creation=True,
-        )
-        fs.create_dir("refseg-test")
-        yield fs
+        s3_client(f"127.0.0.1:{port}", allow_bucket_creation=True).create_dir("refseg-test")
+        yield f"127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def s3_client(endpoint: str, **options):
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint, scheme="http", access_key="test", secret_key="test", region="us-east-1", **options
+    )
+
+
+@pytest.fixture(scope="module")
+def s3_filesystem(s3_endpoint):
+    return s3_client(s3_endpoint, allow_bucket_creation=True)
 
 
 def test_store_round_trip_on_s3(s3_filesystem):
@@ -73,6 +77,6 @@ def test_store_round_trip_on_s3(s3_filesystem):
     streamed = {sample["image_id"]: sample for sample in store.stream()}
     assert sorted(streamed, key=int) == ["1", "3", "4", "5", "6", "7"]
     assert np.array_equal(streamed["6"]["embed"], features_of("6")["embed"])
-    assert verify_store(uri, filesystem=s3_filesystem).ok
+    assert verify_store(uri, filesystem=s3_filesystem, allow_failed=True).ok
     with pytest.raises(StoreMismatchError, match="dataset: store has 'toy', requested 'other'"):
         open_store(uri, expect=type(KEY)(**{**KEY.to_dict(), "dataset": "other"}), filesystem=s3_filesystem)

@@ -1,9 +1,14 @@
 """COCO (2014/2017) and LVIS v1 instance annotations via pycocotools.
 
 Class id = rank of the category id in sorted order (COCO: 0 = person ... 79 = toothbrush), as HSNet
-define it (docs/protocol.md). Crowd regions (``iscrowd=1``) are neither foreground nor background
-targets: they are marked ``IGNORE_INDEX`` in the class mask unless a non-crowd instance of the class
-covers the pixel.
+define it (docs/protocol.md). Crowd regions (``iscrowd=1``), where a non-crowd instance of the class
+does not cover them, are
+
+* ``crowd="ignore"`` (default here): ``IGNORE_INDEX`` (255), neither foreground nor background;
+* ``crowd="background"``: 0, as in the COCO-20i masks HSNet (and PFENet, whose parsing script they
+  come from) evaluate on: HSNet's loader (``data/coco.py``) sets every pixel that is not the class's
+  label to 0, and the official lists are reproduced by painting non-crowd annotations only (see
+  ``docs/evaluation.md``). The HSNet-protocol evaluation job uses this by default.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from pipeline.data.base import IGNORE_INDEX, SegmentationSource
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.report import SkipReport
+
+CROWD_MODES = ("ignore", "background")
 
 
 def _read_json(path: Path) -> dict:
@@ -43,7 +50,8 @@ class CocoInstances(SegmentationSource):
     ``image_dir`` holds the files named by each image's ``file_name`` (2017 layout), or, with
     ``layout="2014"``, the HSNet layout ``image_dir/{train2014,val2014}/COCO_{split}_{id:012d}.jpg``.
     Annotations that reference unknown images or categories are skipped and counted in
-    ``self.report`` (printed once at load); ``strict=True`` raises instead.
+    ``self.report`` (printed once at load unless ``verbose=False``); ``strict=True`` raises instead.
+    ``crowd``: how crowd regions are labelled in class masks (module docstring).
     """
 
     name = "coco"
@@ -55,7 +63,11 @@ class CocoInstances(SegmentationSource):
         *,
         strict: bool = False,
         verbose: bool = True,
+        crowd: str = "ignore",
     ) -> None:
+        if crowd not in CROWD_MODES:
+            raise ConfigError(f"crowd must be one of {CROWD_MODES}, got {crowd!r}")
+        self.crowd = crowd
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
@@ -156,8 +168,14 @@ class CocoInstances(SegmentationSource):
                 )
             (crowd if annotation.get("iscrowd", 0) else foreground)[instance] = True
         mask = foreground.astype(np.uint8)
-        mask[crowd & ~foreground] = IGNORE_INDEX
+        if self.crowd == "ignore":
+            mask[crowd & ~foreground] = IGNORE_INDEX
         return mask
+
+    @property
+    def mask_variant(self) -> str:
+        """Part of the mask cache key: masks rendered with another crowd rule are other masks."""
+        return f"crowd={self.crowd}"
 
     def instance_masks(self, image_id: Hashable) -> list[tuple[int, np.ndarray]]:
         """Non-crowd instances of an image as (class id, bool mask) (SegIC's instance-level data)."""

@@ -25,6 +25,9 @@ def source_fingerprint(source: SegmentationSource) -> str:
     """A short hash identifying the annotation content of ``source``."""
     annotation_file = getattr(source, "annotation_file", None)
     digest = hashlib.sha256(source.name.encode())
+    variant = getattr(source, "mask_variant", "")
+    if variant and variant != "crowd=ignore":  # the historical default keeps its cache folders
+        digest.update(variant.encode())
     if annotation_file is not None and Path(annotation_file).is_file():
         with open(annotation_file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

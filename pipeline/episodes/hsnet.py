@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.data.folds import novel_classes
 from pipeline.data.splits import read_coco20i_list, read_pascal5i_list
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,14 @@ def _draw_supports(state: np.random.RandomState, names: list[str], query: str, s
             return tuple(supports)
 
 
+def _check_counts(n: int, shot: int) -> None:
+    # Checked where given: a negative n would otherwise surface later as "got 0 episodes".
+    if n < 1:
+        raise ConfigError(f"n (the number of episodes) must be >= 1, got {n}")
+    if shot < 1:
+        raise ConfigError(f"shot must be >= 1, got {shot}")
+
+
 def hsnet_test_episodes(
     lists_dir: str | Path, fold: int, n: int = 1000, shot: int = 1, seed: int = 0
 ) -> list[HsnetEpisode]:
@@ -46,8 +54,7 @@ def hsnet_test_episodes(
     would make HSNet loop forever; they raise :class:`DataError` up front instead (the official
     lists have none).
     """
-    if shot < 1:
-        raise DataError(f"shot must be >= 1, got {shot}")
+    _check_counts(n, shot)
     lists = read_coco20i_list(lists_dir, "val", fold)
     classes = novel_classes("coco20i", fold)
     too_small = [c for c in classes if len(set(lists.get(c, []))) < 2]
@@ -69,8 +76,7 @@ def hsnet_pascal_test_episodes(
     """HSNet's PASCAL-5i test episodes: query = list entry ``i mod len`` in file order (class given
     by the entry), supports drawn uniformly from that class's list, re-drawn while equal to the query.
     ``class_id`` is 0-based (0 = aeroplane)."""
-    if shot < 1:
-        raise DataError(f"shot must be >= 1, got {shot}")
+    _check_counts(n, shot)
     entries = read_pascal5i_list(lists_dir, "val", fold)
     if not entries:
         raise DataError(f"{lists_dir}: PASCAL-5i val list of fold {fold} is empty")

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from pipeline.episodes.annotations import ANNOTATION_TYPES
 from pipeline.episodes.hsnet import HsnetEpisode
 from pipeline.errors import ConfigError, DataError
+from pipeline.parquet import read_parquet_table
 from pipeline.report import SkipReport
 
 MANIFEST_SCHEMA = pa.schema(
@@ -152,7 +153,7 @@ def read_manifest(path: str | Path, rank: int = 0, world_size: int = 1) -> pa.Ta
     path = Path(path)
     if not path.is_file():
         raise DataError(f"episode manifest not found: {path}")
-    table = pq.read_table(path)
+    table = read_parquet_table(str(path))
     missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise DataError(f"{path} is not an episode manifest: missing columns {sorted(missing)}")

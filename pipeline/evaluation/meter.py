@@ -9,6 +9,16 @@ summed per class over all episodes, then
 
 i.e. the IoU of summed areas per class, not the mean of per-episode IoUs. Counts are int64, so
 merging the meters of several ranks (sum of counts) gives exactly the single-process result.
+
+Undefined values, as HSNet computes them:
+
+* a fold class without episodes (``U_1[c] = 0``) has IoU 0 and counts in ``miou`` (HSNet divides by
+  ``max(U, 1)``);
+* ``fbiou`` is **NaN** when a term has no pixels at all (``sum_c U_b[c] = 0``, e.g. a meter that saw
+  no episode, or only ignored pixels): HSNet divides without a guard and gets ``0/0 = nan``.
+  refseg gave 0 until it followed HSNet here: 0 would read as "the model got every pixel wrong"
+  where nothing was measured, and NaN is what the pixel rates below already return for an empty
+  denominator. ``results.json`` writes NaN as ``null`` (strict JSON); see ``docs/evaluation.md``.
 ProSAM's pixel rates (Table 6) come from the same counts: ``tpr = TP / (TP + FN)`` etc., pooled over
 all pixels of all episodes of the fold's classes.
 """
@@ -129,7 +139,8 @@ class FewShotMeter:
     def compute(self) -> dict[str, object]:
         iou = self.intersection / np.maximum(self.union, 1)
         union_totals = self.union.sum(axis=1)
-        fb_terms = self.intersection.sum(axis=1) / np.maximum(union_totals, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 -> nan, as in HSNet (module docstring)
+            fb_terms = self.intersection.sum(axis=1) / union_totals
         tp, fp, tn, fn = (int(value) for value in self.confusion.sum(axis=1))
 
         def rate(numerator: int, denominator: int) -> float:

@@ -103,7 +103,5 @@ def evaluate_manifest_with_ray(
     report = SkipReport("evaluation")
     for state, rank_report in results:
         meter.merge(FewShotMeter.from_state_dict(state))
-        for reason, count in rank_report["counts"].items():
-            report.counts[reason] += count
-            report.examples[reason].extend(rank_report["examples"][reason][: 5 - len(report.examples[reason])])
+        report.add(rank_report)
     return meter, report

@@ -48,6 +48,11 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         help="who writes shards: the driver (one node) or each encoder actor (multi-node; shared/object store)",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-retry-failed",
+        action="store_true",
+        help="do not re-extract finished shards that recorded failed images (default: retry them)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
@@ -79,21 +84,38 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
         ray_address=args.ray_address,
         writer=args.writer,
         progress=not args.no_progress,
+        retry_failed=not args.no_retry_failed,
     )
+
+
+# Exit codes: 0 every image extracted, 1 the store is complete but images failed (listed), 2 error.
+EXIT_FAILED_IMAGES = 1
+
+
+def report_failures(summary, prog: str) -> int:
+    """Print the summary; return 1 with a stderr line when images failed, else 0."""
+    print(summary.text())
+    if summary.failed:
+        print(
+            f"{prog}: {summary.failed} of {summary.images} images failed and are not in the store "
+            "(reasons above and in manifest.json 'failures'); fix them and re-run: finished shards with "
+            "failed images are extracted again (--no-retry-failed skips that)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_IMAGES
+    return 0
 
 
 def run_extract(args: argparse.Namespace) -> int:
     from pipeline.extraction.run import run_extraction
 
-    summary = run_extraction(config_from_args(args))
-    print(summary.text())
-    return 0
+    return report_failures(run_extraction(config_from_args(args)), "refseg extract")
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from pipeline.store.verify import verify_store
 
-    report = verify_store(args.store)
+    report = verify_store(args.store, quick=args.quick, allow_failed=args.allow_failed)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -107,6 +129,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.set_defaults(handler=run_extract)
     verify = subparsers.add_parser("verify", help="check every entry of a feature store against its manifest")
     verify.add_argument("store", help="store location: a path or s3://bucket/prefix")
+    verify.add_argument(
+        "--quick", action="store_true", help="tar headers and counts only: skip reading payloads (no checksums)"
+    )
+    verify.add_argument(
+        "--allow-failed", action="store_true", help="images that failed extraction do not make verify fail"
+    )
     verify.set_defaults(handler=run_verify)
 
 

@@ -39,6 +39,7 @@ class ExtractionConfig:
     ray_address: str | None = None
     writer: str = "driver"
     progress: bool = True
+    retry_failed: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:

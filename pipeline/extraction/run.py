@@ -33,4 +33,5 @@ def run_extraction(config: ExtractionConfig) -> ExtractionSummary:
         progress=config.progress,
         ray_address=config.ray_address,
         writer=config.writer,
+        retry_failed=config.retry_failed,
     )

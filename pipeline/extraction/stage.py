@@ -28,11 +28,21 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import USER_ERRORS, ConfigError, DataError
 from pipeline.extraction.encoder_source import EncoderSource
 from pipeline.store.builder import StoreBuilder
 from pipeline.store.feature_set import FeatureSetKey
 from pipeline.store.fs import Location, resolve_location
+from pipeline.store.lease import (
+    DEFAULT_TTL_S,
+    TMP_SCRATCH_PREFIX,
+    RunIdentity,
+    StoreLockedError,
+    clean_stale_scratch,
+    lease_holder,
+    make_scratch_dir,
+    temp_root,
+)
 from pipeline.store.layout import (
     DEFAULT_TARGET_SHARD_BYTES,
     ImageItem,
@@ -70,20 +80,27 @@ class ExtractionSummary:
     shards: int
     shards_extracted: int
     shards_skipped: int
-    seconds: float
-    images_per_second: float
+    seconds: float  # the whole call
+    images_per_second: float  # images extracted now / extract_seconds (0 when nothing was extracted)
     failures: list[dict[str, str]] = field(default_factory=list)
-    # Process ids that ran decode tasks / encoder actors (shows the stages really ran apart).
-    processes: dict[str, list[int]] = field(default_factory=dict)
+    # seconds = startup_seconds (encoder build, Ray start/connect, weights into the object store)
+    #         + extract_seconds (the Ray Data pipeline: actor start-up, decode, encode, writes) + the rest
+    startup_seconds: float = 0.0
+    extract_seconds: float = 0.0
     # True when decode tasks got a weightless (meta-device) copy of the encoder for ``preprocess``.
     decode_weightless: bool | None = None
+    # Finished shards written again because they had failed images (``retry_failed``).
+    retried_shards: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         lines = [
             f"store {self.store} [{self.feature_set}]",
             f"  images {self.images}: written {self.written}, failed {self.failed}",
-            f"  shards {self.shards}: extracted now {self.shards_extracted}, already done {self.shards_skipped}",
-            f"  {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+            f"  shards {self.shards}: extracted now {self.shards_extracted}, already done {self.shards_skipped}"
+            + (f" (retried {len(self.retried_shards)} with failed images)" if self.retried_shards else ""),
+            f"  {self.seconds:.1f} s: start-up {self.startup_seconds:.1f} s (encoder, Ray), extraction "
+            f"{self.extract_seconds:.1f} s"
+            + (f" = {self.images_per_second:.2f} images/s" if self.shards_extracted else ""),
         ]
         lines += [f"  FAILED {f['image_id']} ({f['path']}): {f['reason']}" for f in self.failures[:20]]
         if len(self.failures) > 20:
@@ -140,7 +157,6 @@ def _decode_chunk(batch: dict[str, np.ndarray], holder: list) -> dict[str, np.nd
     else:
         shape, payload = [], b""
     return {
-        "decode_pid": np.array([os.getpid()]),
         "shard": batch["shard"],
         "chunk": batch["chunk"],
         "last": batch["last"],
@@ -173,9 +189,8 @@ class _EncodeChunk:
         import torch
 
         shape = json.loads(batch["pixels_shape"][0])
-        keys = ("decode_pid", "shard", "chunk", "last", "image_ids", "paths", "ok_ids", "failures")
+        keys = ("shard", "chunk", "last", "image_ids", "paths", "ok_ids", "failures")
         out = {key: batch[key] for key in keys}
-        out["encode_pid"] = np.array([os.getpid()])
         if not shape:
             for name in self.feature_shapes:
                 out[f"feature_{name}"] = np.array([b""], dtype=object)
@@ -218,6 +233,10 @@ class _ShardActor:
         decode_num_cpus: float,
         decode_memory: int,
         code_version: str,
+        run: dict,
+        settings: dict,
+        run_record: dict,
+        lease_ttl_s: float = DEFAULT_TTL_S,
         decode_window: int = 2,
     ) -> None:
         import ray
@@ -232,18 +251,37 @@ class _ShardActor:
         self.batch_size = batch_size
         self.decode_window = max(1, decode_window)
         self.code_version = code_version
+        self.run_id = run["run_id"]
+        self.settings, self.run_record = settings, run_record
+        if scratch_dir is None:
+            # Object store: scratch in this node's temp dir, owned by this actor process; scratch of
+            # dead runs on this node (a killed actor's half shard) is removed first.
+            me = RunIdentity.from_dict(run).derived(f"actor{os.getpid()}")
+            clean_stale_scratch(temp_root(), me, ttl_s=lease_ttl_s, prefix=TMP_SCRATCH_PREFIX)
+            self.scratch_dir = str(make_scratch_dir(temp_root(), me, prefix=TMP_SCRATCH_PREFIX))
+
+    def __del__(self) -> None:
+        if self.location is not None and not self.location.is_local:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+
+    def _check_lease(self) -> None:
+        holder = lease_holder(self.location)
+        if holder != self.run_id:
+            raise StoreLockedError(
+                f"run {self.run_id} no longer holds the lease of {self.location.join('')} (holder: {holder}); "
+                "not publishing"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tempfile
-
         import ray
 
         items = tuple(ImageItem(*item) for item in json.loads(batch["items"][0]))
         spec = ShardSpec(int(batch["shard"][0]), items)
         rows = [{key: np.array([value]) for key, value in row.items()} for row in _chunk_rows([spec], self.batch_size)]
-        scratch = self.scratch_dir or tempfile.mkdtemp(prefix="refseg-shard-")
-        writer = ShardWriter(spec, self.location, scratch, self.feature_shapes, self.dtype, self.code_version)
-        pids: set[int] = set()
+        writer = ShardWriter(
+            spec, self.location, self.scratch_dir, self.feature_shapes, self.dtype, self.code_version,
+            guard=self._check_lease, settings=self.settings, run=dict(self.run_record, actor_pid=os.getpid()),
+        )
         try:
             submitted = [self.decode.remote(row, self.decode_holder) for row in rows[: self.decode_window]]
             for index in range(len(rows)):
@@ -252,22 +290,13 @@ class _ShardActor:
                 if index + self.decode_window < len(rows):
                     submitted.append(self.decode.remote(rows[index + self.decode_window], self.decode_holder))
                 encoded = self.encode(decoded)
-                pids.add(int(decoded["decode_pid"][0]))
                 row = {key: value[0] for key, value in encoded.items()}
                 _write_chunk(writer, row, self.feature_shapes, self.dtype)
             result = writer.publish()
         except BaseException:
             writer.abort()
             raise
-        finally:
-            if self.scratch_dir is None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        return {
-            "shard": batch["shard"],
-            "result": np.array([result.to_json()], dtype=object),
-            "decode_pids": np.array([json.dumps(sorted(pids))]),
-            "encode_pid": np.array([os.getpid()]),
-        }
+        return {"shard": batch["shard"], "result": np.array([result.to_json()], dtype=object)}
 
 
 def _state_bytes(module: Any) -> int:
@@ -322,19 +351,27 @@ def extract_store(
     on_shard_done: Callable[[ShardResult], None] | None = None,
     ray_address: str | None = None,
     writer: str = "driver",
+    lease_ttl_s: float = DEFAULT_TTL_S,
+    lease_settle_s: float | None = None,
+    retry_failed: bool = True,
 ) -> ExtractionSummary:
     """Extract ``encoder``'s features of ``items`` into the store at ``output`` (resumable).
 
     ``items``: ``(image_id, path)`` pairs in any order (sorted by id for the shard plan).
-    ``on_shard_done``: called after each published shard (progress hooks; tests use it to interrupt).
-    ``config``: the caller's full call configuration, recorded in ``manifest.json``.
+    ``on_shard_done``: progress callback, called in this process with each shard's
+    :class:`~pipeline.store.shard_writer.ShardResult` right after the shard is published (e.g. to
+    log per-shard counts and failures to MLflow); an exception it raises stops the run, and the
+    next run resumes after the last published shard.
+    ``config``: the caller's full call configuration, recorded in the stats of every shard this run
+    writes (``run.config``), not in ``manifest.json`` (whose bytes must not depend on the invocation).
     ``writer``: ``"driver"`` (chunks stream back to this process, which writes every shard: one node)
     or ``"actors"`` (each encoder actor writes whole shards itself: scales out over nodes; the store
     must be object storage or a filesystem all nodes see). Both write the same bytes.
+    ``lease_ttl_s`` / ``lease_settle_s``: the store's write lease (one run at a time; see
+    :mod:`pipeline.store.lease`). A second run on the same output is refused with the holder's name.
+    ``retry_failed``: re-extract finished shards that recorded failed images (e.g. after fixing a
+    wrong image folder); shards without failures are never rewritten.
     """
-    import ray
-    from tqdm import tqdm
-
     if batch_size <= 0 or num_actors <= 0:
         raise ConfigError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be positive")
     if writer not in ("driver", "actors"):
@@ -345,28 +382,61 @@ def extract_store(
         raise ConfigError("the image list is empty")
 
     built = encoder.build()
-    feature_shapes = {name: tuple(int(s) for s in shape) for name, shape in built.output_shapes().items()}
+    feature_shapes = {name: tuple(int(size) for size in shape) for name, shape in built.output_shapes().items()}
     key = FeatureSetKey(dataset, built.encoder_id, encoder.weights_sha256(), built.preprocessing_id, dtype)
     per_shard = images_per_shard or images_per_shard_for(feature_shapes, np.dtype(dtype).itemsize, target_shard_bytes)
     location = resolve_location(output, filesystem)
-    builder = StoreBuilder(location, key, feature_shapes, ordered, per_shard)
-    pending = builder.prepare()
-    torch_threads = max(1, int(actor_num_cpus))
-    # What decides the bytes (batching, threads) is recorded next to the caller's own config.
-    record = dict(config or {})
-    record["extract"] = {
-        "dataset": dataset, "dtype": dtype, "batch_size": batch_size, "images_per_shard": per_shard,
-        "num_actors": num_actors, "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
-        "num_gpus_per_actor": num_gpus_per_actor, "actor_torch_threads": torch_threads,
-    }
-    # Where shards are written does not change their bytes: kept out of the manifest on purpose.
+    builder = StoreBuilder(
+        location, key, feature_shapes, ordered, per_shard, lease_ttl_s=lease_ttl_s, lease_settle_s=lease_settle_s
+    )
+    pending = builder.prepare(retry_failed=retry_failed)
+    try:
+        return _run_pipeline(
+            builder, pending, built, key, output, started, batch_size=batch_size, num_actors=num_actors,
+            actor_num_cpus=actor_num_cpus, decode_num_cpus=decode_num_cpus, num_gpus_per_actor=num_gpus_per_actor,
+            dtype=dtype, dataset=dataset, config=config, progress=progress, on_shard_done=on_shard_done,
+            ray_address=ray_address, writer=writer, lease_ttl_s=lease_ttl_s,
+        )
+    finally:
+        builder.close()  # scratch removed and lease given back, also when the run fails
 
-    processes: dict[str, set[int]] = {"decode": set(), "encode": set()}
+
+def _run_pipeline(
+    builder: StoreBuilder, pending: list[ShardSpec], built: Any, key: FeatureSetKey, output: str, started: float,
+    *, batch_size: int, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
+    num_gpus_per_actor: float | None, dtype: str, dataset: str, config: dict | None, progress: bool,
+    on_shard_done: Callable[[ShardResult], None] | None, ray_address: str | None, writer: str, lease_ttl_s: float,
+) -> ExtractionSummary:
+    import ray
+    from tqdm import tqdm
+
+    location = builder.location
+    feature_shapes = builder.feature_shapes
+    per_shard = builder.images_per_shard
+    torch_threads = max(1, int(actor_num_cpus))
+    # Each shard's stats record this run (id, host, pid) with the caller's config and the settings
+    # that decide its bytes; the manifest only aggregates what the stats say (stable bytes).
+    builder.run_config = json.loads(json.dumps({
+        **(config or {}),
+        "extract": {
+            "dataset": dataset, "images_per_shard": per_shard, "num_actors": num_actors, "writer": writer,
+            "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
+            "num_gpus_per_actor": num_gpus_per_actor,
+        },
+    }, default=str))
+
     decode_weightless = None
+    startup_seconds = extract_seconds = 0.0
     if pending:
         _ray_init(ray_address)
+        resources = ray.cluster_resources()
         if num_gpus_per_actor is None:
-            num_gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            num_gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        _check_room(resources, num_actors, actor_num_cpus, decode_num_cpus, num_gpus_per_actor)
+        builder.writer_settings = {
+            "batch_size": batch_size, "torch_threads": torch_threads, "dtype": dtype,
+            "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+        }
         encoder_ref = ray.put(built.cpu() if hasattr(built, "cpu") else built)
         preprocess_only, pixel_shape = _weightless(built)
         # Decode tasks only call ``preprocess``: they get a weightless copy when it gives identical
@@ -376,6 +446,12 @@ def extract_store(
         encoder_bytes = 0 if decode_weightless else _state_bytes(built)
         # A decode worker holds torch (~650 MiB RSS measured) and ~3 copies of a chunk's float32 pixels.
         decode_memory = _DECODE_WORKER_BASE_BYTES + encoder_bytes + 3 * batch_size * 4 * int(np.prod(pixel_shape))
+        if resources.get("memory", float("inf")) < decode_memory:
+            raise ConfigError(
+                f"a decode task reserves {decode_memory / 2**30:.1f} GiB (torch + {batch_size} images of pixels), "
+                f"the cluster offers {resources['memory'] / 2**30:.1f} GiB: it could never be scheduled; "
+                "lower --batch-size or give Ray more memory"
+            )
         del built, preprocess_only
         total = sum(len(spec.items) for spec in pending)
         specs = {spec.index: spec for spec in pending}
@@ -383,6 +459,8 @@ def extract_store(
         saved = (context.execution_options.preserve_order, context.enable_progress_bars)
         context.execution_options.preserve_order = True  # rows arrive in plan order -> streaming writes
         context.enable_progress_bars = False  # one bar (ours, images/s) instead of one per operator
+        pipeline_started = time.perf_counter()
+        startup_seconds = pipeline_started - started
         encoder_kwargs = {
             "feature_shapes": {name: list(shape) for name, shape in feature_shapes.items()},
             "dtype": dtype,
@@ -391,7 +469,6 @@ def extract_store(
         }
         try:
             if writer == "actors":
-                _check_room_for_nested_decode(ray.cluster_resources(), num_actors, actor_num_cpus, decode_num_cpus)
                 shard_rows = [
                     {"shard": spec.index, "items": json.dumps([[item.image_id, item.path] for item in spec.items])}
                     for spec in pending
@@ -412,10 +489,14 @@ def extract_store(
                         "decode_num_cpus": decode_num_cpus,
                         "decode_memory": decode_memory,
                         "code_version": code_version(),
+                        "run": builder.run.to_dict(),
+                        "settings": builder.writer_settings,
+                        "run_record": builder.run_record,
+                        "lease_ttl_s": lease_ttl_s,
                         **encoder_kwargs,
                     },
                 )
-                _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm, processes)
+                _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm)
             else:
                 rows = _chunk_rows(pending, batch_size)
                 dataset_ = (
@@ -444,20 +525,20 @@ def extract_store(
                     )
                 )
                 _write_rows(
-                    dataset_.iter_rows(),
-                    builder,
-                    specs,
-                    feature_shapes,
-                    dtype,
-                    total,
-                    progress,
-                    on_shard_done,
-                    tqdm,
-                    processes,
+                    dataset_.iter_rows(), builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm,
+                    started=pipeline_started,
                 )
+        except Exception as error:
+            # Ray wraps errors raised in tasks/actors (a full disk in an actor's writer, a lost lease, a
+            # bad checkpoint) in its own exceptions: surface ours, as one line, not Ray's traceback.
+            user_error = _user_error(error)
+            if user_error is None or user_error is error:
+                raise
+            raise user_error from error
         finally:
             context.execution_options.preserve_order, context.enable_progress_bars = saved
-    manifest = builder.finalize(record)
+        extract_seconds = time.perf_counter() - pipeline_started
+    manifest = builder.finalize()
     seconds = time.perf_counter() - started
     extracted_images = sum(len(spec.items) for spec in pending)
     return ExtractionSummary(
@@ -470,32 +551,62 @@ def extract_store(
         shards_extracted=len(pending),
         shards_skipped=len(manifest.shards) - len(pending),
         seconds=seconds,
-        images_per_second=extracted_images / seconds if seconds > 0 else 0.0,
+        images_per_second=extracted_images / extract_seconds if extract_seconds > 0 else 0.0,
         failures=list(manifest.failures),
-        processes={stage: sorted(pids) for stage, pids in processes.items()},
+        startup_seconds=startup_seconds,
+        extract_seconds=extract_seconds,
         decode_weightless=decode_weightless,
+        retried_shards=list(builder.retried),
     )
 
 
-def _check_room_for_nested_decode(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float) -> None:
-    # Actors that wait on their own decode tasks deadlock if the actors hold every CPU.
-    needed = num_actors * actor_cpus + decode_cpus
-    if resources.get("CPU", 0) < needed:
+def _user_error(error: BaseException) -> BaseException | None:
+    """The first refseg/model error in ``error``'s chain of causes, unwrapped from Ray's exceptions."""
+    import ray.exceptions
+
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS) and not isinstance(current, ray.exceptions.RayError):
+            return current
+        stack += [current.__context__, current.__cause__, getattr(current, "cause", None)]
+    return None
+
+
+def _check_room(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float, gpus: float) -> None:
+    """Refuse settings under which the pipeline could never make progress (it would hang silently).
+
+    Ray Data starts the encoder actor pool first; if the actors hold every CPU, no decode task can
+    ever be scheduled and nothing moves. Both writers need room for one decode task beside the
+    actors (``writer="actors"``: each actor waits on its own decode tasks)."""
+    cpus, gpus_available = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    actors_cpus = num_actors * actor_cpus
+    if actors_cpus + decode_cpus > cpus:
         raise ConfigError(
-            f"writer='actors' needs {needed} CPUs ({num_actors} actors x {actor_cpus} + one decode task x "
-            f"{decode_cpus}), the cluster has {resources.get('CPU', 0)}: lower --num-actors/--actor-num-cpus"
+            f"{num_actors} encoder actor(s) x {actor_cpus:g} CPU (--num-actors x --actor-num-cpus) = {actors_cpus:g} "
+            f"of the cluster's {cpus:g} CPUs leave {max(cpus - actors_cpus, 0):g} for decode tasks, each needs "
+            f"{decode_cpus:g} (--decode-num-cpus): no image could ever be decoded and the extraction would hang. "
+            "Lower --actor-num-cpus / --num-actors or --decode-num-cpus."
+        )
+    if num_actors * gpus > gpus_available:
+        raise ConfigError(
+            f"{num_actors} encoder actor(s) x {gpus:g} GPU need {num_actors * gpus:g} GPUs, the cluster has "
+            f"{gpus_available:g}: the actors could never start. Lower --num-actors or --num-gpus-per-actor."
         )
 
 
-def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm, processes) -> None:
+def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm) -> None:
     """``writer="actors"``: shards arrive finished (any order); report them."""
+    failed = 0
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         for row in rows:
             result = ShardResult.from_json(row["result"], location.join(f"shard {row['shard']}"))
-            processes["decode"].update(json.loads(row["decode_pids"]))
-            processes["encode"].add(int(row["encode_pid"]))
+            failed += len(result.failures)
             bar.update(result.count)
-            bar.set_postfix(shard=result.shard, failed=len(result.failures), refresh=False)
+            bar.set_postfix(shard=result.shard, failed=failed, refresh=False)  # failed so far, all shards
             if on_shard_done is not None:
                 on_shard_done(result)
 
@@ -519,25 +630,35 @@ def _write_chunk(writer: ShardWriter, row: dict, feature_shapes: dict, dtype: st
     return len(image_ids)
 
 
-def _write_rows(rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, processes) -> None:
-    """Stream ordered chunk rows into their shard tars; publish each shard after its last chunk."""
+def _write_rows(
+    rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, started: float | None = None
+) -> None:
+    """Stream ordered chunk rows into their shard tars; publish each shard after its last chunk.
+
+    A shard's ``duration_s`` is the wall time the run spent on it: from the previous shard's publish
+    (the first shard: from ``started``, the pipeline's start, so it includes actor start-up) to its
+    own publish. Decode and encode of a shard overlap the previous shard's writes, so these add up to
+    the pipeline's wall time instead of measuring only how long the tar was open.
+    """
     writer = None
     current = None
+    failed = 0
+    shard_started = time.perf_counter() if started is None else started
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         try:
             for row in rows:
                 shard = int(row["shard"])
-                processes["decode"].add(int(row["decode_pid"]))
-                processes["encode"].add(int(row["encode_pid"]))
                 if shard != current:
                     if writer is not None:
                         raise DataError(f"shard {current} ended without its last chunk (rows out of order)")
-                    current, writer = shard, builder.writer(specs[shard])
+                    current, writer = shard, builder.writer(specs[shard], started=shard_started)
                 bar.update(_write_chunk(writer, row, feature_shapes, dtype))
+                failed += len(json.loads(row["failures"]))
+                bar.set_postfix(shard=specs[shard].name, failed=failed, refresh=False)  # failed so far, all shards
                 if bool(row["last"]):
                     result = writer.publish()
                     writer, current = None, None
-                    bar.set_postfix(shard=result.shard, failed=len(result.failures), refresh=False)
+                    shard_started = time.perf_counter()
                     if on_shard_done is not None:
                         on_shard_done(result)
         except BaseException:

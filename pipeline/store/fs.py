@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError, DataError
+
+_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some or write the store elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free some or write the store elsewhere",
+    errno.EFBIG: "the file is larger than this process may write (file size limit)",
+    errno.EROFS: "the location is on a read-only filesystem: choose a writable --output",
+    errno.EACCES: "permission denied: choose a writable --output (or fix its permissions)",
+    errno.EPERM: "operation not permitted: choose a writable --output (or fix its permissions)",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS/filesystem error: what failed and, when known, what to do about it."""
+    text = " ".join(str(error).split())
+    hint = _HINTS.get(error.errno or 0)
+    if hint is None and "Bucket" in text and "not found" in text:
+        hint = (
+            "the bucket does not exist (create it first; for S3-compatible servers set AWS_ENDPOINT_URL, "
+            "e.g. AWS_ENDPOINT_URL=http://127.0.0.1:9000)"
+        )
+    return f"{text} ({hint})" if hint else text
+
+
+@contextlib.contextmanager
+def io_errors(what: str) -> Iterator[None]:
+    """Turn ``OSError`` raised inside into a :class:`DataError` ``"<what>: <reason> (<hint>)"``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except OSError as error:
+        raise DataError(f"{what}: {describe_os_error(error)}") from error
 
 
 @dataclass(frozen=True)
@@ -18,6 +54,11 @@ class Location:
 
     def join(self, name: str) -> str:
         return f"{self.path}/{name}" if self.path else name
+
+    @property
+    def display(self) -> str:
+        """The location as a user wrote it: a local path, or ``s3://bucket/prefix``."""
+        return self.path if self.is_local else f"{self.filesystem.type_name}://{self.path}"
 
     @property
     def is_local(self) -> bool:
@@ -38,21 +79,28 @@ class Location:
         """Write ``data`` under ``name`` atomically (temp name + rename locally; object stores make a
         single PUT visible only once complete, so no temp object is needed there)."""
         final = self.join(name)
-        if self.is_local:
-            temp = final + ".tmp"
-            with self.filesystem.open_output_stream(temp) as stream:
-                stream.write(data)
-            self.filesystem.move(temp, final)
-        else:
-            with self.filesystem.open_output_stream(final) as stream:
-                stream.write(data)
+        with io_errors(f"cannot write {final}"):
+            if self.is_local:
+                temp = final + ".tmp"
+                with self.filesystem.open_output_stream(temp) as stream:
+                    stream.write(data)
+                self.filesystem.move(temp, final)
+            else:
+                with self.filesystem.open_output_stream(final) as stream:
+                    stream.write(data)
+
+    def delete(self, name: str) -> None:
+        with io_errors(f"cannot delete {self.join(name)}"):
+            self.filesystem.delete_file(self.join(name))
 
     def makedirs(self) -> None:
-        self.filesystem.create_dir(self.path, recursive=True)
+        with io_errors(f"cannot create the store location {self.display}"):
+            self.filesystem.create_dir(self.path, recursive=True)
 
     def list_names(self) -> list[str]:
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
-        return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+        with io_errors(f"cannot list the store location {self.display}"):
+            return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
 
 
 def resolve_location(uri: str, filesystem: pafs.FileSystem | None = None) -> Location:

@@ -1,4 +1,9 @@
-"""``manifest.json``: the feature-set key, shapes, code version, shard list, counts and call config."""
+"""``manifest.json``: the feature-set key, shapes, code versions and writer settings, shard list, counts.
+
+It is a function of the plan and the shards' stats only (never of the invocation that finished
+the store: no paths, no progress flags, no timestamps), so a clean run and a killed-and-resumed
+run write the same bytes, and a re-run of a finished store does not rewrite it at all.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +36,12 @@ class Manifest:
     image_list_sha256: str
     shards: tuple[ShardInfo, ...]
     failures: tuple[dict[str, str], ...] = ()
+    # Only in manifests of older versions (the last invocation's config); no longer written.
     config: dict = field(default_factory=dict)
     # Versions that wrote the shards (more than one if the code changed between a crash and a resume).
     shard_code_versions: tuple[str, ...] = ()
+    # The distinct per-shard writer settings (batch size, torch threads, device), from the stats.
+    writer_settings: tuple[dict, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -59,6 +67,7 @@ class Manifest:
             "feature_shapes": {name: list(shape) for name, shape in sorted(self.feature_shapes.items())},
             "code_version": self.code_version,
             "shard_code_versions": list(self.shard_code_versions),
+            "writer_settings": list(self.writer_settings),
             "images_per_shard": self.images_per_shard,
             "image_list_sha256": self.image_list_sha256,
             "counts": {
@@ -70,8 +79,9 @@ class Manifest:
             },
             "shards": [asdict(shard) for shard in self.shards],
             "failures": list(self.failures),
-            "config": self.config,
         }
+        if self.config:
+            payload["config"] = self.config
         return json.dumps(payload, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -94,8 +104,9 @@ class Manifest:
                 image_list_sha256=payload["image_list_sha256"],
                 shards=tuple(ShardInfo(**shard) for shard in payload["shards"]),
                 failures=tuple(payload["failures"]),
-                config=payload["config"],
+                config=payload.get("config", {}),
                 shard_code_versions=tuple(payload.get("shard_code_versions", ())),
+                writer_settings=tuple(payload.get("writer_settings", ())),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"manifest {source} is incomplete: {error!r}") from error

@@ -13,14 +13,16 @@ import json
 import os
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import webdataset as wds
 
 from pipeline.errors import DataError
-from pipeline.store.fs import Location
+from pipeline.store.fs import Location, io_errors
 from pipeline.store.layout import ShardSpec
 from pipeline.store.version import code_version
 
@@ -41,6 +43,10 @@ class ShardResult:
     bytes: int
     entries: list[dict] = field(repr=False)
     code_version: str = ""
+    # What decided this shard's bytes besides the feature set (batch size, torch threads, device).
+    writer: dict = field(default_factory=dict)
+    # Which run wrote it (run id, host, pid, the caller's config): differs between runs by design.
+    run: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         payload = {
@@ -52,9 +58,11 @@ class ShardResult:
             "duration_s": round(self.duration_s, 3),
             "bytes": self.bytes,
             "code_version": self.code_version,
+            "writer": self.writer,
+            "run": self.run,
             "entries": self.entries,
         }
-        return json.dumps(payload, indent=1).encode()
+        return json.dumps(payload, indent=1, default=str).encode()
 
     @classmethod
     def from_json(cls, data: bytes, source: str) -> "ShardResult":
@@ -69,6 +77,8 @@ class ShardResult:
                 bytes=int(payload["bytes"]),
                 entries=list(payload["entries"]),
                 code_version=str(payload.get("code_version", "")),
+                writer=dict(payload.get("writer", {})),
+                run=dict(payload.get("run", {})),
             )
         except (ValueError, KeyError, TypeError) as error:
             raise DataError(f"shard stats file {source} is unreadable or incomplete: {error}") from error
@@ -97,15 +107,23 @@ class ShardWriter:
         feature_shapes: dict[str, tuple[int, ...]],
         dtype: str,
         writer_code_version: str | None = None,
+        guard: Callable[[], None] | None = None,
+        settings: dict | None = None,
+        run: dict | None = None,
+        started: float | None = None,
     ) -> None:
         self.spec = spec
+        self.guard = guard  # called before publishing (the builder's lease check)
+        self.settings = dict(settings or {})
+        self.run = dict(run or {})
         # Workers on other nodes may not see the checkout: the driver passes its version along.
         self.code_version = writer_code_version or code_version()
         self.location = location
         self.feature_shapes = {name: tuple(shape) for name, shape in feature_shapes.items()}
         self.dtype = np.dtype(dtype)
         self._temp_path = Path(scratch_dir) / f"{spec.name}.partial-{os.getpid()}"
-        self._file = self._temp_path.open("wb")
+        with io_errors(f"cannot create the temporary shard {self._temp_path}"):
+            self._file = self._temp_path.open("wb")
         self._tar = wds.TarWriter(
             self._file,
             user=_TAR_USER,
@@ -114,11 +132,13 @@ class ShardWriter:
             encoder=False,
             mtime=0,  # an int: a float mtime makes tarfile add a PAX header to every member
         )
-        self._started = time.perf_counter()
+        # ``started`` (a perf_counter value): when the run began working on this shard (default: now).
+        self._started = time.perf_counter() if started is None else started
         self._positions = {item.image_id: position for position, item in enumerate(spec.items)}
         self._done: set[str] = set()
         self._last_position = -1
         self._written: list[tuple[str, str]] = []  # (image_id, sample key) in tar order
+        self._crc32: dict[str, int] = {}  # member name -> crc32 of its bytes (the index's checksum)
         self._failures: list[dict[str, str]] = []
 
     def _position(self, image_id: str) -> int:
@@ -148,8 +168,11 @@ class ShardWriter:
                     f"image {image_id!r}: feature {name!r} is {array.dtype}{tuple(array.shape)}, "
                     f"the store expects {self.dtype}{self.feature_shapes[name]}"
                 )
-            sample[f"{name}.npy"] = npy_bytes(array)
-        self._tar.write(sample)
+            payload = npy_bytes(array)
+            sample[f"{name}.npy"] = payload
+            self._crc32[f"{sample['__key__']}.{name}.npy"] = zlib.crc32(payload)
+        with io_errors(f"cannot write the temporary shard {self._temp_path}"):
+            self._tar.write(sample)
         self._written.append((image_id, str(sample["__key__"])))
 
     def fail(self, image_id: str, path: str, reason: str) -> None:
@@ -159,10 +182,20 @@ class ShardWriter:
 
     def publish(self) -> ShardResult:
         """Close the tar, move it into the store, then write ``_stats.json`` (the completion marker)."""
+        try:
+            with io_errors(f"cannot publish {self.location.join(self.spec.name)}"):
+                return self._publish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _publish(self) -> ShardResult:
         missing = [item.image_id for item in self.spec.items if item.image_id not in self._done]
         if missing:
             self.abort()
             raise DataError(f"{self.spec.name}: images {missing[:5]} were neither written nor failed")
+        if self.guard is not None:
+            self.guard()  # the lease is still ours (publish() aborts the tar otherwise)
         self._tar.close()
         self._file.close()
         size = self._temp_path.stat().st_size
@@ -188,6 +221,8 @@ class ShardWriter:
             bytes=size,
             entries=entries,
             code_version=self.code_version,
+            writer=self.settings,
+            run=self.run,
         )
         self.location.write_bytes(self.spec.stats_name, result.to_json())
         return result
@@ -211,6 +246,7 @@ class ShardWriter:
                         "offset": member.offset_data,
                         "size": member.size,
                         "shape": list(self.feature_shapes[feature]),
+                        "crc32": self._crc32[member.name],
                     }
                 )
         expected = len(self._written) * len(self.feature_shapes)

@@ -80,6 +80,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     run.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
     run.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint")
     run.add_argument("--checkpoints-per-epoch", type=int, default=1)
+    run.add_argument("--log-every", type=int, default=10, help="log training metrics every N steps")
     run.add_argument("--evaluate-untrained", action="store_true", help="also test the model before training")
     run.add_argument("--baseline", action="append", default=[], choices=available_models(), help="training-free rows")
     run.add_argument("--output-dir", help="write summary.json there")
@@ -126,6 +127,7 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         loader_workers=args.loader_workers, run_name=args.run_name or "", storage_path=args.storage_path or "",
         experiment=args.experiment, max_failures=args.max_failures, checkpoints_per_epoch=args.checkpoints_per_epoch,
+        log_every=args.log_every,
         evaluate_untrained=args.evaluate_untrained, baselines=tuple(args.baseline),
         fold=args.folds[0],
     )
