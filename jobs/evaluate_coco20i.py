@@ -1,5 +1,9 @@
 """Evaluate on COCO-20i folds: `python jobs/evaluate_coco20i.py --annotations ... --images ...`.
 
+What predicts: `--checkpoint` (a trained method's inference checkpoint, e.g. from a training run's
+MLflow artifacts) or `--method` naming a training-free method (prototype_matching, persam), with the
+frozen encoders' weights (`--backbone-checkpoint`, `--sam-checkpoint`).
+
 Runs on an embedded local Ray by default, and unchanged under `ray job submit -- python
 jobs/evaluate_coco20i.py ...` on a cluster (Ray picks up RAY_ADDRESS there).
 """
@@ -7,6 +11,7 @@ jobs/evaluate_coco20i.py ...` on a cluster (Ray picks up RAY_ADDRESS there).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +25,12 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotations", required=True, help="COCO instances json")
     parser.add_argument("--images", required=True, help="image folder")
-    parser.add_argument("--backbone-checkpoint", required=True, help="backbone weights (e.g. MobileNetV2)")
+    parser.add_argument("--checkpoint", help="inference checkpoint of a trained method (refseg-model/2)")
+    parser.add_argument("--method", default="prototype_matching", help="a training-free method (without --checkpoint)")
+    parser.add_argument("--method-options", type=json.loads, default={}, help='its config options (JSON), e.g. \'{"feature": "layer3"}\'')
+    parser.add_argument("--backbone-checkpoint", help="backbone weights (e.g. MobileNetV2)")
+    parser.add_argument("--sam-encoder", default="sam_proxy_mobilenet_v2", help="SAM encoder (training-free SAM methods)")
+    parser.add_argument("--sam-checkpoint", help="SAM weights (SAM-prompt methods; default for the proxy: the shipped file)")
     parser.add_argument("--lists-dir", help="HSNet COCO-20i lists folder (omit: pixel-rule pairs)")
     parser.add_argument("--layout", choices=("2017", "2014"), default="2017")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -29,7 +39,6 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--annotation-type", choices=("mask", "box", "scribble", "points"), default="mask")
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--feature", default="layer4")
     parser.add_argument("--resolution-mode", choices=("fixed", "original"), default="fixed")
     parser.add_argument("--resolution-size", type=int, default=512)
     parser.add_argument(

@@ -12,7 +12,7 @@ import torch
 from pipeline.data.folds import novel_classes
 from pipeline.episodes import read_manifest
 from pipeline.evaluation import EvalResolution
-from pipeline.evaluation.job import EvaluateConfig, PrototypeMatchingFactory, SourceFactory, run
+from pipeline.evaluation.job import EvaluateConfig, PredictorFactory, SourceFactory, run
 from pipeline.evaluation.runner import evaluate_share
 from pipeline.report import SkipReport
 
@@ -43,7 +43,7 @@ def test_ray_evaluation_equals_single_process(local_ray, coco_mini_dir, coco20i_
     assert json.loads((tmp_path / "config.json").read_text())["folds"] == [1]
 
     table = read_manifest(tmp_path / "episodes_fold1.parquet")
-    predictor = PrototypeMatchingFactory("mobilenet_v2", str(mobilenet_v2_weights), "layer4")()
+    predictor = _prototype_matching(mobilenet_v2_weights)
     source = SourceFactory(config.annotations, config.images, "2017")()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray workers: conv reductions then run in the same order
@@ -52,6 +52,11 @@ def test_ray_evaluation_equals_single_process(local_ray, coco_mini_dir, coco20i_
     finally:
         torch.set_num_threads(threads)
     assert single.compute()["miou"] == pytest.approx(fold["miou"], abs=1e-9)
+
+
+def _prototype_matching(weights):
+    """The training-free baseline through the method contract (the job's own predictor factory)."""
+    return PredictorFactory(None, "prototype_matching", {}, "sam_vit_b", None, "mobilenet_v2", str(weights))()
 
 
 def test_prototype_matching_beats_an_empty_prediction(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights):
@@ -65,7 +70,7 @@ def test_prototype_matching_beats_an_empty_prediction(coco_mini_dir, coco20i_lis
     pairs = map_coco20i_list(read_coco20i_list(coco20i_lists_dir, "val", 0), source)
     table = build_episode_manifest({c: pairs.get(c, []) for c in classes}, dataset="coco", fold=0, split="test",
                                    n_episodes=30, seed=5)
-    predictor = PrototypeMatchingFactory("mobilenet_v2", str(mobilenet_v2_weights), "layer4")()
+    predictor = _prototype_matching(mobilenet_v2_weights)
     meter = evaluate_share(table, source, predictor, classes, EvalResolution(), SkipReport("x"))
     result = meter.compute()
     assert result["tpr"] > 40.0

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.data.base import pairs_by_pixel_rule
 from pipeline.data.coco import CROWD_MODES, Coco2014Instances, CocoInstances
@@ -34,7 +33,7 @@ from pipeline.evaluation.runner import Episode, Predictor, evaluate_manifest_wit
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
 
-# The 80 COCO category ids (1..90 with gaps); class id = rank in this list (HSNet, PROTOCOL.md).
+# The 80 COCO category ids (1..90 with gaps); class id = rank in this list (HSNet; docs/protocol.md).
 COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 CROWD_MEANING = {
@@ -49,7 +48,7 @@ CROWD_MEANING = {
 class EvaluateConfig:
     annotations: str
     images: str
-    backbone_checkpoint: str
+    backbone_checkpoint: str | None = None
     lists_dir: str | None = None  # HSNet lists; None -> pixel-rule pairs from the json
     layout: str = "2017"
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -57,9 +56,14 @@ class EvaluateConfig:
     n_episodes: int = 1000
     seed: int = 0
     annotation_type: str = "mask"
+    # What predicts: a trained method's inference checkpoint, or a training-free method by name
+    # (prototype_matching, persam) with its config options; the frozen encoders' weights.
+    checkpoint: str | None = None
     method: str = "prototype_matching"
+    method_options: dict = field(default_factory=dict)
     backbone: str = "mobilenet_v2"
-    feature: str = "layer4"
+    sam_encoder: str = "sam_proxy_mobilenet_v2"
+    sam_checkpoint: str | None = None
     resolution_mode: str = "fixed"
     resolution_size: int = 512
     # "background" = HSNet's COCO-20i masks (the default for HSNet-protocol numbers), or "ignore" (255).
@@ -70,8 +74,13 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Every check that needs no Ray and no images: raises ConfigError naming the bad value."""
-        if self.method != "prototype_matching":
-            raise ConfigError(f"method {self.method!r} is not evaluable by this job yet (prototype_matching is)")
+        from refseg_models.build import available_models, method_class
+
+        if self.checkpoint is None:
+            if self.method not in available_models():
+                raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(available_models())}")
+            if method_class(self.method).trainable:
+                raise ConfigError(f"{self.method} is trained: evaluate its inference checkpoint (--checkpoint)")
         if not self.folds:
             raise ConfigError("folds is empty: give at least one of 0 1 2 3")
         for fold in self.folds:
@@ -97,8 +106,9 @@ class EvaluateConfig:
 
         if self.backbone not in available_encoders():
             raise ConfigError(f"unknown backbone {self.backbone!r}; available: {', '.join(available_encoders())}")
-        for path, kind in ((self.annotations, "file"), (self.images, "dir"), (self.backbone_checkpoint, "file")):
-            if not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+        for path, kind in ((self.annotations, "file"), (self.images, "dir"), (self.backbone_checkpoint, "file"),
+                           (self.sam_checkpoint, "file"), (self.checkpoint, "file")):
+            if path is not None and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
                 raise ConfigError(f"path not found: {path} (expected a {'folder' if kind == 'dir' else 'file'})")
         if self.lists_dir is not None:
             missing = [str(Path(self.lists_dir) / "val" / f"fold{fold}.json") for fold in self.folds
@@ -120,29 +130,49 @@ class SourceFactory:
 
 
 @dataclass(frozen=True)
-class PrototypeMatchingFactory:
-    """Builds, inside each worker, the live backbone + training-free prototype matcher."""
+class PredictorFactory:
+    """Builds, inside each worker, a :class:`refseg_models.predictor.RefSegPredictor` (live frozen
+    encoders + the method through its contract): from an inference checkpoint, or a training-free
+    method by name. The predictor returns the logits over the method's frame and that frame."""
 
+    checkpoint: str | None
+    method: str
+    method_options: dict
+    sam_encoder: str
+    sam_checkpoint: str | None
     backbone: str
-    backbone_checkpoint: str
-    feature: str
+    backbone_checkpoint: str | None
+
+    def encoder_options(self) -> dict:
+        # Builder options that are paths: the proxy SAM's MobileNetV2 weights are the backbone's file.
+        from refseg_models.encoders import available_encoders, encoder_options
+
+        if (self.sam_encoder in available_encoders() and self.backbone_checkpoint
+                and "backbone_checkpoint" in encoder_options(self.sam_encoder)):
+            return {"sam": {"backbone_checkpoint": self.backbone_checkpoint}}
+        return {}
+
+    def build(self):
+        from refseg_models.predictor import RefSegPredictor
+
+        if self.checkpoint is not None:
+            return RefSegPredictor.from_checkpoint(
+                self.checkpoint, sam_checkpoint=self.sam_checkpoint, backbone_checkpoint=self.backbone_checkpoint,
+                encoder_options=self.encoder_options(),
+            )
+        return RefSegPredictor.training_free(
+            self.method, sam_checkpoint=self.sam_checkpoint, backbone_checkpoint=self.backbone_checkpoint,
+            sam_encoder=self.sam_encoder, backbone=self.backbone, config=self.method_options,
+            encoder_options=self.encoder_options(),
+        )
 
     def __call__(self) -> Predictor:
-        from refseg_models import build_model
-        from refseg_models.encoders import build_encoder
+        predictor = self.build()
 
-        from refseg_models.modeling.inputs import EpisodeFeatures
-
-        backbone = build_encoder(self.backbone, self.backbone_checkpoint)
-        model = build_model("prototype_matching", feature=self.feature).eval()
-
-        def predict(episode: Episode) -> torch.Tensor:
-            query = backbone(backbone.preprocess(episode.query_image)[None])
-            supports = torch.stack([backbone.preprocess(image) for image in episode.support_images])
-            reference = {name: value[None] for name, value in backbone(supports).items()}
-            masks = torch.from_numpy(np.stack(episode.support_annotations))[None].float()
-            features = EpisodeFeatures(reference_masks=masks, target_backbone=query, reference_backbone=reference)
-            return model.mask_logits(model(features))[0, 0]
+        def predict(episode: Episode):
+            masks = [annotation > 0 for annotation in episode.support_annotations]
+            logits, frame = predictor.predict_logits(list(episode.support_images), masks, episode.query_image)
+            return logits[0, 0], frame
 
         return predict
 
@@ -217,7 +247,10 @@ def run(config: EvaluateConfig) -> dict:
     manifests = {fold: _fold_manifest(config, source, fold, output_dir) for fold in config.folds}
     for _, sampling_report in manifests.values():
         print(sampling_report.summary())
-    predictor_factory = PrototypeMatchingFactory(config.backbone, config.backbone_checkpoint, config.feature)
+    predictor_factory = PredictorFactory(
+        config.checkpoint, config.method, dict(config.method_options), config.sam_encoder, config.sam_checkpoint,
+        config.backbone, config.backbone_checkpoint,
+    )
 
     results: dict = {
         "status": "running",

@@ -1,6 +1,7 @@
 """Evaluate a predictor on a share of an episode manifest, and on all shares with Ray tasks.
 
-A predictor is any callable ``predict(episode) -> logits`` (h x w tensor; > 0 = foreground) built
+A predictor is any callable ``predict(episode) -> (logits, frame)`` (h x w logits over the method's
+input frame, > 0 = foreground; :class:`refseg_models.frames.Frame`) built
 per worker by a picklable factory, so the same runner serves training-free baselines now and
 trained checkpoints later. Episodes whose images are missing/corrupt, or whose reference mask is
 empty, are counted and reported, never dropped silently.
@@ -24,6 +25,7 @@ from pipeline.errors import DataError
 from pipeline.evaluation.meter import FewShotMeter
 from pipeline.evaluation.resolution import EvalResolution
 from pipeline.report import SkipReport
+from refseg_models.frames import Frame
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class Episode:
     support_annotations: tuple[np.ndarray, ...]  # H x W uint8 {0, 1} reference annotations
 
 
-Predictor = Callable[[Episode], torch.Tensor]
+# predict(episode) -> (h x w logits over the method's input frame, that Frame); > 0 = foreground.
+Predictor = Callable[[Episode], tuple[torch.Tensor, Frame]]
 
 
 def iter_episodes(table: pa.Table, source: SegmentationSource, masks: MaskCache, report: SkipReport) -> Iterator[Episode]:
@@ -72,7 +75,8 @@ def evaluate_share(
     masks = MaskCache(source)
     with torch.no_grad():
         for episode in iter_episodes(table, source, masks, report):
-            prediction, gt = resolution.prepare(predict(episode), episode.query_mask)
+            logits, frame = predict(episode)
+            prediction, gt = resolution.prepare(logits, episode.query_mask, frame)
             meter.update(prediction, gt, episode.class_id)
     return meter
 

@@ -51,6 +51,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
         data.add_argument("--images", required=True, help="PASCAL VOC root (JPEGImages, SegmentationClassAug)")
     data.add_argument("--lists-dir", help="official HSNet lists (omit: the pixel rule)")
     data.add_argument("--novel-policy", choices=("background", "drop"), default="background")
+    data.add_argument("--crowd", choices=("background", "ignore"), default="background",
+                      help="COCO crowd regions: background (HSNet's masks) or ignored")
     data.add_argument("--val-episodes", type=int, default=200)
     data.add_argument("--test-episodes", type=int, default=1000)
     data.add_argument("--test-seed", type=int, default=0)
@@ -117,6 +119,7 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         annotations=str(Path(args.annotations).resolve()) if dataset == "coco20i" else "",
         images=str(Path(args.images).resolve()), layout=getattr(args, "layout", "2017"),
         lists_dir=str(Path(args.lists_dir).resolve()) if args.lists_dir else None, novel_policy=args.novel_policy,
+        crowd=getattr(args, "crowd", "background"),
         episodes_per_epoch=args.episodes_per_epoch, val_episodes=args.val_episodes, test_episodes=args.test_episodes,
         test_seed=args.test_seed, feature_dataset=feature_dataset,
         sam=StoreSpec(args.sam_encoder, str(Path(sam_checkpoint).resolve()),

@@ -60,7 +60,9 @@ class TrainConfig(FrozenConfig):
     layout: str = "2017"
     lists_dir: str | None = None
     novel_policy: str = "background"
-    crowd: str | None = None
+    # COCO crowd regions: "background" as in the COCO-20i masks HSNet trains and evaluates on
+    # (docs/evaluation.md), or "ignore" (255: excluded from losses and the metric).
+    crowd: str = "background"
     episodes_per_epoch: int | None = None
     val_episodes: int = 200
     test_episodes: int = 1000
@@ -100,6 +102,8 @@ class TrainConfig(FrozenConfig):
         check_fold(self.dataset, self.fold)
         if self.annotation_type not in ANNOTATION_TYPES:
             raise ConfigError(f"annotation type must be one of {ANNOTATION_TYPES}, got {self.annotation_type!r}")
+        if self.crowd not in ("background", "ignore"):
+            raise ConfigError(f"crowd must be 'background' or 'ignore', got {self.crowd!r}")
         if self.point_style not in POINT_STYLES:
             raise ConfigError(f"point style must be one of {POINT_STYLES}, got {self.point_style!r}")
         for name in ("shot", "val_episodes", "test_episodes", "num_workers", "checkpoints_per_epoch", "log_every"):

@@ -33,8 +33,7 @@ def open_source(cfg: TrainConfig) -> SegmentationSource:
     """The dataset of the configuration (COCO json + images, or a PASCAL VOC+SBD root)."""
     if cfg.dataset == "coco20i":
         source_type = Coco2014Instances if cfg.layout == "2014" else CocoInstances
-        options = {} if cfg.crowd is None else {"crowd": cfg.crowd}
-        return source_type(cfg.annotations, cfg.images, verbose=False, **options)
+        return source_type(cfg.annotations, cfg.images, verbose=False, crowd=cfg.crowd)
     return PascalVocAug(cfg.images)
 
 
