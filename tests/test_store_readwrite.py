@@ -297,6 +297,10 @@ def test_parallel_reads_equal_single_reads_while_shard_handles_are_evicted(tmp_p
         many = store.get_many(order, threads=4)
         for image_id, got in zip(order, many):
             assert all(np.array_equal(got[name], value) for name, value in features_of(image_id).items()), image_id
+    kept = store.get("11")  # read buffers are reused only once nothing views them any more
+    for _ in range(3):
+        store.get_many(order, threads=4)
+    assert all(np.array_equal(kept[name], value) for name, value in features_of("11").items())
     batch = store.get_batch(["3", "17", "8"], features=["embed"])
     assert np.array_equal(batch["embed"][1].numpy(), features_of("17")["embed"])
     store.close()

@@ -242,7 +242,7 @@ class FeatureStore:
         try:
             handle = entry[0]
             if nowait:
-                buffer = np.empty(length, dtype=np.uint8)
+                buffer = _RANDOM_POOL.take(length)
                 try:
                     count = os.preadv(handle, [buffer], start, os.RWF_NOWAIT)
                 except BlockingIOError:
@@ -252,7 +252,7 @@ class FeatureStore:
                     return None
                 return buffer if count == length else None
             if isinstance(handle, int):
-                buffer = np.empty(length, dtype=np.uint8)
+                buffer = _RANDOM_POOL.take(length)
                 done = 0
                 while done < length:
                     count = os.preadv(handle, [memoryview(buffer)[done:]], start + done)
@@ -446,35 +446,42 @@ class FeatureStore:
 
 
 class _BlockPool:
-    """Read buffers for streaming, reused once no sample viewing them is alive any more.
+    """Read buffers reused once no array viewing them is alive any more.
 
-    A fresh 16 MiB buffer costs page faults on first touch, which halved warm streaming speed;
-    a consumer that drops (or copies) its samples, as a DataLoader does, gets the same buffers back.
-    A buffer is reused only when nothing but this pool references it (CPython reference counts; a
-    numpy view keeps its base buffer referenced), so a sample that is kept is never overwritten.
+    A fresh buffer costs page faults on first touch: streaming into fresh 16 MiB blocks ran at about
+    half the speed of a raw read, and batches of random reads (several 1-2 MB buffers alive at once,
+    then freed together, which glibc returns to the kernel) ran 5x slower than single reads. A
+    consumer that drops (or copies) what it read, as a DataLoader or an episode builder does, gets
+    the same memory back. A buffer is reused only when nothing but this pool references it (CPython
+    reference counts; a numpy view keeps its base buffer referenced), so data that is kept, e.g. in
+    the LRU cache, is never overwritten.
     """
 
-    def __init__(self, keep: int = 3) -> None:
+    def __init__(self, min_block: int, keep_bytes: int, keep_blocks: int) -> None:
         self.blocks: list[np.ndarray] = []
-        self.keep = keep
+        self.min_block, self.keep_bytes, self.keep_blocks = min_block, keep_bytes, keep_blocks
         self._lock = threading.Lock()
 
     def take(self, size: int) -> np.ndarray:
+        limit = max(size + size // 4, self.min_block)
         with self._lock:
             for block in self.blocks:
                 # references: the list, `block` here, getrefcount's argument -> 3 when no view is alive
-                if block.size >= size and sys.getrefcount(block) == 3:
+                if size <= block.size <= limit and sys.getrefcount(block) == 3:
                     return block[:size]
-            block = np.empty(max(size, _STREAM_BLOCK_BYTES), dtype=np.uint8)
+            block = np.empty(max(size, self.min_block), dtype=np.uint8)
             self.blocks.append(block)
-            if len(self.blocks) > self.keep:
+            while len(self.blocks) > self.keep_blocks or (
+                len(self.blocks) > 2 and sum(b.size for b in self.blocks) > self.keep_bytes
+            ):
                 self.blocks.pop(0)
             return block[:size]
 
 
-# One pool per process, shared by every stream (each epoch builds a new pipeline): at most `keep`
-# blocks of max(16 MiB, one sample) stay allocated between reads (~48-90 MB per process).
-_POOL = _BlockPool()
+# One pool of each per process, shared by every store and stream (each epoch builds a new pipeline).
+# They keep at most ~3 x max(16 MiB, a sample) (streaming) and 128 MiB (random access) between reads.
+_POOL = _BlockPool(min_block=_STREAM_BLOCK_BYTES, keep_bytes=3 * _STREAM_BLOCK_BYTES, keep_blocks=3)
+_RANDOM_POOL = _BlockPool(min_block=0, keep_bytes=128 << 20, keep_blocks=64)
 
 
 class _ShardReader:
