@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "pipeline.commands",
     "pipeline.extraction.commands",
     "pipeline.inference.commands",
+    "pipeline.proxy_sam.commands",
     "pipeline.training.compare",
 )
 

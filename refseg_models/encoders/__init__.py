@@ -33,6 +33,8 @@ ENCODER_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dinov2_vitb14": ("refseg_models.encoders.dinov2:build_dinov2_encoder", {"variant": "vitb14"}),
     "dinov2_vitl14": ("refseg_models.encoders.dinov2:build_dinov2_encoder", {"variant": "vitl14"}),
     "mobilenet_v2": ("refseg_models.encoders.mobilenet_v2:build_mobilenet_v2_backbone", {}),
+    # the proxy SAM: frozen MobileNetV2 + trained neck (needs backbone_checkpoint=...; docs/proxy_sam.md)
+    "sam_proxy_mobilenet_v2": ("refseg_models.encoders.sam_proxy:build_sam_proxy_encoder", {}),
 }
 
 
