@@ -322,18 +322,15 @@ def test_runtime_env_file_is_what_ray_accepts():
     assert data["working_dir"] == "." and not {"pip", "conda", "uv"} & set(data)
 
 
-def _uploaded(root: Path, include_gitignore: bool) -> set[str]:
+def _uploaded(root: Path, include_gitignore: bool, target: Path) -> set[str]:
     """The files `ray job submit --working-dir <root>` would upload (Ray's own packaging code)."""
     import zipfile
 
     from ray._private.runtime_env.packaging import _zip_files
 
-    target = root.parent / f"{root.name}-upload.zip"
     _zip_files(str(root), [], str(target), include_gitignore=include_gitignore)
     with zipfile.ZipFile(target) as archive:
-        names = {n for n in archive.namelist() if not n.endswith("/")}
-    target.unlink()
-    return names
+        return {n for n in archive.namelist() if not n.endswith("/")}
 
 
 def test_rayignore_keeps_data_stores_tracking_and_checkpoints_out_of_uploads(tmp_path):
@@ -349,11 +346,11 @@ def test_rayignore_keeps_data_stores_tracking_and_checkpoints_out_of_uploads(tmp
         (root / name).write_text("x")
     (root / ".rayignore").write_text((REPO / ".rayignore").read_text())
     # .rayignore alone (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 turns .gitignore off)
-    assert _uploaded(root, include_gitignore=False) == set(kept) | {".rayignore"}
+    assert _uploaded(root, include_gitignore=False, target=tmp_path / "upload.zip") == set(kept) | {".rayignore"}
 
 
-def test_repository_upload_is_code_only():
-    names = _uploaded(REPO, include_gitignore=True)
+def test_repository_upload_is_code_only(tmp_path):
+    names = _uploaded(REPO, include_gitignore=True, target=tmp_path / "upload.zip")
     assert "jobs/train_coco20i.py" in names and "infra/runtime_env.yaml" in names
     bad = [n for n in names if n.startswith((".venv/", ".git/", "stores/", "outputs/", "mlruns/", "data/")) or n.endswith((".tar", ".whl", ".db"))]
     assert bad == []
