@@ -68,6 +68,7 @@ class Service:
     args: list[str]
     env: dict[str, str]
     log: Path
+    term_group: bool = False  # SIGTERM every process of the group (servers whose leader does not pass it on)
     process: subprocess.Popen | None = None
 
     def start(self) -> "Service":
@@ -94,11 +95,15 @@ class Service:
             return False
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM to the leader, then SIGKILL to whatever is left of its process group."""
+        """SIGTERM to the leader (``term_group``: to its whole group), then SIGKILL to whatever is left
+        of the group."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if self.term_group:
+                os.killpg(self.pid, signal.SIGTERM)
+            else:
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
@@ -193,9 +198,13 @@ def start_moto(workdir: Path) -> S3:
         raise FileNotFoundError("moto_server is not installed (pip install 'moto[server]')")
     port = free_port()
     service = Service("moto", [str(moto_server), "-H", "127.0.0.1", "-p", str(port)], base_env(), workdir / "moto.log").start()
-    wait_until(lambda: port_open("127.0.0.1", port), 60, "moto_server", alive=service.alive)
-    s3 = S3(f"http://127.0.0.1:{port}", service)
-    s3.client().create_bucket(Bucket=BUCKET)
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port), 60, "moto_server", alive=service.alive)
+        s3 = S3(f"http://127.0.0.1:{port}", service)
+        s3.client().create_bucket(Bucket=BUCKET)
+    except BaseException:
+        service.stop()
+        raise
     return s3
 
 
@@ -211,7 +220,8 @@ def start_mlflow(workdir: Path, s3: S3) -> Mlflow:
     port = free_port()
     env = {**base_env(), **s3.env, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
            "MLFLOW_BACKEND": f"sqlite:///{workdir / 'mlflow.db'}", "MLFLOW_ARTIFACTS": f"s3://{BUCKET}/mlflow"}
-    service = Service("mlflow", ["bash", str(REPO / "infra" / "mlflow_server.sh")], env, workdir / "mlflow.log").start()
+    service = Service("mlflow", ["bash", str(REPO / "infra" / "mlflow_server.sh")], env, workdir / "mlflow.log",
+                      term_group=True).start()
     uri = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -221,7 +231,11 @@ def start_mlflow(workdir: Path, s3: S3) -> Mlflow:
         except (urllib.error.URLError, OSError):
             return False
 
-    wait_until(healthy, 120, "mlflow server", alive=service.alive)
+    try:
+        wait_until(healthy, 120, "mlflow server", alive=service.alive)
+    except BaseException:
+        service.stop()
+        raise
     return Mlflow(uri, service)
 
 
