@@ -75,6 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = load_fold_data(cfg, report)
     spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
     frozen = open_frozen_features(cfg, spec, data.image_ids())
+    torch.manual_seed(recipe.seed)  # the same initial weights in every run of this configuration, on any cluster
     model = build_method(cfg, frozen.shapes, cfg.sam.checkpoint).to(device)
     names = COCO_CLASS_NAMES if cfg.dataset == "coco20i" else PASCAL_CLASS_NAMES
     providers = dict(sam=frozen.stores.get("sam"), backbone_features=frozen.stores.get("backbone"), backbone=frozen.backbone)
