@@ -38,6 +38,9 @@ def resize_nearest(mask: torch.Tensor, size: tuple[int, int] | int) -> torch.Ten
 class Criterion(nn.Module):
     """Base: subclasses compute ``terms``; the total is the weighted sum over ``weight_dict``."""
 
+    # Whether B x n x H x W targets (n instructions per target) are accepted besides B x H x W.
+    instruction_targets: bool = False
+
     def __init__(self, weight_dict: Mapping[str, float]) -> None:
         super().__init__()
         self.weight_dict = dict(weight_dict)
@@ -46,9 +49,11 @@ class Criterion(nn.Module):
         raise NotImplementedError
 
     def forward(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        if targets.dim() != 3 or valid.shape != targets.shape:
+        dims = (3, 4) if self.instruction_targets else (3,)
+        if targets.dim() not in dims or valid.shape != targets.shape:
+            shapes = "B x H x W (or B x n x H x W)" if self.instruction_targets else "B x H x W"
             raise ModelError(
-                f"criterion: targets and valid must both be B x H x W, got {tuple(targets.shape)} and {tuple(valid.shape)}"
+                f"criterion: targets and valid must both be {shapes}, got {tuple(targets.shape)} and {tuple(valid.shape)}"
             )
         terms = self.terms(outputs, targets, valid)
         missing = sorted(set(self.weight_dict) - set(terms))
@@ -122,7 +127,13 @@ class SegICCriterion(Criterion):
     ``negative_weight`` (0.1, the authors'), the sum normalised by the sum of the weights
     (``num_masks = mask_weight.sum()``). With context reversion the outputs carry a ``"reversed"``
     pass (its own outputs, ``targets`` and ``valid``); the loss is the mean of both passes.
+
+    Several instructions per target: ``targets`` / ``valid`` B x n x H x W against
+    ``outputs["instruction_logits"]`` B x n x h x w; an instruction without any valid pixel (a padding
+    slot) is left out of the loss and of the normalisation.
     """
+
+    instruction_targets = True
 
     def __init__(
         self,
@@ -140,7 +151,18 @@ class SegICCriterion(Criterion):
         )
 
     def _pass(self, outputs, targets, valid) -> dict[str, torch.Tensor]:
-        positives = outputs["mask_logits"]
+        if targets.dim() == 4:
+            logits = outputs["instruction_logits"]
+            if logits.shape[:2] != targets.shape[:2]:
+                raise ModelError(
+                    f"SegIC criterion: {tuple(targets.shape[:2])} instruction targets for "
+                    f"{tuple(logits.shape[:2])} instruction logits"
+                )
+            keep = valid.flatten(2).amax(dim=2).flatten() > 0  # padding slots have no valid pixel
+            positives = logits.flatten(0, 1)[keep][:, None]
+            targets, valid = targets.flatten(0, 1)[keep], valid.flatten(0, 1)[keep]
+        else:
+            positives = outputs["mask_logits"]
         per_mask = point_sampled_mask_loss(positives, targets.to(positives.dtype), valid.to(positives.dtype), **self.point_kwargs)
         weights = [positives.new_ones(positives.shape[0])]
         values = [per_mask]
@@ -152,7 +174,7 @@ class SegICCriterion(Criterion):
             weights.append(logits.new_full((logits.shape[0],), self.negative_weight))
         weight = torch.cat(weights)
         return {
-            name: (torch.cat([v[name] for v in values]) * weight).sum() / weight.sum()
+            name: (torch.cat([v[name] for v in values]) * weight).sum() / weight.sum().clamp(min=1e-12)
             for name in ("loss_ce", "loss_dice")
         }
 

@@ -16,6 +16,16 @@ A method is an ``nn.Module`` subclass of :class:`RefSegMethod` with
   e.g. VRP-SAM's 512 squash; ``"sam"``: the SAM encoder's frame, e.g. SAM's longest-side-1024 pad);
 * ``trainable_parameters()`` / ``trainable_state_dict()`` / ``load_trainable_state_dict()``: exactly
   the learnable part; frozen submodules (the SAM prompt encoder / mask decoder) are never in them.
+
+Training-side hooks (defaults do nothing, so the loop calls them for every method):
+
+* ``after_step(outputs, features)``: called by the training loop after each optimizer step, in
+  training mode (SegIC pushes the step's instance features into its negative queue);
+* ``extra_state()`` / ``load_extra_state(state)``: model-side training state that is not a weight
+  (SegIC's negative queue): saved in and restored from the training checkpoint, per rank, so a
+  resumed run continues with the same contents; ``None`` = nothing to save;
+* ``ddp_find_unused_parameters``: whether DistributedDataParallel must look for parameters without a
+  gradient in a step (SegIC's SAM-style decoder has outputs the loss never reads).
 """
 
 from __future__ import annotations
@@ -100,6 +110,8 @@ class RefSegMethod(nn.Module):
     frozen_modules: ClassVar[tuple[str, ...]] = ("sam_decoder",)
     # Training-free methods (PerSAM, prototype matching) have nothing to train.
     trainable: ClassVar[bool] = True
+    # DistributedDataParallel(find_unused_parameters=...): True when some parameters get no gradient.
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     config: MethodConfig
 
@@ -132,6 +144,19 @@ class RefSegMethod(nn.Module):
         is not its ``logits_frame`` encoder's input size (SegIC: its input size; PerSAM: SAM's
         prompt frame); None = the encoder's input size."""
         return None
+
+    # -- training-side hooks (module docstring) ------------------------------------------------
+    def after_step(self, outputs: Mapping[str, Any], features: EpisodeFeatures) -> None:
+        """Called by the training loop after each optimizer step (training mode); default: nothing."""
+
+    def extra_state(self) -> dict[str, Any] | None:
+        """Training state that is not a weight (``torch.load(weights_only=True)``-safe), or None."""
+        return None
+
+    def load_extra_state(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`extra_state` output; the default accepts only None (nothing saved)."""
+        if state is not None:
+            raise ModelError(f"{self.name} keeps no extra training state, got {sorted(state)}")
 
     # -- the learnable part ---------------------------------------------------------------------
     def _is_frozen(self, name: str) -> bool:

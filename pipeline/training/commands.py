@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from refseg_models.errors import ModelError
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.job import JobOptions
+from pipeline.training.mix_config import MixConfig
+from pipeline.training.samplers import SAMPLERS
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models
 from refseg_models.encoders import available_encoders, encoder_options
@@ -28,6 +31,13 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _json_object_or_file(text: str) -> dict[str, Any]:
+    path = Path(text)
+    if not text.lstrip().startswith("{") and path.is_file():
+        text = path.read_text()
+    return _json_object(text)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     what = parser.add_argument_group("method and recipe")
     what.add_argument("--method", default="vrp_sam", choices=available_models())
@@ -37,6 +47,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     what.add_argument("--lr", type=float, help="default: the recipe's")
     what.add_argument("--recipe-options", type=_json_object, default={}, help="other recipe overrides (JSON)")
     what.add_argument("--episodes-per-epoch", type=int, help="default: one episode per training pair (HSNet)")
+    what.add_argument("--sampler", choices=tuple(SAMPLERS), default="episodes",
+                      help="training data: the fold's episodes, or SegIC's mixed datasets (segic_mixed)")
+    what.add_argument("--mix", type=_json_object_or_file, default={},
+                      help="segic_mixed: the mix as JSON or a JSON file (sources, weights, stores, views; "
+                           "pipeline/training/mix_config.py, docs/segic_training.md)")
+    what.add_argument("--samples-per-epoch", type=int, help="segic_mixed: samples per epoch (default: the recipe's, 160k)")
+    what.add_argument("--coco-excluded", action="store_true", help="segic_mixed: leave the COCO sources out (Table 2's dagger)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -102,13 +119,52 @@ def default_sam_checkpoint(encoder: str) -> str | None:
     return None
 
 
+def _reads_sam(method: str, overrides: dict[str, Any], baselines: list[str]) -> bool:
+    from refseg_models.build import build_model
+
+    specs = [build_model(method, overrides, allow_random_init=True).feature_spec()]
+    specs += [build_model(name, allow_random_init=True).feature_spec() for name in baselines]
+    return any("sam" in spec.encoders for spec in specs)
+
+
+def _mix_config(args: argparse.Namespace) -> MixConfig:
+    """``--mix`` (+ ``--samples-per-epoch``, ``--coco-excluded``), paths made absolute."""
+    data = dict(args.mix)
+    sources = []
+    for source in data.get("sources", []) or []:
+        source = dict(source)
+        for key in ("annotations", "images", "view_plan"):
+            if source.get(key):
+                source[key] = str(Path(source[key]).resolve())
+        if source.get("store") and "://" not in source["store"]:
+            source["store"] = str(Path(source["store"]).resolve())
+        sources.append(source)
+    if sources:
+        data["sources"] = sources
+    if args.samples_per_epoch is not None:
+        data["samples_per_epoch"] = args.samples_per_epoch
+    if args.coco_excluded:
+        data["coco_excluded"] = True
+    try:
+        return MixConfig.from_dict(data)
+    except ModelError as error:
+        raise ConfigError(f"--mix: {error}") from error
+
+
 def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConfig, JobOptions]:
     feature_dataset = args.feature_dataset or _feature_dataset(args.images)
-    sam_checkpoint = args.sam_checkpoint or default_sam_checkpoint(args.sam_encoder)
-    if sam_checkpoint is None:
-        raise ConfigError(f"--sam-checkpoint is required for {args.sam_encoder} (only the proxy SAM ships with refseg)")
-    # Builder options that are paths (the proxy SAM's MobileNetV2 weights) stay out of the config record.
-    sam_paths = {"backbone_checkpoint": args.backbone_checkpoint} if "backbone_checkpoint" in encoder_options(args.sam_encoder) else {}
+    if args.sampler == "episodes" and (args.mix or args.samples_per_epoch is not None or args.coco_excluded):
+        raise ConfigError("--mix / --samples-per-epoch / --coco-excluded configure --sampler segic_mixed")
+    sam = StoreSpec()
+    if args.sam_checkpoint or _reads_sam(args.method, args.method_options, args.baseline):
+        sam_checkpoint = args.sam_checkpoint or default_sam_checkpoint(args.sam_encoder)
+        if sam_checkpoint is None:
+            raise ConfigError(f"--sam-checkpoint is required for {args.sam_encoder} (only the proxy SAM ships with refseg)")
+        # Builder options that are paths (the proxy SAM's MobileNetV2 weights) stay out of the config record.
+        sam_paths = {"backbone_checkpoint": args.backbone_checkpoint} if "backbone_checkpoint" in encoder_options(args.sam_encoder) else {}
+        sam = StoreSpec(args.sam_encoder, str(Path(sam_checkpoint).resolve()),
+                        args.sam_store or str(Path("stores", f"{feature_dataset}-{args.sam_encoder}").resolve()),
+                        path_options={k: str(Path(v).resolve()) for k, v in sam_paths.items()})
     recipe = dict(args.recipe_options)
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
@@ -122,9 +178,7 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         crowd=getattr(args, "crowd", "background"),
         episodes_per_epoch=args.episodes_per_epoch, val_episodes=args.val_episodes, test_episodes=args.test_episodes,
         test_seed=args.test_seed, feature_dataset=feature_dataset,
-        sam=StoreSpec(args.sam_encoder, str(Path(sam_checkpoint).resolve()),
-                      args.sam_store or str(Path("stores", f"{feature_dataset}-{args.sam_encoder}").resolve()),
-                      path_options={k: str(Path(v).resolve()) for k, v in sam_paths.items()}),
+        sam=sam, sampler=args.sampler, mix=_mix_config(args) if args.sampler != "episodes" else MixConfig(),
         backbone=StoreSpec(args.backbone, str(Path(args.backbone_checkpoint).resolve()),
                            args.backbone_store or str(Path("stores", f"{feature_dataset}-{args.backbone}").resolve())),
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
@@ -141,14 +195,17 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
     return base, options
 
 
-def train_main(dataset: str, argv: list[str] | None = None, description: str = "") -> int:
-    """Entry point of ``jobs/train_<dataset>.py``."""
+def train_main(dataset: str, argv: list[str] | None = None, description: str = "", defaults: dict[str, Any] | None = None) -> int:
+    """Entry point of ``jobs/train_<dataset>.py`` (``defaults``: other argument defaults, e.g. the
+    method and sampler of ``jobs/train_segic.py``)."""
     import sys
 
     from pipeline.errors import run_cli
 
     parser = argparse.ArgumentParser(description=description)
     add_train_arguments(parser, dataset)
+    if defaults:
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
 
     def main() -> int:

@@ -2,8 +2,8 @@
 
 A :class:`TrainConfig` is everything one fold's training run is a function of: the method (and
 overrides of its config), the recipe (the paper's, with overrides), the data (dataset, fold, shot,
-annotation type, lists), the frozen feature stores and the encoder weights they were made with,
-scaling and the run's identity. ``to_dict()`` is what MLflow logs and what the driver hands to
+annotation type, lists; the training sampler and, for SegIC's mixed-dataset training, the mix), the
+frozen feature stores and the encoder weights they were made with, scaling and the run's identity. ``to_dict()`` is what MLflow logs and what the driver hands to
 ``train_loop_per_worker``; ``from_dict()`` rebuilds it there (unknown keys are refused).
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.data.folds import check_fold
 from pipeline.errors import ConfigError
+from pipeline.training.mix_config import MixConfig
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models, method_class, method_config
 from refseg_models.config import FrozenConfig
@@ -64,6 +65,10 @@ class TrainConfig(FrozenConfig):
     # (docs/evaluation.md), or "ignore" (255: excluded from losses and the metric).
     crowd: str = "background"
     episodes_per_epoch: int | None = None
+    # What an epoch of training samples is (pipeline/training/samplers.py): "episodes" (the fold's
+    # base-class episodes) or "segic_mixed" (SegIC's mixed datasets, configured by ``mix``).
+    sampler: str = "episodes"
+    mix: MixConfig = field(default_factory=MixConfig)
     val_episodes: int = 200
     test_episodes: int = 1000
     test_seed: int = 0
@@ -113,6 +118,11 @@ class TrainConfig(FrozenConfig):
             raise ConfigError(f"episodes_per_epoch must be >= 1, got {self.episodes_per_epoch}")
         if self.cpus_per_worker <= 0 or self.loader_workers < 0 or self.max_failures < -1:
             raise ConfigError("cpus_per_worker must be > 0, loader_workers >= 0, max_failures >= -1")
+        from pipeline.training.samplers import check_sampler
+
+        check_sampler(self.sampler, self.method)
+        if not isinstance(self.mix, MixConfig):
+            raise ConfigError(f"mix must be a MixConfig, got {type(self.mix).__name__}")
         try:
             method_config(self.method, self.method_overrides)
             self.recipe
@@ -133,17 +143,32 @@ class TrainConfig(FrozenConfig):
         for role in ("sam", "backbone"):
             if isinstance(data.get(role), dict):
                 data[role] = StoreSpec.from_dict(data[role])
+        if isinstance(data.get("mix"), dict):
+            data["mix"] = MixConfig.from_dict(data["mix"])
+        overrides = data.get("method_overrides")
+        if isinstance(overrides, dict) and overrides and data.get("method") in available_models():
+            # JSON turns tuples into lists: read them back with the method config's own types
+            try:
+                typed = method_config(data["method"], overrides)
+                data["method_overrides"] = {k: getattr(typed, k) for k in overrides}
+            except ModelError:
+                pass  # reported by validation, in its order
         return super().from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["sam"], out["backbone"] = self.sam.to_dict(), self.backbone.to_dict()
+        out["mix"] = self.mix.to_dict()
         return out
 
     @property
     def recipe(self) -> Recipe:
-        """The paper's recipe of the method on the dataset, with ``recipe_overrides`` applied."""
-        return recipe_for(self.method, self.dataset).replace(**self.recipe_overrides)
+        """The paper's recipe of the method on the dataset (or on the sampler's data: SegIC's mix has
+        its own recipe), with ``recipe_overrides`` applied."""
+        from pipeline.training.samplers import sampler_class
+
+        dataset = sampler_class(self.sampler).recipe_dataset or self.dataset
+        return recipe_for(self.method, dataset).replace(**self.recipe_overrides)
 
     @property
     def batch_per_worker(self) -> int:
@@ -158,6 +183,9 @@ class TrainConfig(FrozenConfig):
         command gives the same parent run name, so re-running it resumes."""
         skip = ("fold", "run_name", "storage_path", "experiment", "max_failures", "log_every", "overlays")
         payload = {k: v for k, v in self.to_dict().items() if k not in skip}
+        if self.sampler == "episodes" and self.mix == MixConfig():
+            # fields added with the samplers: left out at their defaults, so earlier runs keep their names
+            payload.pop("sampler"), payload.pop("mix")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:

@@ -24,6 +24,7 @@ from pipeline.report import SkipReport
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import load_fold_data
 from pipeline.training.features import extraction_command, open_frozen_features, store_exists
+from pipeline.training.samplers import sampler_class
 from refseg_models.build import build_model
 
 
@@ -101,10 +102,12 @@ def validate(configs: list[TrainConfig], options: JobOptions) -> str:
     uri = options.tracking_uri or tracking.default_tracking_uri()
     tracking.check_reachable(uri)
     for cfg in configs:
-        prepare_stores(cfg, options.extract_missing, options.extraction_workers)
         report = SkipReport(f"fold {cfg.fold} data")
         data = load_fold_data(cfg, report)
         report.print()
+        # the sampler's own stores first (SegIC's mix extracts plain images and cached views together)
+        sampler_class(cfg.sampler).prepare(cfg, data, options.extract_missing, options.extraction_workers)
+        prepare_stores(cfg, options.extract_missing, options.extraction_workers)
         spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
         open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False)
     return uri

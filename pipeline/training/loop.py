@@ -1,9 +1,12 @@
 """``train_loop_per_worker``: one fold's training on one Ray Train worker.
 
-Per epoch, every rank draws the same seeded episode table over the fold's base-class pairs and takes
-its disjoint share (``episode_id % world == rank``; the union is the table). Batches are built from
-the feature stores (no frozen-encoder forward pass; the masked-reference layer4 is the one live
-backbone call), the method's contract does the rest (forward, criterion, trainable parameters).
+Per epoch, every rank draws the same seeded table of training samples and takes its disjoint share
+(``episode_id % world == rank``; the union is the table); what a sample is comes from the
+configuration's sampler (:mod:`pipeline.training.samplers`: the fold's base-class episodes by
+default, SegIC's mixed datasets with ``sampler="segic_mixed"``). Batches are built from the feature
+stores (no frozen-encoder forward pass; the masked-reference layer4 is the one live backbone call),
+the method's contract does the rest (forward, criterion, trainable parameters, and its training
+hooks: ``after_step`` after each optimizer step, ``extra_state`` saved per rank in the checkpoint).
 At each checkpoint point the ranks evaluate their shares of the validation episodes (counts summed
 across ranks), rank 0 writes the state atomically and every rank calls ``ray.train.report`` (a
 barrier); then rank 0 flushes the metrics that checkpoint covers to MLflow. At the end the best
@@ -23,14 +26,16 @@ import numpy as np
 import torch
 
 from pipeline.data.folds import COCO_CLASS_NAMES, PASCAL_CLASS_NAMES, novel_classes
+from pipeline.errors import DataError
 from pipeline.evaluation.resolution import EvalResolution
 from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
-from pipeline.training.data import episodes_per_epoch, epoch_episodes, load_fold_data, rank_share
+from pipeline.training.data import load_fold_data, rank_share
 from pipeline.training.episode_features import EpisodeFeatureBuilder
 from pipeline.training.evaluate import all_reduce_meter, chunks, evaluate_rows
 from pipeline.training.features import open_frozen_features
-from pipeline.training.state import load_state, save_state, step_seed
+from pipeline.training.samplers import sampler_class
+from pipeline.training.state import gather_extra_state, load_state, save_state, step_seed
 from refseg_models.build import build_model, method_class, method_config
 from refseg_models.checkpoint import save_inference_checkpoint
 from refseg_models.recipes import build_optimizer, build_scheduler
@@ -39,7 +44,7 @@ from refseg_models.recipes import build_optimizer, build_scheduler
 class _Batches(torch.utils.data.Dataset):
     """One epoch's batches of this rank (a map-style dataset so a DataLoader can prefetch them)."""
 
-    def __init__(self, builder: EpisodeFeatureBuilder, batches: list[list[dict]]) -> None:
+    def __init__(self, builder: Any, batches: list[list[dict]]) -> None:
         self.builder, self.batches = builder, batches
 
     def __len__(self) -> int:
@@ -79,18 +84,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_method(cfg, frozen.shapes, cfg.sam.checkpoint).to(device)
     names = COCO_CLASS_NAMES if cfg.dataset == "coco20i" else PASCAL_CLASS_NAMES
     providers = dict(sam=frozen.stores.get("sam"), backbone_features=frozen.stores.get("backbone"), backbone=frozen.backbone)
-    train_builder = EpisodeFeatureBuilder.for_method(model, data.masks, training=True, point_style=cfg.point_style, **providers)
+    sampler = sampler_class(cfg.sampler)(cfg, data, model, frozen)
     eval_builder = EpisodeFeatureBuilder.for_method(model, data.masks, training=False, point_style=cfg.point_style, **providers)
     resolution = EvalResolution("fixed", cfg.eval_size)
     classes = novel_classes(cfg.dataset, cfg.fold)
 
-    n_episodes = episodes_per_epoch(cfg, data)
+    n_episodes = sampler.samples_per_epoch()
     steps_per_epoch = n_episodes // recipe.batch_size
     total_steps = steps_per_epoch * recipe.epochs
     checkpoint_every = max(1, steps_per_epoch // cfg.checkpoints_per_epoch)
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, total_steps)
-    train_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else model
+    find_unused = bool(getattr(model, "ddp_find_unused_parameters", False))
+    train_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused}) if world > 1 else model
 
     progress = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
     best: dict[str, Any] = {"val_miou": -1.0, "step": -1, "model": model.trainable_state_dict()}
@@ -103,6 +109,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress, best, extra = state["progress"], state["best"], state["extra"]
+        if "model_extra" in state or model.extra_state() is not None:  # model-side state, per rank
+            per_rank = state.get("model_extra") or []
+            if len(per_rank) != world:
+                raise DataError(f"the checkpoint holds the model state of {len(per_rank)} rank(s), this run has {world}")
+            model.load_extra_state(per_rank[rank])
 
     logger = None
     if rank == 0:
@@ -112,7 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is None:
             logger.log_dict(cfg.to_dict(), "config.json")
             logger.add(  # flushed with the first checkpoint: a restart before it never logs them twice
-                {"data/train_pairs": data.num_train_pairs, "data/episodes_per_epoch": n_episodes,
+                {**sampler.summary(), "data/episodes_per_epoch": n_episodes,
                  "data/steps_per_epoch": steps_per_epoch, "data/val_episodes": data.val.num_rows,
                  "data/test_episodes": data.test.num_rows, "model/trainable_parameters":
                  sum(p.numel() for p in model.trainable_parameters())}, 0,
@@ -135,13 +146,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def save_and_report(metrics: dict[str, float]) -> None:
         directory = None
+        model_extra = gather_extra_state(model.extra_state(), world)  # a collective when there is any
         if rank == 0:
             directory = tempfile.mkdtemp(prefix="refseg-ckpt-")
-            save_state(directory, {
+            payload = {
                 "fingerprint": cfg.fingerprint(), "model": model.trainable_state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "progress": progress, "best": best, "extra": extra,
-            })
+            }
+            if model_extra is not None:
+                payload["model_extra"] = model_extra
+            save_state(directory, payload)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
             checkpoint_dir_name=f"checkpoint_step{progress['global_step']:07d}",
@@ -153,10 +168,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_model.train()
     for epoch in range(progress["epoch"], recipe.epochs):
-        table = epoch_episodes(cfg, data, epoch, n_episodes)
+        table = sampler.epoch_table(epoch, n_episodes)
         batches = chunks(rank_share(table, rank, world), cfg.batch_per_worker)[progress["step_in_epoch"]:]
         loader = torch.utils.data.DataLoader(
-            _Batches(train_builder, batches), batch_size=None, shuffle=False, num_workers=cfg.loader_workers,
+            _Batches(sampler.build, batches), batch_size=None, shuffle=False, num_workers=cfg.loader_workers,
             collate_fn=lambda batch: batch,
         )
         waited = time.perf_counter()
@@ -166,12 +181,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.manual_seed(step_seed(recipe.seed, rank, progress["global_step"]))
             targets = (batch.target_masks == 1).float().to(device)
             valid = (batch.target_masks != 255).float().to(device)
-            outputs = train_model(batch.features.to(device))
+            features = batch.features.to(device)
+            outputs = train_model(features)
             losses = model.loss(outputs, targets, valid)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
             scheduler.step()
+            model.after_step(outputs, features)
             step_s = time.perf_counter() - started
             progress["global_step"] += 1
             progress["step_in_epoch"] += 1

@@ -9,6 +9,8 @@
     progress          {"global_step", "epoch", "step_in_epoch"}: the next step to run
     best              {"val_miou", "step", "model"}: the best validation weights so far
     extra             {"untrained_test": {...}, ...} results computed once per run
+    model_extra       (only for methods with model-side training state, e.g. SegIC's negative
+                      queue) [method.extra_state() of rank 0, rank 1, ...]: each rank restores its own
 
 Randomness is a function of (seed, rank, global step) (:func:`step_seed`), so the checkpointed
 step restores it exactly: no generator state needs saving.
@@ -32,6 +34,20 @@ STATE_FILE = "state.pt"
 def step_seed(seed: int, rank: int, global_step: int) -> int:
     """The torch seed of one training step on one rank (dropout, ProSAM's samples, SegIC's points)."""
     return int(np.random.SeedSequence([int(seed), int(rank), int(global_step), 0x5EED]).generate_state(1)[0])
+
+
+def gather_extra_state(state: dict[str, Any] | None, world_size: int) -> list[dict[str, Any]] | None:
+    """Every rank's ``method.extra_state()`` in rank order (all ranks call it: with several ranks it
+    is a collective), or None when the method keeps none (then nothing is communicated)."""
+    if state is None:
+        return None
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
 
 
 def save_state(directory: str | Path, payload: dict[str, Any]) -> Path:

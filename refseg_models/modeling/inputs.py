@@ -21,6 +21,10 @@ shots):
 * ``meta_embeddings``: B x D text embeddings (SegIC's optional meta instruction).
 * ``valid_sizes``: per target (h, w) of the image inside a padded input frame (PerSAM picks its
   points there); None = the whole frame.
+* ``instructions``: several instructions per target (:class:`InstructionSet`, SegIC's training on
+  instance data: up to 10 instances of one image, each an instruction over the same references, all
+  decoded against ONE target embedding); None = one instruction per target (``reference_masks``).
+  Methods that do not read it ignore it.
 
 The container is immutable; ``to``, ``select`` and ``shot`` return new instances.
 """
@@ -37,6 +41,74 @@ BACKBONE_LAYERS = ("layer2", "layer3", "layer4")
 
 
 @dataclass(frozen=True)
+class InstructionSet:
+    """Up to ``n`` instructions per target over the same ``k`` references (B targets).
+
+    * ``masks``: B x n x k x H x W {0, 1} (float, uint8 or bool): instruction ``j`` of target ``b`` is
+      the reference region ``masks[b, j]`` (one per shot); instruction 0 is ``reference_masks``.
+      Rows ``j >= counts[b]`` are padding (all zero) and are neither decoded nor in the loss.
+    * ``counts``: real instructions per target, ``1 <= counts[b] <= n``.
+    * ``boxes``: B x n x 4 (x0, y0, x1, y1) GT boxes of each instruction's target in input pixels
+      (SegIC's training-time box prompt), or None.
+    * ``classes``: B x n long class keys of the instructions (the keys of a method's class-keyed
+      training state, e.g. SegIC's negative queue; -1 = not keyed), or None.
+    * ``negative_classes``: per target, the class keys known to be ABSENT from it (candidates for
+      negative instructions), or None.
+    * ``reference_valid``: B x k x H x W {0, 1}: where the references show image content (0 on
+      padding and on warped-out cells), or None = everywhere.
+    """
+
+    masks: torch.Tensor
+    counts: tuple[int, ...]
+    boxes: torch.Tensor | None = None
+    classes: torch.Tensor | None = None
+    negative_classes: tuple[tuple[int, ...], ...] | None = None
+    reference_valid: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """``n``: instruction slots per target (the largest count)."""
+        return int(self.masks.shape[1])
+
+    def validate(self, batch: int, shots: int, height: int, width: int) -> None:
+        if self.masks.dim() != 5 or tuple(self.masks.shape[:1] + self.masks.shape[2:]) != (batch, shots, height, width):
+            raise ModelError(
+                f"InstructionSet.masks must be B x n x k x H x W = ({batch}, n, {shots}, {height}, {width}), "
+                f"got {tuple(self.masks.shape)}"
+            )
+        n = self.size
+        if len(self.counts) != batch or any(not 1 <= int(c) <= n for c in self.counts):
+            raise ModelError(f"InstructionSet.counts needs one count in 1..{n} per target ({batch}), got {self.counts}")
+        if self.boxes is not None and tuple(self.boxes.shape) != (batch, n, 4):
+            raise ModelError(f"InstructionSet.boxes must be B x n x 4 = ({batch}, {n}, 4), got {tuple(self.boxes.shape)}")
+        if self.classes is not None and tuple(self.classes.shape) != (batch, n):
+            raise ModelError(f"InstructionSet.classes must be B x n = ({batch}, {n}), got {tuple(self.classes.shape)}")
+        if self.negative_classes is not None and len(self.negative_classes) != batch:
+            raise ModelError(f"InstructionSet.negative_classes needs one tuple per target ({batch}), got {len(self.negative_classes)}")
+        if self.reference_valid is not None and tuple(self.reference_valid.shape) != (batch, shots, height, width):
+            raise ModelError(
+                f"InstructionSet.reference_valid must be B x k x H x W = ({batch}, {shots}, {height}, {width}), "
+                f"got {tuple(self.reference_valid.shape)}"
+            )
+
+    def map(self, fn) -> "InstructionSet":
+        """Apply ``fn`` to every tensor (e.g. a device move)."""
+        return replace(
+            self,
+            masks=fn(self.masks),
+            boxes=None if self.boxes is None else fn(self.boxes),
+            classes=None if self.classes is None else fn(self.classes),
+            reference_valid=None if self.reference_valid is None else fn(self.reference_valid),
+        )
+
+    def select(self, keep: list[int]) -> "InstructionSet":
+        index = torch.as_tensor(keep, dtype=torch.long)
+        out = self.map(lambda t: t[index.to(t.device)])
+        negatives = None if self.negative_classes is None else tuple(self.negative_classes[i] for i in keep)
+        return replace(out, counts=tuple(self.counts[i] for i in keep), negative_classes=negatives)
+
+
+@dataclass(frozen=True)
 class EpisodeFeatures:
     reference_masks: torch.Tensor
     target_sam: torch.Tensor | None = None
@@ -47,6 +119,7 @@ class EpisodeFeatures:
     target_boxes: torch.Tensor | None = None
     meta_embeddings: torch.Tensor | None = None
     valid_sizes: tuple[tuple[int, int], ...] | None = None
+    instructions: InstructionSet | None = None
     # Free-form per-episode metadata (ids, class indices); never read by models.
     meta: dict[str, object] = field(default_factory=dict)
 
@@ -108,6 +181,8 @@ class EpisodeFeatures:
             raise ModelError(f"EpisodeFeatures.meta_embeddings must be B x D, got {tuple(self.meta_embeddings.shape)}")
         if self.valid_sizes is not None and len(self.valid_sizes) != batch:
             raise ModelError(f"EpisodeFeatures.valid_sizes needs one (h, w) per target ({batch}), got {len(self.valid_sizes)}")
+        if self.instructions is not None:
+            self.instructions.validate(batch, shots, *self.reference_masks.shape[-2:])
 
     def _map(self, fn, per_shot: bool = False) -> "EpisodeFeatures":
         """Apply ``fn`` to every tensor (``per_shot``: only to the per-reference tensors)."""
@@ -127,7 +202,10 @@ class EpisodeFeatures:
                 target_backbone={k: fn(v) for k, v in self.target_backbone.items()},
                 target_boxes=app(self.target_boxes),
                 meta_embeddings=app(self.meta_embeddings),
+                instructions=None if self.instructions is None else self.instructions.map(fn),
             )
+        elif self.instructions is not None:
+            raise ModelError("per-shot views of EpisodeFeatures with several instructions per target are not supported")
         return replace(self, **changes)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EpisodeFeatures":
@@ -142,10 +220,14 @@ class EpisodeFeatures:
 
     def select(self, index: torch.Tensor | slice | list[int]) -> "EpisodeFeatures":
         """A sub-batch of episodes (index along B)."""
-        out = self._map(lambda t: t[index])
+        if self.valid_sizes is None and self.instructions is None:
+            return self._map(lambda t: t[index])
+        keep = list(range(self.batch_size)[index]) if isinstance(index, slice) else [int(i) for i in index]
+        out = replace(self, instructions=None)._map(lambda t: t[index])
         if self.valid_sizes is not None:
-            keep = range(self.batch_size)[index] if isinstance(index, slice) else [int(i) for i in index]
             out = replace(out, valid_sizes=tuple(self.valid_sizes[i] for i in keep))
+        if self.instructions is not None:
+            out = replace(out, instructions=self.instructions.select(keep))
         return out
 
     def shot(self, index: int) -> "EpisodeFeatures":

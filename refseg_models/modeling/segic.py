@@ -28,6 +28,15 @@ Deliberate deviations (stated in docs/methods_segic_persam.md):
   ``config.context_reversion``: a second pass with reference and target swapped, the detached first
   prediction (> 0) as the new reference mask and the first reference as the new ground truth; the
   criterion averages both passes. With k > 1 shots only shot 0 is reversed (the paper is 1-shot).
+
+Training on mixed data (docs/segic_training.md): ``EpisodeFeatures.instructions`` carries up to
+``max_instructions`` instructions per target (the instances of an instance-data sample), all decoded
+against the ONE neck embedding of their target; in training mode the model draws negative
+instructions for targets that list ``negative_classes`` from its own per-class queue of past
+instance features (the authors' ``--add_neg_prompt``: p = 0.25 per semantic target, at most 40
+absent classes considered, one queued feature each, up to ``max_instructions`` instruction sets per
+target in all), and :meth:`SegIC.after_step` pushes the step's keyed instance features. The queue is
+the model's :meth:`extra_state` (saved in and restored from the training checkpoint).
 """
 
 from __future__ import annotations
@@ -45,10 +54,11 @@ from refseg_models.config import MethodConfig
 from refseg_models.criterion import SegICCriterion
 from refseg_models.errors import ModelError
 from refseg_models.method import FeatureSpec, RefSegMethod
-from refseg_models.modeling.inputs import EpisodeFeatures
+from refseg_models.modeling.inputs import EpisodeFeatures, InstructionSet
 from refseg_models.modeling.segic_instructions import geometric_instruction, instance_features, masks_to_boxes
 from refseg_models.modeling.segic_neck import SegICNeck
 from refseg_models.modeling.segic_prompt_encoder import SegICPromptEncoder
+from refseg_models.modeling.segic_training import InstanceFeatureQueue
 
 # DINOv2 channel widths, for the documented parameter counts.
 DINOV2_CHANNELS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024}
@@ -85,6 +95,12 @@ class SegICConfig(MethodConfig):
     loss_points: int = 112 * 112
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    # Negative entity augmentation from the queue (authors' --add_neg_prompt, que_len 128; 0 = off).
+    negative_queue_length: int = 128
+    negative_prob: float = 0.25
+    negative_candidates: int = 40
+    # Instruction sets decoded per target in training, positives first (authors' num_inst = 10).
+    max_instructions: int = 10
 
 
 class SegIC(RefSegMethod):
@@ -93,6 +109,9 @@ class SegIC(RefSegMethod):
     uses_sam_decoder = False
     logits_frame = "backbone"
     frozen_modules = ()
+    # The IoU head and the unused multimask tokens never get a gradient (the authors train with
+    # --find_unused_params too).
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,
@@ -125,6 +144,9 @@ class SegIC(RefSegMethod):
             config.oversample_ratio,
             config.importance_sample_ratio,
         )
+        if config.max_instructions < 1 or not 0.0 <= config.negative_prob <= 1.0 or config.negative_queue_length < 0:
+            raise ModelError("SegIC needs max_instructions >= 1, 0 <= negative_prob <= 1, negative_queue_length >= 0")
+        self.queue = InstanceFeatureQueue(config.negative_queue_length) if config.negative_queue_length > 0 else None
 
     @classmethod
     def from_config(cls, config: SegICConfig, sam_decoder: nn.Module | None = None) -> "SegIC":
@@ -196,7 +218,7 @@ class SegIC(RefSegMethod):
             image_embedding: 1 x 256 x s x s neck output of the target.
             prototypes: n x k x C instance features (k shots per instruction).
             target_features: C x s x s raw target features (for the cosine map).
-            box: 1 x 4 target box in input pixels, or None.
+            box: 1 x 4 (shared) or n x 4 (per instruction) target boxes in input pixels, or None.
             meta_token: n x 1 x 256 projected meta instruction, or None.
         """
         n = prototypes.shape[0]
@@ -228,41 +250,141 @@ class SegIC(RefSegMethod):
     ) -> dict[str, Any]:
         """The contract's forward: SegIC on ``features.target_backbone[feature_key]`` etc.
 
-        ``target_boxes`` / ``meta_embeddings`` come from ``features``; ``negative_prototypes`` are
-        the queue's negative instructions (training); ``novel_class_eval`` refuses a meta instruction.
-        In training mode with ``config.context_reversion`` the outputs hold a ``"reversed"`` pass
-        (its own outputs plus ``targets`` / ``valid``) that the criterion averages in.
+        ``target_boxes`` / ``meta_embeddings`` come from ``features``; ``features.instructions``
+        (several instructions per target) replaces ``reference_masks`` / ``target_boxes`` when given.
+        ``negative_prototypes`` are explicit negative instructions; without them, in training mode,
+        targets whose instructions list ``negative_classes`` get negatives from the model's queue.
+        ``novel_class_eval`` refuses a meta instruction. In training mode with
+        ``config.context_reversion`` the outputs hold a ``"reversed"`` pass (its own outputs plus
+        ``targets`` / ``valid``) that the criterion averages in.
         """
         self.check_features(features)
         target = features.target_backbone[self.feature_key]
         reference = features.reference_backbone[self.feature_key]
+        instructions = features.instructions
+        if instructions is None:
+            masks, counts, boxes = features.reference_masks, None, features.target_boxes
+        else:
+            masks, counts, boxes = instructions.masks.to(target.dtype), instructions.counts, instructions.boxes
+            if negative_prototypes is None and self.training:
+                negative_prototypes = self.queue_negatives(instructions, target.device, generator)
         outputs = self.forward_tensors(
             target,
             reference,
-            features.reference_masks,
-            target_boxes=features.target_boxes,
+            masks,
+            instruction_counts=counts,
+            target_boxes=boxes,
             meta_embeddings=features.meta_embeddings,
             negative_prototypes=negative_prototypes,
             novel_class_eval=novel_class_eval,
             generator=generator,
         )
         if self.training and self.config.context_reversion:
-            size = features.reference_masks.shape[-2:]
-            first = F.interpolate(outputs["mask_logits"].detach(), size, mode="bilinear", align_corners=False) > 0
-            new_ground_truth = features.reference_masks[:, 0]
-            second = self.forward_tensors(
-                reference[:, 0],
-                target[:, None],
-                first.to(features.reference_masks.dtype),
-                target_boxes=masks_to_boxes(new_ground_truth),
-                meta_embeddings=features.meta_embeddings,
-                novel_class_eval=novel_class_eval,
-                generator=generator,
-            )
-            second["targets"] = (new_ground_truth > 0.5).to(target.dtype)
-            second["valid"] = torch.ones_like(second["targets"])
-            outputs["reversed"] = second
+            if instructions is None:
+                outputs["reversed"] = self._reversed_single(outputs, features, target, reference, novel_class_eval, generator)
+            else:
+                outputs["reversed"] = self._reversed_instructions(
+                    outputs, features, instructions, masks, target, reference, novel_class_eval, generator
+                )
         return outputs
+
+    def _reversed_single(self, outputs, features, target, reference, novel_class_eval, generator) -> dict[str, Any]:
+        size = features.reference_masks.shape[-2:]
+        first = F.interpolate(outputs["mask_logits"].detach(), size, mode="bilinear", align_corners=False) > 0
+        new_ground_truth = features.reference_masks[:, 0]
+        second = self.forward_tensors(
+            reference[:, 0],
+            target[:, None],
+            first.to(features.reference_masks.dtype),
+            target_boxes=masks_to_boxes(new_ground_truth),
+            meta_embeddings=features.meta_embeddings,
+            novel_class_eval=novel_class_eval,
+            generator=generator,
+        )
+        second["targets"] = (new_ground_truth > 0.5).to(target.dtype)
+        second["valid"] = torch.ones_like(second["targets"])
+        return second
+
+    def _reversed_instructions(
+        self, outputs, features, instructions: InstructionSet, masks, target, reference, novel_class_eval, generator
+    ) -> dict[str, Any]:
+        """Context reversion with several instructions per target: the reference (shot 0) becomes the
+        target, each instruction's detached prediction its reference mask, each instruction's
+        reference mask its ground truth (invalid where the reference has no image content, and for
+        padding instructions). Negatives are not redrawn for the reversed pass (the authors' code
+        draws them there against the ORIGINAL target's absent classes)."""
+        b, n = masks.shape[:2]
+        size = masks.shape[-2:]
+        first = F.interpolate(outputs["instruction_logits"].detach(), size, mode="bilinear", align_corners=False) > 0
+        new_ground_truth = masks[:, :, 0]  # B x n x H x W
+        boxes = masks_to_boxes(new_ground_truth.flatten(0, 1)).view(b, n, 4).to(target.dtype)
+        second = self.forward_tensors(
+            reference[:, 0],
+            target[:, None],
+            first[:, :, None].to(masks.dtype),
+            instruction_counts=instructions.counts,
+            target_boxes=boxes,
+            meta_embeddings=features.meta_embeddings,
+            novel_class_eval=novel_class_eval,
+            generator=generator,
+        )
+        valid = torch.ones_like(new_ground_truth, dtype=target.dtype)
+        if instructions.reference_valid is not None:
+            valid = valid * instructions.reference_valid[:, 0][:, None].to(target.dtype)
+        slots = torch.arange(n, device=valid.device)[None, :]
+        real = slots < torch.as_tensor(instructions.counts, device=valid.device)[:, None]
+        second["targets"] = (new_ground_truth > 0.5).to(target.dtype)
+        second["valid"] = valid * real[..., None, None].to(valid.dtype)
+        return second
+
+    def queue_negatives(
+        self, instructions: InstructionSet, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> list[torch.Tensor | None] | None:
+        """Negative instructions from the queue, per target (None where it gets none): with
+        probability ``negative_prob`` a target that lists ``negative_classes`` gets one queued feature
+        of each of up to ``max_instructions - count`` random absent classes (among at most
+        ``negative_candidates`` of them, as the authors)."""
+        if self.queue is None or instructions.negative_classes is None or len(self.queue) == 0:
+            return None
+        out: list[torch.Tensor | None] = []
+        for count, candidates in zip(instructions.counts, instructions.negative_classes):
+            room = self.config.max_instructions - int(count)
+            if not candidates or room <= 0 or torch.rand((), generator=generator).item() >= self.config.negative_prob:
+                out.append(None)
+                continue
+            candidates = list(candidates)
+            if len(candidates) > self.config.negative_candidates:
+                keep = torch.randperm(len(candidates), generator=generator)[: self.config.negative_candidates].tolist()
+                candidates = [candidates[i] for i in keep]
+            picked = self.queue.sample_from(candidates, room, generator)
+            out.append(picked.to(device) if picked.shape[0] else None)
+        return out
+
+    def after_step(self, outputs: Mapping[str, Any], features: EpisodeFeatures) -> None:
+        """Push the step's keyed instance features (first pass, shots averaged) into the queue."""
+        instructions = features.instructions
+        if self.queue is None or instructions is None or instructions.classes is None:
+            return
+        prototypes = outputs["instruction_prototypes"].detach()
+        classes = instructions.classes.tolist()
+        keys, feats = [], []
+        for b, count in enumerate(instructions.counts):
+            for j in range(int(count)):
+                if classes[b][j] >= 0:
+                    keys.append(int(classes[b][j]))
+                    feats.append(prototypes[b, j].mean(0))
+        if keys:
+            self.queue.push(keys, torch.stack(feats).float())
+
+    def extra_state(self) -> dict[str, Any] | None:
+        return None if self.queue is None else {"negative_queue": self.queue.state_dict()}
+
+    def load_extra_state(self, state: Mapping[str, Any] | None) -> None:
+        if self.queue is None:
+            return super().load_extra_state(state)
+        if state is None or "negative_queue" not in state:
+            raise ModelError("segic: the training checkpoint holds no negative queue to restore")
+        self.queue.load_state_dict(state["negative_queue"])
 
     def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """Point-sampled sigmoid-CE + Dice over positives (1) and negatives (0.1), both passes."""
@@ -274,21 +396,27 @@ class SegIC(RefSegMethod):
         reference_features: torch.Tensor,
         reference_masks: torch.Tensor,
         *,
+        instruction_counts: Sequence[int] | None = None,
         target_boxes: torch.Tensor | None = None,
         meta_embeddings: torch.Tensor | None = None,
         negative_prototypes: Sequence[torch.Tensor | None] | None = None,
         novel_class_eval: bool = False,
         generator: torch.Generator | None = None,
     ) -> dict[str, Any]:
-        """Segment each target given its k reference shots.
+        """Segment each target given its k reference shots (and, optionally, n instructions over them).
 
         Args:
             target_features: B x C x h x w frozen-encoder features of the targets.
             reference_features: B x k x C x h x w features of the reference shots.
             reference_masks: B x k x H x W reference masks in {0, 1}, in the model input frame
-                (H = W = ``input_size`` for the geometry to be right; any size works for pooling).
-            target_boxes: B x 4 (x0, y0, x1, y1) GT boxes in input pixels; used only in training,
-                each with probability ``box_prob`` (never alongside negatives, as the authors do).
+                (H = W = ``input_size`` for the geometry to be right; any size works for pooling);
+                or B x n x k x H x W: n instructions per target over the same references, of which
+                the first ``instruction_counts[b]`` are real (the rest padding). The neck runs once
+                per target; its n instructions are decoded together.
+            instruction_counts: real instructions per target (default: all n).
+            target_boxes: B x 4 (or B x n x 4 with n instructions) GT boxes in input pixels; used only
+                in training, per target with probability ``box_prob`` (never alongside negatives, as
+                the authors do).
             meta_embeddings: B x text_dim text embeddings (only with ``use_meta_instruction``).
             negative_prototypes: per target, n_b x C instance features of entities absent from it
                 (negative entity augmentation); their targets are empty masks.
@@ -298,25 +426,37 @@ class SegIC(RefSegMethod):
 
         Returns:
             dict with ``mask_logits`` B x 1 x 4s x 4s (s = ``feature_size``; 256 x 256 at the
-            default, in the padded input frame), ``iou_predictions`` B x 1, ``dense_prompt``
-            B x 1 x input x input (cosine map), ``points`` B x num_points x 2 (input pixels),
-            ``prototypes`` B x k x C and ``negative_mask_logits``: a list of B tensors
-            n_b x 1 x 4s x 4s (n_b = 0 when a target has no negatives).
+            default, in the padded input frame) of instruction 0, ``instruction_logits`` B x n x 4s x 4s
+            (padding instructions are zero), ``iou_predictions`` B x 1, ``dense_prompt``
+            B x 1 x input x input (cosine map), ``points`` B x num_points x 2 (input pixels) and
+            ``prototypes`` B x k x C of instruction 0, ``instruction_prototypes`` B x n x k x C, and
+            ``negative_mask_logits``: a list of B tensors n_b x 1 x 4s x 4s (n_b = 0 when a target
+            has no negatives).
         """
-        if target_features.dim() != 4 or reference_features.dim() != 5 or reference_masks.dim() != 4:
+        multi = reference_masks.dim() == 5
+        if target_features.dim() != 4 or reference_features.dim() != 5 or reference_masks.dim() not in (4, 5):
             raise ModelError(
                 "SegIC expects target_features B x C x h x w, reference_features B x k x C x h x w and "
-                f"reference_masks B x k x H x W; got {tuple(target_features.shape)}, "
+                f"reference_masks B x k x H x W (or B x n x k x H x W); got {tuple(target_features.shape)}, "
                 f"{tuple(reference_features.shape)}, {tuple(reference_masks.shape)}"
             )
         b, k = reference_features.shape[:2]
-        if target_features.shape[0] != b or reference_masks.shape[:2] != (b, k):
+        masks = reference_masks if multi else reference_masks[:, None]
+        n = masks.shape[1]
+        if target_features.shape[0] != b or masks.shape[0] != b or masks.shape[2] != k:
             raise ModelError("batch size / shot count of targets, references and masks differ")
         if target_features.shape[1] != self.in_channels or reference_features.shape[2] != self.in_channels:
             raise ModelError(
                 f"SegIC was built for {self.in_channels}-channel features, got "
                 f"{target_features.shape[1]} (target) / {reference_features.shape[2]} (reference)"
             )
+        counts = [n] * b if instruction_counts is None else [int(c) for c in instruction_counts]
+        if len(counts) != b or any(not 1 <= c <= n for c in counts):
+            raise ModelError(f"instruction_counts must give 1..{n} instructions for each of the {b} targets, got {counts}")
+        if target_boxes is not None and not multi:
+            target_boxes = target_boxes[:, None]
+        if target_boxes is not None and tuple(target_boxes.shape) != (b, n, 4):
+            raise ModelError(f"target_boxes must be B x 4 (or B x n x 4), got {tuple(target_boxes.shape)}")
         if meta_embeddings is not None:
             if not self.use_meta_instruction:
                 raise ModelError("meta_embeddings given but the model has use_meta_instruction=False")
@@ -336,8 +476,11 @@ class SegIC(RefSegMethod):
 
         target = self._to_grid(target_features)
         reference = self._to_grid(reference_features.flatten(0, 1))
-        prototypes = instance_features(reference, reference_masks.flatten(0, 1)).view(b, k, -1)
-        embeddings = self.neck(target)
+        if multi:
+            prototypes = _instruction_features(reference.view(b, k, *reference.shape[1:]), masks)  # B x n x k x C
+        else:
+            prototypes = instance_features(reference, reference_masks.flatten(0, 1)).view(b, 1, k, -1)
+        embeddings = self.neck(target)  # once per target, whatever the number of its instructions
 
         meta_tokens = None
         if self.meta_instruction is not None:
@@ -346,21 +489,26 @@ class SegIC(RefSegMethod):
         outputs: dict[str, list[torch.Tensor]] = {
             key: [] for key in ("mask_logits", "iou_predictions", "dense_prompt", "points")
         }
+        instruction_logits: list[torch.Tensor] = []
         negatives_out: list[torch.Tensor] = []
         low_res = 4 * self.feature_size
         for i in range(b):
+            count = counts[i]
             negatives = None if negative_prototypes is None else negative_prototypes[i]
             has_negatives = negatives is not None and negatives.shape[0] > 0
             box = None
             if self.training and target_boxes is not None and not has_negatives:
                 if torch.rand((), generator=generator).item() < self.box_prob:
-                    box = target_boxes[i : i + 1].to(target.dtype)
+                    box = target_boxes[i, :count].to(target.dtype)
             meta = None if meta_tokens is None else meta_tokens[i : i + 1]
-            result = self._decode(embeddings[i : i + 1], prototypes[i : i + 1], target[i], box, meta)
+            result = self._decode(embeddings[i : i + 1], prototypes[i, :count], target[i], box, meta)
             for key in outputs:
-                outputs[key].append(result[key])
+                outputs[key].append(result[key][:1])
+            logits = result["mask_logits"][:, 0]  # count x 4s x 4s
+            if count < n:
+                logits = torch.cat([logits, logits.new_zeros(n - count, *logits.shape[1:])])
+            instruction_logits.append(logits)
             if has_negatives:
-                n = negatives.shape[0]
                 # A negative instruction carries no class name, so no meta token (the authors feed CLIP's
                 # empty prompt there; without a text encoder we leave the token out).
                 neg_meta = None
@@ -369,6 +517,19 @@ class SegIC(RefSegMethod):
             else:
                 negatives_out.append(target.new_zeros(0, 1, low_res, low_res))
         result = {key: torch.cat(value) for key, value in outputs.items()}
-        result["prototypes"] = prototypes
+        result["instruction_logits"] = torch.stack(instruction_logits)
+        result["prototypes"] = prototypes[:, 0]
+        result["instruction_prototypes"] = prototypes
         result["negative_mask_logits"] = negatives_out
         return result
+
+
+def _instruction_features(reference: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """B x k x C x h x w reference features, B x n x k x H x W masks -> B x n x k x C masked means:
+    :func:`instance_features` of every (instruction, shot) without copying the features n times."""
+    b, n, k, height, width = masks.shape
+    h, w = reference.shape[-2:]
+    small = F.interpolate(masks.reshape(b * n * k, 1, height, width).float(), (h, w), mode="bilinear", align_corners=False)
+    small = (small > 0.5).to(reference.dtype).view(b, n, k, h, w)
+    area = small.sum(dim=(-1, -2)).clamp(min=1.0)
+    return torch.einsum("bkchw,bnkhw->bnkc", reference, small) / area[..., None]

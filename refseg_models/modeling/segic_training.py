@@ -9,7 +9,7 @@ with loss weight 0.1 (:class:`refseg_models.criterion.SegICCriterion`). Context 
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -50,6 +50,54 @@ class InstanceFeatureQueue:
         for class_id, feature in zip(class_ids, features.detach().cpu()):
             queue = self._queues.setdefault(int(class_id), deque(maxlen=self.max_per_class))
             queue.append(feature.clone())
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored features (the queue's memory, excluding Python overhead)."""
+        return sum(f.numel() * f.element_size() for q in self._queues.values() for f in q)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The contents (``torch.load(weights_only=True)``-safe): per class, its features oldest
+        first as one n x C tensor."""
+        return {
+            "max_per_class": self.max_per_class,
+            "classes": [int(c) for c in self.classes],
+            "features": [torch.stack(list(self._queues[c])) for c in self.classes],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the contents with :meth:`state_dict` output (same order, same FIFO position)."""
+        try:
+            max_per_class, classes, features = int(state["max_per_class"]), list(state["classes"]), list(state["features"])
+        except (KeyError, TypeError) as error:
+            raise ModelError(f"not an InstanceFeatureQueue state: {error!r}") from error
+        if max_per_class != self.max_per_class:
+            raise ModelError(f"queue state holds {max_per_class} features per class, this queue {self.max_per_class}")
+        if len(classes) != len(features):
+            raise ModelError("queue state: classes and features differ in length")
+        self._queues = {}
+        for class_id, stacked in zip(classes, features):
+            queue = self._queues.setdefault(int(class_id), deque(maxlen=self.max_per_class))
+            for feature in stacked:
+                queue.append(feature.detach().cpu().clone())
+
+    def sample_from(
+        self, candidates: Iterable[int], max_negatives: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Up to ``max_negatives`` features (n x C), each from a different class among ``candidates``
+        that has stored features (classes drawn at random, then one random feature of each); the
+        authors' negatives for a target are drawn from the classes absent from it this way."""
+        wanted = sorted({int(c) for c in candidates})
+        stored = [c for c in wanted if self._queues.get(c)]
+        if not stored or max_negatives <= 0:
+            width = next((q[0].shape[0] for q in self._queues.values() if q), 0)
+            return torch.zeros(0, width)
+        order = torch.randperm(len(stored), generator=generator)[:max_negatives].tolist()
+        picked = []
+        for i in order:
+            queue = self._queues[stored[i]]
+            j = int(torch.randint(len(queue), (), generator=generator))
+            picked.append(queue[j])
+        return torch.stack(picked)
 
     def sample_negatives(
         self,

@@ -1,0 +1,301 @@
+"""SegIC's mixed-dataset training data (``sampler="segic_mixed"``) on coco_mini-derived sources.
+
+No ADE20k or LVIS exist here: ADE20k- and LVIS-format copies of the same real coco_mini images and
+annotations are written into a temporary folder (tests/segic_mix_data.py), and the stores hold the
+REAL MobileNetV2's features (at a 128 input, extracted in-process without Ray for speed; the Ray
+extraction path is exercised by the job test). Checks: the configuration, the dataset shares of the
+drawn samples against the weights (chi-square), no novel-class pixel in any target or reference on
+all four folds, seeded tables / disjoint rank shares / batches that depend on their rows only, the
+mask renderer against ``apply_view_to_mask``, warped-out cells ignored, and the batch layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.training.config import StoreSpec, TrainConfig
+from pipeline.training.mix_config import MixConfig, MixSource
+
+pytestmark = [pytest.mark.real_data, pytest.mark.real_weights]
+
+IMAGES = 40
+WEIGHTS = (2.0, 1.0, 1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
+    from segic_mix_data import coco_subset, derive_ade20k, derive_lvis, extract_in_process
+
+    from pipeline.training.data import load_fold_data
+    from pipeline.training.segic_mixed import prepare_stores
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("segic_mix")
+    subset = coco_subset(coco_mini_dir / "instances.json", IMAGES, root / "subset.json")
+    ade = derive_ade20k(subset, coco_mini_dir / "images", root / "ade")
+    lvis = derive_lvis(subset, coco_mini_dir / "images", root / "lvis")
+    inst = str(root / "stores" / "instances")
+    mix = MixConfig(
+        sources=(
+            MixSource("coco_semantic", "coco_semantic", weight=WEIGHTS[0], views=1),
+            MixSource("ade20k", "ade20k_semantic", weight=WEIGHTS[1], images=str(ade), views=1),
+            MixSource("coco_instances", "coco_instances", weight=WEIGHTS[2], store=inst, views=2, feature_dataset="mini_inst"),
+            MixSource("lvis", "lvis_instances", weight=WEIGHTS[3], annotations=str(lvis), images=str(root / "lvis"),
+                      store=inst, views=2, feature_dataset="mini_inst"),
+        ),
+        samples_per_epoch=64, warp_prob=0.3,
+    )
+    cfg = TrainConfig(
+        method="segic", sampler="segic_mixed", mix=mix, annotations=str(subset), images=str(coco_mini_dir / "images"),
+        feature_dataset="mini", backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(root / "stores" / "main"),
+                                                   options={"input_size": 128}),
+        method_overrides=dict(feature_key="layer4", input_size=64, feature_size=8, mask_down_strides=(4, 2),
+                              similarity_size=8, loss_points=256),
+        recipe_overrides=dict(batch_size=8), num_workers=2, val_episodes=4, test_episodes=8,
+    )
+    data = load_fold_data(cfg)
+    prepare_stores(cfg, data, extract_missing=True, extract=extract_in_process)
+    return {"root": root, "cfg": cfg, "data": {0: data}, "subset": subset}
+
+
+def fold_data(workspace: dict, fold: int):
+    from pipeline.training.data import load_fold_data
+
+    if fold not in workspace["data"]:
+        workspace["data"][fold] = load_fold_data(workspace["cfg"].replace(fold=fold))
+    return workspace["data"][fold]
+
+
+def make_sampler(workspace: dict, fold: int = 0, **mix_changes):
+    from pipeline.training.loop import build_method
+    from pipeline.training.segic_mixed import SegICMixedSampler
+
+    cfg = workspace["cfg"].replace(fold=fold)
+    if mix_changes:
+        cfg = cfg.replace(mix=replace(cfg.mix, **mix_changes))
+    model = build_method(cfg, {"backbone": {"layer4": (1280, 4, 4)}}, None)
+    return SegICMixedSampler(cfg, fold_data(workspace, fold), model, None), model
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_mix_configuration_round_trips_and_picks_segics_recipe(workspace: dict) -> None:
+    cfg = workspace["cfg"]
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+    recipe = cfg.replace(recipe_overrides={}).recipe
+    assert (recipe.lr, recipe.weight_decay, recipe.epochs, recipe.milestones, recipe.batch_size, recipe.samples_per_epoch) == (
+        1e-4, 1e-4, 12, (10,), 32, 160_000)
+    assert cfg.replace(mix=replace(cfg.mix, warp_prob=0.1)).fingerprint() != cfg.fingerprint()
+    with pytest.raises(ConfigError, match="feeds segic only"):
+        cfg.replace(method="vrp_sam")
+    with pytest.raises(ConfigError, match="no recipe for segic on coco20i"):
+        cfg.replace(sampler="episodes", mix=MixConfig())
+    with pytest.raises(ConfigError, match="no source left"):
+        MixConfig(coco_excluded=True)
+    with pytest.raises(ConfigError, match="unknown option"):
+        MixConfig.from_dict({"sources": [{"name": "a", "kind": "coco_semantic", "weigth": 2}]})
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        MixSource("x", "pascal")
+
+
+def test_command_line_builds_the_mix_and_needs_no_sam(workspace: dict, mobilenet_v2_weights: Path) -> None:
+    import argparse
+
+    from pipeline.training.commands import add_train_arguments, configs_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser, "coco20i")
+    mix = {"sources": [{"name": "ade", "kind": "ade20k_semantic", "images": "ade", "weight": 2}], "warp_prob": 0.2}
+    args = parser.parse_args([
+        "--method", "segic", "--sampler", "segic_mixed", "--mix", json.dumps(mix), "--samples-per-epoch", "800",
+        "--coco-excluded", "--annotations", str(workspace["subset"]), "--images", "imgs",
+        "--backbone-checkpoint", str(mobilenet_v2_weights), "--folds", "1",
+    ])
+    base, options = configs_from_args(args, "coco20i")
+    assert base.sampler == "segic_mixed" and base.mix.coco_excluded and base.mix.samples_per_epoch == 800
+    assert base.mix.sources[0].images == str(Path("ade").resolve()) and base.mix.warp_prob == 0.2
+    assert base.sam == StoreSpec()  # SegIC reads no SAM features: no SAM checkpoint needed
+    assert [s.name for s in base.mix.active_sources()] == ["ade"]
+    with pytest.raises(ConfigError, match="configure --sampler segic_mixed"):
+        configs_from_args(parser.parse_args(["--method", "segic", "--mix", "{}", "--annotations", "a", "--images", "i",
+                                             "--backbone-checkpoint", "w", "--samples-per-epoch", "5"]), "coco20i")
+
+
+# ---------------------------------------------------------------------------------------------- shares
+def test_dataset_shares_of_the_drawn_samples_match_the_weights(workspace: dict) -> None:
+    from scipy.stats import chisquare
+
+    sampler, _ = make_sampler(workspace)
+    n = 8000
+    sources = sampler.epoch_table(0, n).column("source").to_pylist()
+    names = [part.name for part in sampler.parts]
+    observed = np.array([sources.count(name) for name in names])
+    expected = np.array(WEIGHTS) / sum(WEIGHTS) * n
+    assert observed.sum() == n
+    assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+    # the test has power: uniform shares are rejected for these draws
+    assert chisquare(observed, np.full(4, n / 4)).pvalue < 1e-6
+    # Table 2's dagger setting: one flag, no COCO sample
+    excluded, _ = make_sampler(workspace, coco_excluded=True)
+    assert set(excluded.epoch_table(0, 400).column("source").to_pylist()) == {"ade20k", "lvis"}
+
+
+# ---------------------------------------------------------------------------------------------- folds
+def _novel_only(coco: dict, image_id: str, novel: set[int]) -> np.ndarray:
+    """Pixels covered by an annotation of a novel class and by none of another class."""
+    from segic_mix_data import _annotation_mask
+
+    info = coco["images"][int(image_id)]
+    h, w = info["height"], info["width"]
+    novel_mask, other = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    for annotation in coco["annotations"].get(int(image_id), []):
+        mask = _annotation_mask(annotation, h, w)
+        if coco["class_of"][annotation["category_id"]] in novel:
+            novel_mask |= mask
+        else:
+            other |= mask
+    return novel_mask & ~other
+
+
+@pytest.mark.parametrize("fold", [0, 1, 2, 3])
+def test_no_novel_class_pixel_reaches_a_target_or_a_reference(workspace: dict, fold: int) -> None:
+    from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
+    from pipeline.training.segic_mixed import normalise_name
+
+    raw = json.loads(Path(workspace["subset"]).read_text())
+    categories = sorted(raw["categories"], key=lambda c: c["id"])
+    coco = {"images": {i["id"]: i for i in raw["images"]}, "annotations": {},
+            "class_of": {c["id"]: index for index, c in enumerate(categories)}}
+    for annotation in raw["annotations"]:
+        coco["annotations"].setdefault(annotation["image_id"], []).append(annotation)
+    novel = set(novel_classes("coco20i", fold))
+    novel_names = {normalise_name(COCO_CLASS_NAMES[c]) for c in novel}
+    sampler, _ = make_sampler(workspace, fold)
+    rows = sampler.epoch_table(0, 48).to_pylist()
+    samples = sampler.resolve(rows)
+    name_of_key = {}
+    for part in sampler.parts:
+        for class_id, key in enumerate(part.class_keys):
+            name = normalise_name(part.source.class_names[class_id])
+            assert (key == -1) == (name in novel_names)  # novel: never an instruction, a negative or queued
+            if key >= 0:
+                name_of_key[int(key)] = name
+    seen = set()
+    for sample in samples:
+        part, row = sample["part"], sample["row"]
+        seen.add(part.name)
+        for class_id in sample["class_ids"]:
+            assert normalise_name(part.source.class_names[class_id]) not in novel_names
+        assert not {name_of_key[key] for key in sample["keys"] if key >= 0} & novel_names
+        assert not {name_of_key[key] for key in sample["negative_classes"]} & novel_names
+        for side, image_id, labels in (("target", row["image_id"], sample["target_labels"]),
+                                       ("reference", row["reference_id"], sample["reference_labels"])):
+            forbidden = torch.from_numpy(_novel_only(coco, image_id, novel))
+            assert labels.shape[-2:] == forbidden.shape
+            leaked = int(((labels == 1) & forbidden).sum())
+            assert leaked == 0, f"fold {fold} {part.name} {side} {image_id}: {leaked} novel pixel(s)"
+        # what the model sees is rendered from those masks: foreground only where they are
+        assert sample["target_frame"].shape[0] == len(sample["keys"]) <= 10
+    assert seen == {"coco_semantic", "ade20k", "coco_instances", "lvis"}
+
+
+# ---------------------------------------------------------------------------------------------- streams
+def test_tables_are_seeded_rank_shares_disjoint_and_batches_depend_on_their_rows_only(workspace: dict) -> None:
+    from pipeline.training.data import rank_share
+
+    sampler, _ = make_sampler(workspace)
+    table = sampler.epoch_table(3, 64)
+    assert table.equals(sampler.epoch_table(3, 64))  # a resumed run draws the same samples
+    assert not table.equals(sampler.epoch_table(4, 64))
+    shares = [rank_share(table, rank, 2) for rank in range(2)]
+    ids = [row["episode_id"] for share in shares for row in share]
+    assert sorted(ids) == list(range(64)) and len(shares[0]) == len(shares[1]) == 32
+    first = shares[0][:4]
+    a, b = sampler.build(first), sampler.build(first)
+    assert torch.equal(a.target_masks, b.target_masks)
+    assert torch.equal(a.features.target_backbone["layer4"], b.features.target_backbone["layer4"])
+    # a row's sample is the same whatever batch it lands in (the resumed run re-chunks nothing, but a
+    # different batch size or rank count must not change what a sample is)
+    alone = sampler.build(first[1:2])
+    n = alone.features.instructions.counts[0]
+    assert torch.equal(alone.target_masks[0, :n], a.target_masks[1, :n])
+    assert torch.equal(alone.features.reference_backbone["layer4"][0], a.features.reference_backbone["layer4"][1])
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def test_mask_renderer_equals_apply_view_to_mask(workspace: dict) -> None:
+    from pipeline.training.segic_mixed import render_masks
+    from pipeline.training.views import apply_view_to_mask, plan_views, segic_instance_config, segic_semantic_config
+
+    data = fold_data(workspace, 0)
+    image_id = data.source.image_ids()[3]
+    instances = data.source.instance_masks(image_id)
+    masks = torch.from_numpy(np.stack([m.astype(np.uint8) for _, m in instances]))
+    h, w = masks.shape[1:]
+    plan = plan_views({str(image_id): (h, w)}, 6, 0, segic_semantic_config(200))
+    plan += plan_views({str(image_id): (h, w)}, 6, 1, segic_instance_config(160))
+    for view in plan:
+        for fill in (0, 255):
+            ours = render_masks(masks, view, fill)
+            for index in range(len(masks)):
+                assert np.array_equal(ours[index].numpy(), apply_view_to_mask(masks[index].numpy(), view, fill=fill))
+
+
+def test_warped_out_cells_are_ignored_in_targets_and_missing_in_references(workspace: dict) -> None:
+    sampler, _ = make_sampler(workspace, warp_prob=1.0)
+    rows = [row for row in sampler.epoch_table(0, 40).to_pylist() if row["kind"] == "semantic"][:8]
+    samples = sampler.resolve(rows)
+    found = 0
+    for row, sample in zip(rows, samples):
+        part = sample["part"]
+        rng = np.random.Generator(np.random.PCG64(int(row["sample_seed"])))
+        side = sampler._side(part, row["image_id"], row["target_view"], row["target_flip"], True, rng)
+        raw = sampler._read([(part, side.store_id)])[0]
+        features, valid = side.features(raw, "layer4")
+        assert torch.equal(features, sample["target_features"])
+        invalid = ~sampler._cells_to_frame(valid)
+        assert bool((sample["target_frame"][:, invalid] == 255).all())
+        assert torch.count_nonzero(features[:, ~valid]) == 0
+        found += int(invalid.any())
+    assert found  # some fresh views show content no cached view has
+
+
+def test_batches_carry_instructions_negatives_and_keys(workspace: dict) -> None:
+    sampler, model = make_sampler(workspace)
+    rows = sampler.epoch_table(1, 64).to_pylist()[:12]
+    batch = sampler.build(rows)
+    features, instructions = batch.features, batch.features.instructions
+    b, n = batch.target_masks.shape[:2]
+    assert b == 12 and instructions.masks.shape == (12, n, 1, 64, 64) and max(instructions.counts) == n <= 10
+    assert torch.equal(features.reference_masks, instructions.masks[:, 0].float())
+    for i, row in enumerate(rows):
+        count = instructions.counts[i]
+        assert bool((batch.target_masks[i, count:] == 255).all())  # padding slots: no valid pixel
+        if row["kind"] == "semantic":
+            assert count == 1 and instructions.classes[i, 0] >= 0 and len(instructions.negative_classes[i]) > 0
+            assert int(instructions.classes[i, 0]) not in instructions.negative_classes[i]
+        else:
+            assert bool((instructions.classes[i] == -1).all()) and instructions.negative_classes[i] == ()
+    model.train()
+    out = model(features)
+    losses = model.loss(out, (batch.target_masks == 1).float(), (batch.target_masks != 255).float())
+    assert torch.isfinite(losses["loss"]) and out["instruction_logits"].shape[:2] == (12, n)
+    model.after_step(out, features)
+    assert len(model.queue) == sum(1 for row in rows if row["kind"] == "semantic")
+
+
+def test_a_missing_store_is_named_with_the_way_to_build_it(workspace: dict) -> None:
+    from pipeline.training.segic_mixed import prepare_stores
+
+    cfg = workspace["cfg"]
+    moved = cfg.replace(mix=replace(cfg.mix, sources=(MixSource("ade20k", "ade20k_semantic", images=str(workspace["root"] / "ade"),
+                                                                store=str(workspace["root"] / "absent"), views=1),)))
+    with pytest.raises(DataError, match=r"absent of mix source\(s\) ade20k does not exist yet.*--extract-missing"):
+        prepare_stores(moved, fold_data(workspace, 0), extract_missing=False)
