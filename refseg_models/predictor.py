@@ -34,6 +34,7 @@ from refseg_models.checkpoint import (
     model_from_checkpoint,
 )
 from refseg_models.encoders import build_encoder
+from refseg_models.encoders import encoder_options as builder_options
 from refseg_models.errors import ModelError
 from refseg_models.frames import Frame, frame_of, is_padded
 from refseg_models.method import RefSegMethod
@@ -187,7 +188,9 @@ class RefSegPredictor:
         if probe.trainable_parameters():
             raise ModelError(f"{method} is trained: load it with RefSegPredictor.from_checkpoint")
         roles = probe.feature_spec().encoders
-        options = {"sam": {"preprocessing": "sam_longest1024_pad"}, "backbone": {}}
+        # SAM's own preprocessing where the SAM encoder has one to choose (the proxy SAM has its 512 squash)
+        sam_options = {"preprocessing": "sam_longest1024_pad"} if "preprocessing" in builder_options(sam_encoder) else {}
+        options = {"sam": sam_options, "backbone": {}}
         for role, extra in (encoder_options or {}).items():
             options[role] = {**options.get(role, {}), **dict(extra)}
         names = {"sam": sam_encoder, "backbone": backbone}

@@ -18,6 +18,7 @@ EXPECTED_SHAPES = {
     "resnet50_tv": {"layer2": (512, 64, 64), "layer3": (1024, 32, 32), "layer4": (2048, 16, 16)},
     "vgg16": {"layer2": (256, 64, 64), "layer3": (512, 32, 32), "layer4": (512, 32, 32)},
     "mobilenet_v2": {"layer2": (32, 64, 64), "layer3": (96, 32, 32), "layer4": (1280, 16, 16)},
+    "sam_proxy_mobilenet_v2": {"image_embedding": (256, 32, 32)},
     "dinov2_vits14": {"patch_tokens": (384, 64, 64)},
     "dinov2_vitb14": {"patch_tokens": (768, 64, 64)},
     "dinov2_vitl14": {"patch_tokens": (1024, 64, 64)},

@@ -62,7 +62,7 @@ class EvaluateConfig:
     method: str = "prototype_matching"
     method_options: dict = field(default_factory=dict)
     backbone: str = "mobilenet_v2"
-    sam_encoder: str = "sam_proxy_mobilenet_v2"
+    sam_encoder: str = "sam_proxy_mobilenet_v2"  # the proxy SAM (docs/proxy_sam.md); its file is the shipped asset
     sam_checkpoint: str | None = None
     resolution_mode: str = "fixed"
     resolution_size: int = 512
@@ -115,6 +115,24 @@ class EvaluateConfig:
                        if not (Path(self.lists_dir) / "val" / f"fold{fold}.json").is_file()]
             if missing:
                 raise ConfigError(f"HSNet COCO-20i lists not found: {', '.join(missing)}")
+
+
+def sam_checkpoint_for(config: EvaluateConfig) -> str | None:
+    """The SAM weights the predictor reads: the given file, or, for the proxy SAM encoder (the CPU
+    default) when the predictor reads SAM features at all, the shipped, sha256-verified proxy file."""
+    from refseg_models.encoders.sam_proxy import PROXY_ENCODER, default_proxy_sam_checkpoint
+
+    if config.sam_checkpoint is not None or config.sam_encoder != PROXY_ENCODER:
+        return config.sam_checkpoint
+    if config.checkpoint is not None:
+        from refseg_models.checkpoint import load_inference_checkpoint
+
+        uses_sam = "sam" in load_inference_checkpoint(config.checkpoint).encoders
+    else:
+        from refseg_models.build import build_model
+
+        uses_sam = "sam" in build_model(config.method, config.method_options, allow_random_init=True).feature_spec().encoders
+    return str(default_proxy_sam_checkpoint()) if uses_sam else None
 
 
 @dataclass(frozen=True)
@@ -248,7 +266,7 @@ def run(config: EvaluateConfig) -> dict:
     for _, sampling_report in manifests.values():
         print(sampling_report.summary())
     predictor_factory = PredictorFactory(
-        config.checkpoint, config.method, dict(config.method_options), config.sam_encoder, config.sam_checkpoint,
+        config.checkpoint, config.method, dict(config.method_options), config.sam_encoder, sam_checkpoint_for(config),
         config.backbone, config.backbone_checkpoint,
     )
 

@@ -17,8 +17,7 @@ from pipeline.training.samplers import SAMPLERS
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models
 from refseg_models.encoders import available_encoders, encoder_options
-
-DEFAULT_SAM_ENCODER = "sam_proxy_mobilenet_v2"
+from refseg_models.encoders.sam_proxy import PROXY_ENCODER as DEFAULT_SAM_ENCODER  # the CPU default (docs/proxy_sam.md)
 
 
 def _json_object(text: str) -> dict[str, Any]:

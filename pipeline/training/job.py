@@ -115,13 +115,18 @@ def validate(configs: list[TrainConfig], options: JobOptions) -> str:
 
 def _identities(cfg: TrainConfig) -> dict[str, str]:
     from pipeline.training.features import encoder_identity
+    from refseg_models.encoders.sam_proxy import PROXY_ENCODER
 
     out = {}
     for role in ("sam", "backbone"):
         spec: StoreSpec = getattr(cfg, role)
         if spec.encoder:
             identity = encoder_identity(spec)
-            out[role] = f"{identity.encoder_id} (weights sha256 {identity.weights_sha256[:12]}, {identity.preprocessing_id})"
+            text = f"{identity.encoder_id} (weights sha256 {identity.weights_sha256[:12]}, {identity.preprocessing_id})"
+            if identity.encoder_id == PROXY_ENCODER:
+                text += (" = the PROXY SAM (a small SAM stand-in trained on coco_mini, docs/proxy_sam.md): these numbers "
+                         "show the pipeline trains, they are not comparable to SAM's or the papers'")
+            out[role] = text
     return out
 
 

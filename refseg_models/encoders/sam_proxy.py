@@ -46,6 +46,7 @@ from refseg_models.encoders.checkpoint import CheckpointError, freeze, load_stat
 from refseg_models.encoders.mobilenet_v2 import MobileNetV2Backbone, build_mobilenet_v2_backbone
 from refseg_models.errors import ModelError, WeightsNotFoundError
 
+PROXY_ENCODER = "sam_proxy_mobilenet_v2"  # its name in the encoder registry
 PROXY_FORMAT = "refseg-sam-proxy"
 PROXY_FORMAT_VERSION = 1
 METADATA_KEY = "proxy_sam"
@@ -59,7 +60,7 @@ BACKBONE_SIZES = {"layer2": 64, "layer3": 32, "layer4": 16}  # at a 512 input
 # The shipped proxy (top-level ``assets/`` of the repository) and its sha256: the loader of the
 # default asset refuses any other bytes.
 DEFAULT_PROXY_CHECKPOINT = Path(__file__).resolve().parents[2] / "assets" / "sam_proxy_mobilenet_v2.pt"
-SHIPPED_PROXY_SHA256 = "UNSET"
+SHIPPED_PROXY_SHA256 = "14ec48ef005356789657a153aac992119eb4b52c0dbcc7cb9dbe26d2ad326c9c"
 
 DEFAULT_NECK_CONFIG: dict[str, Any] = {
     "grid": 32, "blocks": 2, "expansion": 2, "kernel": 7, "layer2": True, "position": "fourier",
