@@ -320,3 +320,39 @@ def test_refseg_extract_writes_a_proxy_embedding_store(asset, mobilenet_v2_weigh
     assert cached.shape == (256, 32, 32)
     assert torch.allclose(cached.float(), direct.float(), atol=2e-2)
     shutil.rmtree(tmp_path / "store")
+
+
+@pytest.mark.real_data
+@pytest.mark.real_weights
+def test_proxy_sam_train_writes_a_file_that_loads_like_the_shipped_one(coco_mini_dir, mobilenet_v2_weights, tmp_path):
+    """`refseg proxy-sam train` end to end for a few CPU steps: log, snapshot and final file, which
+    loads through build_encoder / build_sam_decoder and records how it was made."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "proxy-sam", "train", "--annotations", str(coco_mini_dir / "instances.json"),
+         "--images", str(coco_mini_dir / "images"), "--backbone-checkpoint", str(mobilenet_v2_weights),
+         "--steps", "4", "--images-per-step", "2", "--prompts-per-image", "2", "--warmup-steps", "2",
+         "--neck", '{"grid": 16}', "--snapshots", "0.5", "--device", "cpu", "--no-evaluate", "--no-progress",
+         "--output-dir", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = out / "sam_proxy_mobilenet_v2.pt"
+    assert (out / "sam_proxy_mobilenet_v2-step2.pt").is_file() and (out / "config.json").is_file()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1  # logged at the last step
+    state, meta = read_proxy_checkpoint(path)
+    assert meta["grid"] == 16 and meta["steps"] == 4 and meta["command"].startswith("refseg proxy-sam train")
+    assert meta["backbone_sha256"] == sha256_of_file(mobilenet_v2_weights)
+    encoder = build_encoder("sam_proxy_mobilenet_v2", path, backbone_checkpoint=mobilenet_v2_weights)
+    decoder = build_sam_decoder(path, image_embedding_size=16)
+    with torch.no_grad():
+        emb = encoder(torch.zeros(1, 3, 512, 512))["image_embedding"]
+        sparse, dense = decoder.prompt_encoder(points=None, boxes=torch.tensor([[100.0, 100.0, 600.0, 700.0]]), masks=None)
+        logits, _ = decoder(emb, sparse, dense, multimask_output=False)
+    assert emb.shape == (1, 256, 16, 16) and logits.shape == (1, 1, 64, 64)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "proxy-sam", "train", "--annotations", str(tmp_path / "none.json"),
+         "--images", str(tmp_path), "--backbone-checkpoint", str(mobilenet_v2_weights)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert bad.returncode == 2 and "none.json" in bad.stderr and "Traceback" not in bad.stderr
