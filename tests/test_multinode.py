@@ -206,9 +206,9 @@ def _comparable(files: dict[str, bytes]) -> dict[str, object]:
             out[name] = stats
         elif name == "manifest.json":
             manifest = json.loads(data)
-            for section, keys in WHERE.items():
+            for section, keys in WHERE.items():  # older manifests recorded the run's configuration
                 for key in keys:
-                    manifest["config"][section].pop(key)
+                    manifest.get("config", {}).get(section, {}).pop(key, None)
             out[name] = manifest
         else:
             out[name] = data
@@ -313,7 +313,7 @@ def test_worker_stop_mid_extraction_loses_and_duplicates_nothing(stack, cluster,
         if {a["ip"] for a in encoders} != {cluster.head_ip, victim}:
             return False
         (pid,) = [a["pid"] for a in encoders if a["ip"] == victim]
-        partial = sorted(scratch.glob(f"refseg-shard-*/shard-*.partial-{pid}"))
+        partial = sorted(scratch.glob(f"refseg-scratch-*/shard-*.partial-{pid}"))
         if partial:
             seen["shard"], seen["actor"] = partial[0].name.split(".")[0], next(a["id"] for a in encoders if a["ip"] == victim)
             seen["scratch"] = partial[0].parent

@@ -323,7 +323,15 @@ def test_a_short_segic_run_through_the_training_job_lowers_the_loss_and_lands_in
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     options = JobOptions(folds=(0,), tracking_uri=uri, ray_init_kwargs={"num_cpus": 2, "include_dashboard": False})
-    summary = run_training(cfg, options)
+    import ray
+
+    started_here = not ray.is_initialized()
+    try:
+        summary = run_training(cfg, options)
+        again = run_training(cfg, options)
+    finally:  # the job starts an embedded Ray in this process: later tests start their own
+        if started_here and ray.is_initialized():
+            ray.shutdown()
     print(format_summary(summary))
     fold = summary["folds"][0]
     client = MlflowClient(uri)
@@ -331,5 +339,4 @@ def test_a_short_segic_run_through_the_training_job_lowers_the_loss_and_lands_in
     assert len(losses) == 4 * 96 // 8
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
     assert {"test_miou", "test_untrained_miou", "test_prototype_matching_miou"} <= set(fold)
-    again = run_training(cfg, options)
     assert again["folds"][0]["run_id"] == fold["run_id"]

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,23 +211,29 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_a_short_fold(workspace: dict, vrp_run: dict) -> None:
     env = dict(workspace["env"], PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
     port, dashboard = _free_port(), _free_port()
+    # Ray's session folder holds AF_UNIX sockets (paths of at most 107 bytes): a short temp dir
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    head_log = (workspace["root"] / "ray_head.log").open("w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-         "--temp-dir", str(workspace["root"] / "ray_tmp")],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--temp-dir", str(temp_dir)],
+        env=env, start_new_session=True, stdout=head_log, stderr=subprocess.STDOUT,
     )
     try:
         args = ["--method", "vrp_sam", "--epochs", "1", "--episodes-per-epoch", "16", "--run-name", "submitted"]
         submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
                   "--", "python", "jobs/train_coco20i.py", *workspace["common"], *args]
-        deadline = time.monotonic() + 120
-        while True:  # the job server answers a few seconds after `ray start`
+        deadline = time.monotonic() + 240
+        while True:  # the job server answers a few seconds after `ray start` (longer on a loaded machine)
             result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            if result.returncode == 0 or time.monotonic() > deadline or "Connection" not in result.stderr + result.stdout:
+            if (result.returncode == 0 or time.monotonic() > deadline or head.poll() is not None
+                    or "Connection" not in result.stderr + result.stdout):
                 break
             time.sleep(3)
-        assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-4000:])
+        head_log.flush()
+        assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-4000:],
+                                        (workspace["root"] / "ray_head.log").read_text()[-3000:])
         assert "succeeded" in result.stdout.lower()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -233,5 +241,7 @@ def test_ray_job_submit_runs_a_short_fold(workspace: dict, vrp_run: dict) -> Non
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     children = _child_runs(workspace, "submitted")
     assert len(children) == 1 and "test_miou" in children[0].data.metrics

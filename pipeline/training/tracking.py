@@ -151,6 +151,14 @@ class RunLogger:
         self.client = _client(uri)
         self._buffer: list[tuple[str, float, int, int]] = []
         self.client.update_run(run_id, status="RUNNING")
+        # A restarted worker group re-runs the steps after its last registered checkpoint (all of them
+        # when a worker died before the first one was registered): their metrics are logged already
+        # (per-step seeding makes them the same), so nothing is logged again at or before a metric's
+        # last logged step, and every step of the history appears once.
+        self._logged_through = {
+            key: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
+            for key in self.client.get_run(run_id).data.metrics
+        }
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -160,9 +168,12 @@ class RunLogger:
         """Write the buffered metrics (call after the checkpoint covering them was reported)."""
         from mlflow.entities import Metric
 
-        for start in range(0, len(self._buffer), 900):  # log_batch takes at most 1000 metrics
-            chunk = self._buffer[start : start + 900]
+        fresh = [(k, v, t, s) for k, v, t, s in self._buffer if s > self._logged_through.get(k, -1)]
+        for start in range(0, len(fresh), 900):  # log_batch takes at most 1000 metrics
+            chunk = fresh[start : start + 900]
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+        for key, _, _, step in fresh:
+            self._logged_through[key] = max(step, self._logged_through.get(key, -1))
         self._buffer.clear()
 
     def discard(self) -> None:
