@@ -196,14 +196,15 @@ def _mlflow_runs(uri: str, run_name: str) -> dict:
 
 
 def _comparable(files: dict[str, bytes]) -> dict[str, object]:
-    """Store objects as what must be equal: bytes, except the stats (minus timing and the writing run's
-    identity) and the manifest (minus where/how it ran)."""
+    """Store objects as what must be equal: bytes, except the stats (minus timing, the writing run's
+    identity and its writer settings) and the manifest (minus where/how it ran)."""
     out: dict[str, object] = {}
     for name, data in files.items():
         if name.endswith("_stats.json"):
             stats = json.loads(data)
             stats.pop("duration_s")
             stats.pop("run", None)  # which run wrote it (run id, host, pid, its command line): differs by design
+            stats.pop("writer", None)  # the writing actor's threads / batch: per node layout (the bytes must not depend on it)
             out[name] = stats
         elif name == "manifest.json":
             manifest = json.loads(data)
