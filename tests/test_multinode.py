@@ -211,6 +211,7 @@ def _comparable(files: dict[str, bytes]) -> dict[str, object]:
             for section, keys in WHERE.items():  # older manifests recorded the run's configuration
                 for key in keys:
                     manifest.get("config", {}).get(section, {}).pop(key, None)
+            manifest.pop("writer_settings", None)  # the actors' threads / batches: per node layout, as in the stats
             out[name] = manifest
         else:
             out[name] = data
