@@ -127,14 +127,17 @@ def no_ray(monkeypatch):
         ({"n_episodes": -5}, "n_episodes must be >= 1, got -5"),
         ({"crowd": "maybe"}, "crowd must be one of"),
         ({"backbone": "mobilenet_v3"}, "unknown backbone 'mobilenet_v3'"),
-        ({"lists_dir": "/nowhere"}, "HSNet COCO-20i lists not found: /nowhere/val/fold0.json"),
-        ({"images": "/nowhere/images"}, "path not found: /nowhere/images"),
+        ({"lists_dir": "{tmp}/nowhere"}, "HSNet COCO-20i lists not found: {tmp}/nowhere/val/fold0.json"),
+        ({"images": "{tmp}/nowhere/images"}, "path not found: {tmp}/nowhere/images"),
     ],
 )
 def test_everything_is_validated_before_ray_starts(changes, message, no_ray, coco_mini_dir, coco20i_lists_dir,
                                                    mobilenet_v2_weights, tmp_path):
     from pipeline.errors import ConfigError
 
+    # missing paths live under this test's tmp_path ({tmp}), never at a fixed place on the machine
+    changes = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in changes.items()}
+    message = message.replace("{tmp}", str(tmp_path))
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, **changes))
     assert no_ray == {"ray": 0, "folds": []} and not (tmp_path / "out" / "results.json").exists()

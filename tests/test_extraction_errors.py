@@ -41,14 +41,18 @@ def one_error_line(stderr: str) -> str:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"weights": "/nowhere/weights.pth"}, "checkpoint file for encoder 'mobilenet_v2' not found: /nowhere/weights.pth"),
+        ({"weights": "{tmp}/nowhere/weights.pth"}, "checkpoint file for encoder 'mobilenet_v2' not found: {tmp}/nowhere/weights.pth"),
         ({"weights": None}, "encoder 'mobilenet_v2' needs a checkpoint path"),
         ({"extra": ["--encoder", "mobilenet_v3"]}, "unknown encoder 'mobilenet_v3'; available: "),
     ],
 )
 def test_checkpoint_and_encoder_mistakes_are_one_line(change, message, coco_mini_dir, mobilenet_v2_weights,
                                                       tmp_path, capsys):
+    # a missing file lives under this test's tmp_path ({tmp}), never at a fixed place on the machine
     weights = change.get("weights", mobilenet_v2_weights)
+    if isinstance(weights, str):
+        weights = weights.replace("{tmp}", str(tmp_path))
+    message = message.replace("{tmp}", str(tmp_path))
     assert refseg(extract_args(tmp_path / "store", coco_mini_dir, weights, *change.get("extra", []))) == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "store").exists()  # refused before touching the output
