@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from kill_process import kill_group_when
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -37,19 +36,10 @@ def test_killed_job_resumes_to_identical_store(coco_mini_dir, mobilenet_v2_weigh
     env = dict(os.environ, RAY_DEDUP_LOGS="0", REFSEG_CODE_VERSION="refseg-test")  # commits may land meanwhile
     env.pop("RAY_ADDRESS", None)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _job(killed, coco_mini_dir, mobilenet_v2_weights), cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    killed_pid = kill_group_when(  # the job and the local Ray it started
+        _job(killed, coco_mini_dir, mobilenet_v2_weights), lambda: len(list(killed.glob("*_stats.json"))) >= 2,
+        "two finished shards", deadline_s=240, poll_s=0.05, cwd=REPO, env=env,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while len(list(killed.glob("*_stats.json"))) < 2:
-            assert process.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard finished in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the job and the local Ray it started
-        process.wait()
     finished_before = len(list(killed.glob("*_stats.json")))
     assert 2 <= finished_before < 12 and not (killed / "manifest.json").exists()
 
@@ -62,7 +52,7 @@ def test_killed_job_resumes_to_identical_store(coco_mini_dir, mobilenet_v2_weigh
         reruns[output] = result
     # The dead job's lease is taken over with a message, its scratch removed.
     assert f"taking over the lease of {killed}/ from run " in reruns[killed].stderr
-    assert f"its process {process.pid} on" in reruns[killed].stderr
+    assert f"its process {killed_pid} on" in reruns[killed].stderr
     assert not (killed / "_lease.json").exists() and not (killed / ".partial").exists()
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["counts"]["written"] == 24 and manifest["counts"]["shards"] == 12

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kill_process import kill_group_when
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -180,13 +181,9 @@ def test_killed_worker_continues_from_the_last_checkpoint(workspace: dict, vrp_r
 def test_killed_driver_resumes_under_the_same_child_run(workspace: dict, vrp_run: dict) -> None:
     args = ["--method", "vrp_sam", "--epochs", "3", "--episodes-per-epoch", "32", "--run-name", "driverkill"]
     command = [sys.executable, str(REPO / "jobs" / "train_coco20i.py"), *workspace["common"], *args]
-    process = subprocess.Popen(command, cwd=workspace["root"], env=workspace["env"], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_checkpoint(_fold_dir(workspace, "driverkill"), process)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        process.wait()
+    run_dir = _fold_dir(workspace, "driverkill")  # killed with the local Ray it started:
+    kill_group_when(command, lambda: any(run_dir.glob("checkpoint_step*")), "the first checkpoint",
+                    poll_s=0.5, cwd=workspace["root"], env=workspace["env"])
     first = _child_runs(workspace, "driverkill")
     assert len(first) == 1
     checkpointed = _steps(workspace, first[0].info.run_id)
