@@ -3,7 +3,7 @@
 The same training job as jobs/train_coco20i.py (the same loop, config, checkpoints, MLflow, resume and
 `refseg compare`) with SegIC's defaults: `--method segic --sampler segic_mixed` (the recipe of SegIC's
 mix: AdamW lr 1e-4, wd 1e-4, x0.1 at epoch 10 of 12, batch 32, 160k samples per epoch). The mix
-(COCO semantic + instances of the fold's base classes by default; ADE20k and LVIS with their paths) is
+(COCO semantic + instances of the fold's base classes by default; ADE20k, LVIS and FSS-1000 with their paths) is
 `--mix mix.json`; see docs/segic_training.md and `python jobs/train_segic.py --help`.
 """
 

@@ -9,8 +9,15 @@
   ``coco_url`` (``<root>/train2017/<file>`` symlinks), ``not_exhaustive_category_ids`` /
   ``neg_category_ids`` per image.
 
+* ``derive_fss1000``: an FSS-1000-format folder: one folder per COCO class (spaces -> ``_``) holding
+  up to ``per_class`` images of the class (``<n>.jpg`` symlinks, n = 1, 2, ...) and the class's mask
+  ``<n>.png`` (white on black: the union of its non-crowd instances), HSNet-style ``trn.txt`` /
+  ``val.txt`` / ``test.txt`` class lists (3 : 1 : 1 by sorted name), and ``coco_ids.json``
+  ({``"<class>/<n>"``: COCO image id}, for pixel checks against the COCO annotations).
+
 Image ids are kept (ADE20k file stems = the COCO ids), so the derived sources can share the COCO
-feature stores as real LVIS (COCO 2017 images) does.
+feature stores as real LVIS (COCO 2017 images) does; FSS-1000's ``"<class>/<n>"`` ids need a store
+of their own.
 """
 
 from __future__ import annotations
@@ -104,6 +111,39 @@ def derive_lvis(coco_json: Path, image_dir: Path, root: Path) -> Path:
     out = root / "lvis_v1_train.json"
     out.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return out
+
+
+def derive_fss1000(coco_json: Path, image_dir: Path, root: Path, per_class: int = 10) -> Path:
+    data = json.loads(Path(coco_json).read_text())
+    images = {image["id"]: image for image in data["images"]}
+    by_class: dict[int, dict[int, list[dict]]] = {}
+    for annotation in data["annotations"]:
+        if not annotation.get("iscrowd"):
+            by_class.setdefault(annotation["category_id"], {}).setdefault(annotation["image_id"], []).append(annotation)
+    folders, coco_ids = [], {}
+    for category in sorted(data["categories"], key=lambda c: c["id"]):
+        chosen = sorted(by_class.get(category["id"], {}).items())[:per_class]
+        if not chosen:
+            continue
+        folder = category["name"].replace(" ", "_")
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        folders.append(folder)
+        for n, (image_id, instances) in enumerate(chosen, start=1):
+            image = images[image_id]
+            mask = np.zeros((image["height"], image["width"]), dtype=bool)
+            for annotation in instances:
+                mask |= _annotation_mask(annotation, image["height"], image["width"])
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(root / folder / f"{n}.png")
+            link = root / folder / f"{n}.jpg"
+            if not link.exists():
+                os.symlink(Path(image_dir).resolve() / image["file_name"], link)
+            coco_ids[f"{folder}/{n}"] = image_id
+    folders.sort()
+    splits = {"trn": [f for i, f in enumerate(folders) if i % 5 < 3], "val": folders[3::5], "test": folders[4::5]}
+    for split, names in splits.items():
+        (root / f"{split}.txt").write_text("".join(f"{name}\n" for name in names))
+    (root / "coco_ids.json").write_text(json.dumps(coco_ids))
+    return root
 
 
 class InProcessSummary:

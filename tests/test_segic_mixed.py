@@ -1,13 +1,15 @@
 """SegIC's mixed-dataset training data (``sampler="segic_mixed"``) on coco_mini-derived sources.
 
-No ADE20k or LVIS exist here: ADE20k- and LVIS-format copies of the same real coco_mini images and
-annotations are written into a temporary folder (tests/segic_mix_data.py), and the stores hold the
-REAL MobileNetV2's features (at a 128 input, extracted in-process without Ray for speed; the Ray
-extraction path is exercised by the job test). Checks: the configuration, the dataset shares of the
-drawn samples against the weights (chi-square), no novel-class pixel in any target or reference on
-all four folds, seeded tables / disjoint rank shares / batches that depend on their rows only, the
-mask renderer against ``apply_view_to_mask``, warped-out cells ignored, the batch layout; and (slow)
-a short run through the training job, killed and resumed in a real driver process.
+No ADE20k, LVIS or FSS-1000 exist here: ADE20k-, LVIS- and FSS-1000-format copies of the same real
+coco_mini images and annotations are written into a temporary folder (tests/segic_mix_data.py), and
+the stores hold the REAL MobileNetV2's features (at a 128 input, extracted in-process without Ray for
+speed; the Ray extraction path is exercised by the job test). Checks: the configuration, the dataset
+shares of the drawn samples against the weights (chi-square), no novel-class pixel in any target or
+reference on all four folds, seeded tables / disjoint rank shares / batches that depend on their rows
+only, the mask renderer against ``apply_view_to_mask``, warped-out cells ignored, and the batch layout; for
+FSS-1000 as a fifth source: its kind and split, the shares with it, its pairs (an image, another of
+its folder), no novel-class pixel from it on all four folds, ``coco_excluded`` and a missing root;
+and (slow) a short run through the training job, killed and resumed in a real driver process.
 """
 
 from __future__ import annotations
@@ -300,6 +302,160 @@ def test_a_missing_store_is_named_with_the_way_to_build_it(workspace: dict) -> N
                                                                 store=str(workspace["root"] / "absent"), views=1),)))
     with pytest.raises(DataError, match=r"absent of mix source\(s\) ade20k does not exist yet.*--extract-missing"):
         prepare_stores(moved, fold_data(workspace, 0), extract_missing=False)
+
+
+# ---------------------------------------------------------------------------------------------- FSS-1000
+FSS_WEIGHT = 1.5
+
+
+@pytest.fixture(scope="module")
+def fss_workspace(workspace: dict, coco_mini_dir: Path) -> dict:
+    """The derived mix plus an FSS-1000-format copy of the same images (its trn classes) as a fifth
+    source, in a store of its own (its ``"<class>/<n>"`` ids are not COCO's), with one cached view."""
+    from segic_mix_data import derive_fss1000, extract_in_process
+
+    from pipeline.training.segic_mixed import prepare_stores
+
+    root = workspace["root"]
+    fss = derive_fss1000(workspace["subset"], coco_mini_dir / "images", root / "fss")
+    source = MixSource("fss1000", "fss1000_semantic", weight=FSS_WEIGHT, images=str(fss), store=str(root / "stores" / "fss"),
+                       views=1, feature_dataset="mini_fss")
+    cfg = workspace["cfg"]
+    cfg = cfg.replace(mix=replace(cfg.mix, sources=cfg.mix.sources + (source,)))
+    prepare_stores(cfg, fold_data(workspace, 0), extract_missing=True, extract=extract_in_process)
+    return {**workspace, "cfg": cfg, "fss": fss}
+
+
+def test_fss1000_kind_round_trips_and_reads_the_training_split(fss_workspace: dict) -> None:
+    from pipeline.training.views import view_id
+
+    cfg = fss_workspace["cfg"]
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.fingerprint() == cfg.fingerprint()
+    source = cfg.mix.sources[-1]
+    assert source.semantic and not source.coco and source.split == "trn"  # the default "training" reads as trn
+    assert source.class_list == str(fss_workspace["fss"] / "trn.txt")
+    assert MixSource.from_dict(source.to_dict()) == source == replace(source, split="trn")
+    assert MixSource("f", "fss1000_semantic", images="x", annotations="/splits/fss/val.txt").class_list == "/splits/fss/val.txt"
+    with pytest.raises(ConfigError, match="FSS-1000 split must be one of"):
+        MixSource("f", "fss1000_semantic", images="x", split="validation")
+    with pytest.raises(ConfigError, match="needs its images"):
+        MixSource("f", "fss1000_semantic")
+    sampler, _ = make_sampler(fss_workspace)
+    part = sampler.parts[sampler.part_index["fss1000"]]
+    trn = (fss_workspace["fss"] / "trn.txt").read_text().split()
+    assert part.source.class_names == sorted(trn) and {i.split("/")[0] for i in part.images} <= set(trn)
+    # plain images are stored under their "<class>/<n>" id, views under the "/"-free view id
+    image = part.images[0]
+    assert "/" in image and view_id(image, 0) == image.replace("/", "--") + "_v0"
+    assert image in part.store and view_id(image, 0) in part.store
+
+
+def test_dataset_shares_match_the_weights_with_fss1000_and_its_samples_pair_two_images_of_a_class(fss_workspace: dict) -> None:
+    from scipy.stats import chisquare
+
+    sampler, model = make_sampler(fss_workspace)
+    n = 8000
+    table = sampler.epoch_table(0, n)
+    sources = table.column("source").to_pylist()
+    names = [part.name for part in sampler.parts]
+    weights = np.array(WEIGHTS + (FSS_WEIGHT,))
+    observed = np.array([sources.count(name) for name in names])
+    assert names[-1] == "fss1000" and observed.sum() == n
+    assert chisquare(observed, weights / weights.sum() * n).pvalue > 1e-3, (observed, weights)
+    assert chisquare(observed, np.full(len(names), n / len(names))).pvalue < 1e-6
+    # the authors' DatasetFSS: an image of the split uniformly, then ANOTHER image of its folder
+    part = sampler.parts[-1]
+    rows = [row for row in table.to_pylist() if row["source"] == "fss1000"]
+    for row in rows:
+        folder = part.source.class_names[row["class_id"]]
+        assert row["image_id"] != row["reference_id"] and row["kind"] == "semantic"
+        assert row["image_id"].split("/")[0] == row["reference_id"].split("/")[0] == folder
+    drawn = [row["image_id"] for row in rows]
+    counts = np.array([drawn.count(image) for image in part.images])
+    assert chisquare(counts).pvalue > 1e-3
+    # FSS-1000 labels one class per image: no queue negatives (nor in the authors' DatasetFSS)
+    batch = sampler.build(rows[:4])
+    instructions = batch.features.instructions
+    assert instructions.negative_classes == ((),) * 4 and bool((instructions.classes[:, 0] >= 0).all())
+    model.train()
+    out = model(batch.features)
+    losses = model.loss(out, (batch.target_masks == 1).float(), (batch.target_masks != 255).float())
+    assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("fold", [0, 1, 2, 3])
+def test_no_novel_class_pixel_reaches_an_fss1000_target_or_reference(fss_workspace: dict, fold: int) -> None:
+    from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
+    from pipeline.training.segic_mixed import normalise_name
+
+    raw = json.loads(Path(fss_workspace["subset"]).read_text())
+    coco = {"images": {i["id"]: i for i in raw["images"]}, "annotations": {},
+            "class_of": {c["id"]: index for index, c in enumerate(sorted(raw["categories"], key=lambda c: c["id"]))}}
+    for annotation in raw["annotations"]:
+        coco["annotations"].setdefault(annotation["image_id"], []).append(annotation)
+    coco_ids = json.loads((fss_workspace["fss"] / "coco_ids.json").read_text())
+    novel = set(novel_classes("coco20i", fold))
+    novel_names = {normalise_name(COCO_CLASS_NAMES[c]) for c in novel}
+    sampler, _ = make_sampler(fss_workspace, fold)
+    part = sampler.parts[sampler.part_index["fss1000"]]
+    named_novel = {c for c, name in enumerate(part.source.class_names) if normalise_name(name) in novel_names}
+    assert named_novel  # the check has teeth: the trn split holds classes named like this fold's novel ones
+    assert {c for c, key in enumerate(part.class_keys) if key < 0} == named_novel
+    assert not named_novel & part.usable_classes
+    assert sampler.report.counts["fss1000: class named like a novel COCO class (novel_by_name)"] == len(named_novel)
+    rows = [row for row in sampler.epoch_table(0, 200).to_pylist() if row["source"] == "fss1000"]
+    assert len(rows) >= 20
+    for row, sample in zip(rows, sampler.resolve(rows)):
+        assert normalise_name(part.source.class_names[sample["class_ids"][0]]) not in novel_names
+        assert sample["negative_classes"] == ()
+        for side, image_id, labels in (("target", row["image_id"], sample["target_labels"]),
+                                       ("reference", row["reference_id"], sample["reference_labels"])):
+            forbidden = torch.from_numpy(_novel_only(coco, coco_ids[image_id], novel))
+            assert labels.shape[-2:] == forbidden.shape and int((labels == 1).sum()) > 0
+            leaked = int(((labels == 1) & forbidden).sum())
+            assert leaked == 0, f"fold {fold} fss1000 {side} {image_id}: {leaked} novel pixel(s)"
+
+
+def test_coco_excluded_leaves_the_ade20k_lvis_and_fss1000_sources(fss_workspace: dict, mobilenet_v2_weights: Path) -> None:
+    import argparse
+
+    from pipeline.training.commands import add_train_arguments, configs_from_args
+
+    excluded, _ = make_sampler(fss_workspace, coco_excluded=True)
+    assert [part.name for part in excluded.parts] == ["ade20k", "lvis", "fss1000"]
+    assert set(excluded.epoch_table(0, 400).column("source").to_pylist()) == {"ade20k", "lvis", "fss1000"}
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser, "coco20i")
+    mix = {"sources": [{"name": "coco", "kind": "coco_semantic"},
+                       {"name": "fss", "kind": "fss1000_semantic", "images": "FSS-1000", "annotations": "splits/trn.txt"}]}
+    args = parser.parse_args([
+        "--method", "segic", "--sampler", "segic_mixed", "--mix", json.dumps(mix), "--coco-excluded",
+        "--annotations", str(fss_workspace["subset"]), "--images", "imgs", "--backbone-checkpoint", str(mobilenet_v2_weights),
+    ])
+    base, _ = configs_from_args(args, "coco20i")
+    (fss,) = base.mix.active_sources()
+    assert fss.name == "fss" and fss.class_list == str(Path("splits/trn.txt").resolve())
+
+
+def test_a_missing_fss1000_root_or_class_list_is_one_line_before_any_work(fss_workspace: dict, tmp_path: Path) -> None:
+    from pipeline.training.job import _check_paths
+    from pipeline.training.segic_mixed import prepare_stores
+
+    def no_extraction(*_, **__):
+        raise AssertionError("extraction started")
+
+    cfg = fss_workspace["cfg"]
+    absent = MixSource("fss1000", "fss1000_semantic", images=str(tmp_path / "FSS-1000"), store=str(tmp_path / "store"), views=1)
+    moved = cfg.replace(mix=replace(cfg.mix, sources=cfg.mix.sources[:-1] + (absent,)))
+    with pytest.raises(DataError, match=r"^mix source 'fss1000' \(fss1000_semantic\): FSS-1000 root not found: \S+FSS-1000$"):
+        prepare_stores(moved, fold_data(fss_workspace, 0), extract_missing=True, extract=no_extraction)
+    with pytest.raises(DataError, match="FSS-1000 root not found"):
+        _check_paths(moved)  # the job checks it with --annotations / --images, before any fold data is read
+    (tmp_path / "FSS-1000" / "apple").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"^mix source 'fss1000' \(fss1000_semantic\): FSS-1000 trn class list not found: \S+trn.txt$"):
+        prepare_stores(moved, fold_data(fss_workspace, 0), extract_missing=True, extract=no_extraction)
+    assert not (tmp_path / "store").exists()
 
 
 # ---------------------------------------------------------------------------------------------- training

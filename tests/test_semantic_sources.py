@@ -72,6 +72,15 @@ def test_fss1000(tmp_path):
         Fss1000(tmp_path, classes=["apple", "pear"])
 
 
+def test_fss1000_mask_stored_at_another_size_is_served_at_its_images(tmp_path):
+    _write_image(tmp_path / "apple" / "1.jpg", shape=(24, 32))
+    mask = np.zeros((12, 16), np.uint8)  # half the image's size, as a few FSS-1000 masks are stored
+    mask[2:6, 4:8] = 255
+    Image.fromarray(mask, mode="L").save(tmp_path / "apple" / "1.png")
+    served = Fss1000(tmp_path).class_mask("apple/1", 0)
+    assert served.shape == (24, 32) and served.sum() == 4 * 4 * 4 and (served[4:12, 8:16] == 1).all()
+
+
 def test_lvis_file_names_and_non_exhaustive(tmp_path):
     _write_image(tmp_path / "train2017" / "000000000042.jpg")
     polygon = [[4.0, 4.0, 20.0, 4.0, 20.0, 16.0, 4.0, 16.0]]

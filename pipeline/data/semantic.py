@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.data.base import IGNORE_INDEX, SegmentationSource
 from pipeline.data.folds import PASCAL_CLASS_NAMES
@@ -174,8 +175,19 @@ class Fss1000(SegmentationSource):
         return [image_id for image_id in self._ids if image_id.startswith(prefix)]
 
     def render_class_mask(self, image_id: Hashable, class_id: int) -> np.ndarray:
-        path = self.root / f"{image_id}.png"
-        mask = load_rgb(path)[..., 0] >= 128  # masks are stored as RGB or L PNGs
+        mask = self._object_mask(image_id)
         if self.classes_in_image(image_id) != [class_id]:
             return np.zeros(mask.shape, dtype=np.uint8)
         return mask.astype(np.uint8)
+
+    def _object_mask(self, image_id: Hashable) -> np.ndarray:
+        """The ``<n>.png`` mask at its image's size. A few FSS-1000 masks are stored at another size
+        than their image (the SegIC authors skip such samples); resized (nearest), the mask stays
+        aligned with the image the features are computed from."""
+        mask = load_rgb(self.root / f"{image_id}.png")[..., 0] >= 128  # masks are stored as RGB or L PNGs
+        with Image.open(self.image_path(image_id)) as image:
+            width, height = image.size
+        if mask.shape != (height, width):
+            resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+            mask = np.asarray(resized) >= 128
+        return mask

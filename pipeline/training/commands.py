@@ -52,7 +52,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
                       help="segic_mixed: the mix as JSON or a JSON file (sources, weights, stores, views; "
                            "pipeline/training/mix_config.py, docs/segic_training.md)")
     what.add_argument("--samples-per-epoch", type=int, help="segic_mixed: samples per epoch (default: the recipe's, 160k)")
-    what.add_argument("--coco-excluded", action="store_true", help="segic_mixed: leave the COCO sources out (Table 2's dagger)")
+    what.add_argument("--coco-excluded", action="store_true",
+                      help="segic_mixed: leave the COCO sources out (Table 2's dagger: the mix's ADE20k / LVIS / "
+                           "FSS-1000 sources remain)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])

@@ -61,6 +61,10 @@ def _check_paths(cfg: TrainConfig) -> None:
                        ("--backbone-checkpoint", cfg.backbone.checkpoint)):
         if path and not Path(path).exists():
             raise ConfigError(f"{what}: not found: {path}")
+    if cfg.sampler == "segic_mixed":  # the mix's other datasets (ADE20k, LVIS, FSS-1000) too
+        from pipeline.training.segic_mixed import check_source_paths
+
+        check_source_paths(cfg.mix.active_sources())
 
 
 def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) -> None:

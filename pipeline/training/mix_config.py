@@ -8,31 +8,35 @@ recorded in checkpoints and part of the run's fingerprint like everything else.
 
 Source kinds (the data sources of :mod:`pipeline.data`):
 
-=================== =================================== ==========================================
-kind                source                              sample
-=================== =================================== ==========================================
-``coco_semantic``   the fold's COCO (``CocoInstances``)  a base class of a target image; the
-                                                        reference is another image of the class
-``ade20k_semantic`` ``Ade20k`` (label PNGs, 0 ignored)   the same, over ADE20k's classes
-``coco_instances``  the fold's COCO                     up to ``max_instances`` instances of one
-                                                        image; the reference is another view of
-                                                        the same image
-``lvis_instances``  ``LvisInstances`` (``coco_url``)      the same, over LVIS
-=================== =================================== ==========================================
+==================== =================================== ==========================================
+kind                 source                              sample
+==================== =================================== ==========================================
+``coco_semantic``    the fold's COCO (``CocoInstances``)  a base class of a target image; the
+                                                         reference is another image of the class
+``ade20k_semantic``  ``Ade20k`` (label PNGs, 0 ignored)   the same, over ADE20k's classes
+``coco_instances``   the fold's COCO                     up to ``max_instances`` instances of one
+                                                         image; the reference is another view of
+                                                         the same image
+``lvis_instances``   ``LvisInstances`` (``coco_url``)      the same, over LVIS
+``fss1000_semantic`` ``Fss1000`` (a split's class list)  an image, then another image of its class
+                                                         (the authors' ``DatasetFSS``)
+==================== =================================== ==========================================
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import ConfigError
 from refseg_models.config import FrozenConfig
 
-SEMANTIC_KINDS = ("coco_semantic", "ade20k_semantic")
+SEMANTIC_KINDS = ("coco_semantic", "ade20k_semantic", "fss1000_semantic")
 INSTANCE_KINDS = ("coco_instances", "lvis_instances")
 SOURCE_KINDS = SEMANTIC_KINDS + INSTANCE_KINDS
 COCO_KINDS = ("coco_semantic", "coco_instances")
+FSS_SPLITS = ("trn", "val", "test")  # HSNet's FSS-1000 class lists (520 / 240 / 240 classes)
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,14 @@ class MixSource(FrozenConfig):
     relative share of the drawn samples (the authors' ``--dataset_ratio``, uniform by default).
     ``annotations`` / ``images``: the COCO / LVIS json and image folder (the COCO kinds default to the
     fold's ``--annotations`` / ``--images``), or the ADEChallengeData2016 root (``images``) and its
-    ``split``. ``store``: the backbone feature store holding this source's plain images and/or its
-    cached views (default: the fold's backbone store; must be made with the fold's backbone);
-    ``feature_dataset``: the dataset name in that store's feature-set key (default: the fold's when
-    the store is the fold's). ``views``: cached augmented views per image in the store (``V``; 0 =
+    ``split``, or the FSS-1000 root (``images``, one folder per class) and the split whose classes
+    are drawn: ``split`` ``"trn"`` (the default ``"training"`` reads as ``"trn"``), ``"val"`` or
+    ``"test"`` names the class list ``<images>/<split>.txt`` (HSNet's ``data/splits/fss/<split>.txt``,
+    one folder name a line); ``annotations``, when given, is that class-list file instead (HSNet keeps
+    its lists outside the dataset folder). ``store``: the backbone feature store holding this source's
+    plain images and/or its cached views (default: the fold's backbone store; must be made with the
+    fold's backbone); ``feature_dataset``: the dataset name in that store's feature-set key (default:
+    the fold's when the store is the fold's). ``views``: cached augmented views per image in the store (``V``; 0 =
     plain images only), drawn with ``view_seed`` on a ``view_canvas`` canvas (0 = the backbone's input
     size) from SegIC's augmentation of the kind (large-scale jitter for semantic data, random resized
     crop + colour jitter + flip for instance data, docs/segic_cache.md); ``view_plan``: the plan file
@@ -79,6 +87,11 @@ class MixSource(FrozenConfig):
             raise ConfigError(f"mix source {self.name!r} ({self.kind}) needs its images (and annotations) path")
         if self.kind == "lvis_instances" and not self.annotations:
             raise ConfigError(f"mix source {self.name!r}: LVIS needs its annotations json")
+        if self.kind == "fss1000_semantic":
+            if self.split == "training":  # the field's default (ADE20k's name): FSS-1000's training split
+                object.__setattr__(self, "split", "trn")
+            if self.split not in FSS_SPLITS:
+                raise ConfigError(f"mix source {self.name!r}: the FSS-1000 split must be one of {FSS_SPLITS}, got {self.split!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None = None) -> "MixSource":
@@ -100,6 +113,24 @@ class MixSource(FrozenConfig):
     def coco(self) -> bool:
         return self.kind in COCO_KINDS
 
+    @property
+    def class_list(self) -> str:
+        """FSS-1000: the file naming the split's class folders (``annotations`` or ``<images>/<split>.txt``)."""
+        if self.kind != "fss1000_semantic":
+            return ""
+        return self.annotations or str(Path(self.images) / f"{self.split}.txt")
+
+    def required_paths(self) -> tuple[tuple[str, str], ...]:
+        """(what, path) of every file / folder this source reads, checked before any work is done
+        (the COCO kinds read the fold's ``--annotations`` / ``--images``, checked with them)."""
+        if self.coco:
+            return ()
+        if self.kind == "ade20k_semantic":
+            return (("ADE20k root", self.images),)
+        if self.kind == "lvis_instances":
+            return (("LVIS annotations", self.annotations), ("LVIS images", self.images))
+        return (("FSS-1000 root", self.images), (f"FSS-1000 {self.split} class list", self.class_list))
+
 
 def default_sources() -> tuple[MixSource, ...]:
     """The mix when none is configured: the fold's COCO as semantic and as instance data (the only
@@ -116,10 +147,10 @@ class MixConfig(FrozenConfig):
     ``max_instances``: instance instructions per instance sample (the authors decode at most 10
     instruction sets per image); ``instances_drawn``: the authors draw ``randint(0, instances_drawn
     - 1)`` instances (at least 1) before that cap. ``coco_excluded``: Table 2's dagger setting, the
-    COCO sources left out (ADE20k + LVIS (+ FSS-1000) only). ``novel_by_name``: keep the fold's
-    novel COCO classes out of the non-COCO sources too, matched by class name / synonyms (the COCO
-    sources always use the fold's base classes only). ``feature_flip_prob``: probability of a
-    feature-space flip of a served view; ``warp_prob``: probability that a side is a FRESH view of
+    COCO sources left out (the paper's ADE20k + LVIS + FSS-1000: whichever of those are configured).
+    ``novel_by_name``: keep the fold's novel COCO classes out of the non-COCO sources too, matched by
+    class name / synonyms (the COCO sources always use the fold's base classes only).
+    ``feature_flip_prob``: probability of a feature-space flip of a served view; ``warp_prob``: probability that a side is a FRESH view of
     the kind's augmentation served by warping the nearest cached view (cells it lacks are invalid
     in the loss); ``min_instance_pixels``: an instance is usable when it keeps at least this many
     pixels in both views (in the model's frame; the authors: 1).
@@ -151,7 +182,7 @@ class MixConfig(FrozenConfig):
         if self.min_instance_pixels < 0:
             raise ConfigError("min_instance_pixels must be >= 0")
         if not self.active_sources():
-            raise ConfigError("the mix has no source left (coco_excluded drops the COCO sources: add ADE20k / LVIS ones)")
+            raise ConfigError("the mix has no source left (coco_excluded drops the COCO sources: add ADE20k / LVIS / FSS-1000 ones)")
 
     def active_sources(self) -> tuple[MixSource, ...]:
         """The sources drawn from (``coco_excluded`` drops the COCO kinds)."""

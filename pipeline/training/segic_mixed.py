@@ -7,9 +7,10 @@ our deviations are in docs/segic_training.md):
 * per sample, a dataset is drawn with the mix's weights (uniform by default: the authors'
   ``CustomConcatDataset`` with ``random.choices(weights=dataset_ratio)``), a fixed number of samples
   per epoch over the whole mix (``--samples_per_epoch``: 160k main, 80k ablations);
-* semantic data (COCO semantic, ADE20k): one class of the target image (COCO: class first, then an
-  image of it, as the authors' ``DatasetCOCO``; ADE20k: image first, then one of its classes, as
-  their ``SemADE``); the reference is ANOTHER image of that class; one instruction;
+* semantic data (COCO semantic, ADE20k, FSS-1000): one class of the target image (COCO: class
+  first, then an image of it, as the authors' ``DatasetCOCO``; ADE20k: image first, then one of its
+  classes, as their ``SemADE``; FSS-1000: an image of the split, then its folder's class, as their
+  ``DatasetFSS``); the reference is ANOTHER image of that class; one instruction;
 * instance data (COCO instances, LVIS): the reference is a second augmentation of the same image;
   ``randint(0, 19)`` (at least one, at most 10) of the instances present in both views are the
   instructions, each with its own instance as target, so the image's other instances are
@@ -22,11 +23,12 @@ our deviations are in docs/segic_training.md):
   novel pixels are background, or images with novel classes are dropped); with ``novel_by_name`` the
   novel classes (matched by name / synonyms) are kept out of the other sources too;
 * negatives: semantic targets list the classes ABSENT from them (the source's usable classes minus
-  those in the image); the model draws queued instance features of those classes
-  (:meth:`refseg_models.modeling.segic.SegIC.queue_negatives`); semantic instructions carry their
-  class key so :meth:`~refseg_models.modeling.segic.SegIC.after_step` can queue them (the authors
-  queue semantic samples only). Class keys are shared across sources by normalised class name (the
-  authors key their queue by class name).
+  those in the image; none for FSS-1000, which labels only its folder's class: the authors'
+  ``DatasetFSS`` gives no negative class names either); the model draws queued instance features of
+  those classes (:meth:`refseg_models.modeling.segic.SegIC.queue_negatives`); semantic instructions
+  carry their class key so :meth:`~refseg_models.modeling.segic.SegIC.after_step` can queue them
+  (the authors queue semantic samples only). Class keys are shared across sources by normalised
+  class name (the authors key their queue by class name).
 
 Rows are data: the epoch table holds, per sample, the source, the images, the class, each side's
 variant (view, flip, warp) and a per-sample seed; everything ``build`` draws (fresh views, which
@@ -54,7 +56,7 @@ from pipeline.data.base import IGNORE_INDEX, SegmentationSource
 from pipeline.data.coco import LvisInstances
 from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
 from pipeline.data.mask_cache import MaskCache
-from pipeline.data.semantic import Ade20k
+from pipeline.data.semantic import Ade20k, Fss1000
 from pipeline.errors import ConfigError, DataError
 from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
@@ -105,7 +107,7 @@ class MixPart:
     augmentation: AugmentationConfig
     synonyms: list[set[str]]  # per source class: normalised names
     class_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # class id -> key (-1: never used)
-    # semantic: eligible class -> its images (>= 2); ADE20k: eligible classes per image
+    # semantic: eligible class -> its images (>= 2); ADE20k / FSS-1000: eligible classes per image
     class_images: dict[int, list[str]] = field(default_factory=dict)
     image_classes: dict[str, list[int]] = field(default_factory=dict)
     # instance: eligible images (at least one usable instance)
@@ -128,6 +130,12 @@ class MixPart:
     @property
     def views(self) -> int:
         return self.spec.views
+
+    @property
+    def labels_every_class(self) -> bool:
+        """Whether a class missing from an image's labels is absent from it (so it can be a queue
+        negative): not for FSS-1000, whose images label their folder's class only."""
+        return self.spec.kind != "fss1000_semantic"
 
     def position(self, class_id: int, image_id: str) -> int:
         """Index of ``image_id`` in ``class_images[class_id]`` (memoised per class)."""
@@ -173,6 +181,23 @@ def _ade_synonyms(source: Ade20k) -> list[set[str]]:
         if len(synonyms) == source.num_classes:
             return synonyms
     return [{normalise_name(name)} for name in source.class_names]
+
+
+def _fss_source(spec: MixSource) -> Fss1000:
+    """The FSS-1000 split of a source: the class folders its class list names (one a line)."""
+    classes = [line.strip() for line in Path(spec.class_list).read_text().splitlines() if line.strip()]
+    if not classes:
+        raise DataError(f"mix source {spec.name!r}: the FSS-1000 class list {spec.class_list} names no class")
+    return Fss1000(spec.images, classes)
+
+
+def check_source_paths(sources: Sequence[MixSource]) -> None:
+    """Every path the non-COCO sources read exists: checked before any source is read or any store
+    extracted, so a wrong path costs nothing."""
+    for spec in sources:
+        for what, path in spec.required_paths():
+            if not Path(path).exists():
+                raise DataError(f"mix source {spec.name!r} ({spec.kind}): {what} not found: {path}")
 
 
 def _resolve_spec(cfg: TrainConfig, spec: MixSource) -> tuple[str, str, str, AugmentationConfig]:
@@ -227,6 +252,7 @@ def build_parts(cfg: TrainConfig, data: Any, report: SkipReport | None = None) -
     novel = set(novel_classes(cfg.dataset, cfg.fold)) if cfg.dataset == "coco20i" else set()
     novel_names = {normalise_name(COCO_CLASS_NAMES[c]) for c in novel}
     parts: list[MixPart] = []
+    check_source_paths(mix.active_sources())
     for spec in mix.active_sources():
         store, dataset, plan, augmentation = _resolve_spec(cfg, spec)
         if spec.coco:
@@ -238,6 +264,10 @@ def build_parts(cfg: TrainConfig, data: Any, report: SkipReport | None = None) -
             source = LvisInstances(spec.annotations, spec.images, verbose=False, crowd=cfg.crowd)
             masks = MaskCache(source)
             synonyms = _coco_synonyms(source)
+        elif spec.kind == "fss1000_semantic":
+            source = _fss_source(spec)
+            masks = MaskCache(source)
+            synonyms = [{normalise_name(name)} for name in source.class_names]  # FSS-1000 ships no synonyms
         else:
             source = Ade20k(spec.images, spec.split)
             masks = MaskCache(source)
@@ -271,8 +301,8 @@ def _select(part: MixPart, cfg: TrainConfig, data: Any, novel: set[int], report:
             int(c): [str(i) for i in images] for c, images in data.train_pairs.items() if len(images) >= 2 and c in usable
         }
         part.usable_classes = set(part.class_images)
-    elif kind == "ade20k_semantic":
-        index = _ade_class_index(part)
+    elif kind in ("ade20k_semantic", "fss1000_semantic"):
+        index = _ade_class_index(part) if kind == "ade20k_semantic" else _fss_class_index(part)
         per_class: dict[int, list[str]] = {}
         for image_id, classes in index.items():
             for c in classes:
@@ -321,6 +351,11 @@ def _ade_class_index(part: MixPart) -> dict[str, list[int]]:
     return index
 
 
+def _fss_class_index(part: MixPart) -> dict[str, list[int]]:
+    """{image id: [its folder's class]} of an FSS-1000 source (from the folder names, no file read)."""
+    return {image_id: part.source.classes_in_image(image_id) for image_id in part.source.image_ids()}
+
+
 def _class_index_path(part: MixPart) -> Path | None:
     if "://" in part.store_uri:
         return None
@@ -335,6 +370,8 @@ def _all_images(part: MixPart) -> list[str]:
     independent, so one extraction serves all four folds)."""
     if part.spec.kind == "ade20k_semantic":
         return sorted(i for i, classes in _ade_class_index(part).items() if classes)
+    if part.spec.kind == "fss1000_semantic":
+        return part.source.image_ids()  # the split's every image (fold independent as well)
     coco = part.source.coco
     return [str(i) for i in part.source.image_ids() if any(not a.get("iscrowd", 0) for a in coco.imgToAnns.get(i, []))]
 
@@ -636,7 +673,9 @@ class SegICMixedSampler:
                 j = int(b * (len(pool) - 1))
                 images.append(pool[i])
                 references.append(pool[j + (j >= i)])
-        elif part.spec.kind == "ade20k_semantic":  # image first, then one of its classes (authors' SemADE)
+        elif part.spec.kind in ("ade20k_semantic", "fss1000_semantic"):
+            # image first, then one of its classes (authors' SemADE; DatasetFSS: an image of the split,
+            # its folder's class, another image of that folder as the reference)
             images, picked, references = [], [], []
             for a, b, c in u:
                 image = part.images[int(a * len(part.images))]
@@ -749,12 +788,13 @@ class SegICMixedSampler:
         label = torch.from_numpy(np.array(part.masks.get(row["image_id"], class_id), dtype=np.uint8))[None]
         ref = torch.from_numpy(np.array(part.masks.get(row["reference_id"], class_id) == 1, dtype=np.uint8))[None]
         present = {int(part.class_keys[c]) for c in part.source.classes_in_image(part.source.key(row["image_id"]))}
+        negatives = tuple(sorted(part.candidate_keys() - present)) if part.labels_every_class else ()
         sample.update(
             class_ids=[class_id], keys=[int(part.class_keys[class_id])],
             target_labels=label, reference_labels=ref,
             target_frame=self._render(target, label, IGNORE_INDEX, t_valid),
             reference_frame=self._render(reference, ref, 0, r_valid),
-            negative_classes=tuple(sorted(part.candidate_keys() - present)),
+            negative_classes=negatives,
         )
 
     def _instances(self, sample, part, row, rng, target, reference, t_valid, r_valid) -> None:

@@ -186,19 +186,29 @@ class ViewParams:
         return math.sqrt((self.resize_w / self.crop_w) * (self.resize_h / self.crop_h))
 
 
+VIEW_PATH_SEPARATOR = "--"  # what "/" of a nested image id becomes in a view id
+
+
 def view_id(image_id: str, view: int) -> str:
     """Store key of view ``view`` of ``image_id``: ``"<image_id>_v<view>"`` (no dots: WebDataset and
-    the store split member names at the first dot)."""
+    the store split member names at the first dot).
+
+    THE one place where an image id becomes a view's key: a view id also names the rendered PNG
+    (:func:`render_view_items`), so the ``"/"`` of a nested id (FSS-1000's ``"<class>/<n>"``)
+    becomes ``VIEW_PATH_SEPARATOR`` (``"apple/3"`` -> ``"apple--3_v0"``; two ids that meet there are
+    refused as a duplicate by the store builder). Plain images keep their id as their store key (the
+    store takes any string, ``"/"`` included; tested)."""
     image_id = str(image_id)
-    if not _IMAGE_ID.match(image_id):
-        raise DataError(f"image id {image_id!r} cannot name a cached view: use [A-Za-z0-9_-] only (no dots)")
+    key = image_id.replace("/", VIEW_PATH_SEPARATOR)
+    if not _IMAGE_ID.match(key):
+        raise DataError(f"image id {image_id!r} cannot name a cached view: use [A-Za-z0-9_-/] only (no dots)")
     if view < 0:
         raise DataError(f"view index of {image_id!r} must be >= 0, got {view}")
-    return f"{image_id}_v{view}"
+    return f"{key}_v{view}"
 
 
 def parse_view_id(key: str) -> tuple[str, int]:
-    """``"<image_id>_v<k>"`` -> ``(image_id, k)``."""
+    """``"<image_id>_v<k>"`` -> ``(image_id, k)`` (a nested id in its key form, ``"apple--3"``)."""
     match = _VIEW_SUFFIX.match(key)
     if not match:
         raise DataError(f"{key!r} is not a view id ('<image_id>_v<k>')")
