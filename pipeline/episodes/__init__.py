@@ -5,6 +5,7 @@ from pipeline.episodes.hsnet import HsnetEpisode, hsnet_pascal_test_episodes, hs
 from pipeline.episodes.manifest import (
     MANIFEST_SCHEMA,
     build_episode_manifest,
+    build_every_query_manifest,
     manifest_from_hsnet,
     read_manifest,
     write_manifest,
@@ -15,6 +16,7 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "HsnetEpisode",
     "build_episode_manifest",
+    "build_every_query_manifest",
     "hsnet_pascal_test_episodes",
     "hsnet_test_episodes",
     "manifest_from_hsnet",

@@ -99,6 +99,55 @@ def build_episode_manifest(
     return pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA)
 
 
+SUPPORT_STREAM = 1  # keeps a per-episode support draw apart from ``annotation_seed``'s stream
+
+
+def support_rng(seed: int, episode_id: int) -> np.random.Generator:
+    """The generator an every-query episode draws its supports from: a function of ``(seed,
+    episode_id)`` only, so an episode's supports do not depend on the draws of any other episode."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, episode_id, SUPPORT_STREAM])))
+
+
+def build_every_query_manifest(
+    images_of_class: Mapping[int, Sequence[Hashable]],
+    *,
+    dataset: str,
+    fold: int = 0,
+    split: str = "test",
+    shot: int = 1,
+    seed: int = 0,
+    annotation_type: str = "mask",
+    report: SkipReport | None = None,
+) -> pa.Table:
+    """Every image of every class is the query of exactly one episode (HSNet's FSS-1000 test,
+    ``data/fss.py`` ``DatasetFSS``): classes in sorted id order, a class's images in the given order,
+    episode ids consecutive. Each episode's ``shot`` supports are drawn uniformly without replacement
+    among the OTHER images of the query's class, from :func:`support_rng` ``(seed, episode_id)``.
+
+    HSNet draws them with numpy's unseeded global state (and with replacement among each other for
+    k > 1): these draws are seeded, hence reproducible, and not bit-identical to HSNet's. Classes
+    with fewer than ``shot + 1`` distinct images are reported (``report``) and give no episode.
+    """
+    _check_common(shot, annotation_type, 1)
+    report = report if report is not None else SkipReport(f"{dataset} {split} episodes")
+    rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    episode_id = 0
+    for class_id in sorted(images_of_class):
+        names = list(dict.fromkeys(str(image_id) for image_id in images_of_class[class_id]))
+        if len(names) < shot + 1:
+            report.skip(f"class has fewer than shot+1={shot + 1} images", f"class {class_id} ({len(names)})")
+            continue
+        for query_index, query in enumerate(names):
+            others = [name for index, name in enumerate(names) if index != query_index]
+            chosen = support_rng(seed, episode_id).choice(len(others), size=shot, replace=False)
+            _append(rows, episode_id, dataset, fold, split, class_id, query, [others[int(i)] for i in chosen], shot,
+                    annotation_type, seed, "every_query")
+            episode_id += 1
+    if episode_id == 0:
+        raise DataError(f"{report.context}: no class has at least {shot + 1} images; nothing to sample")
+    return pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA)
+
+
 def manifest_from_hsnet(
     episodes: Sequence[HsnetEpisode],
     *,

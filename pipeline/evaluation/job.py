@@ -11,9 +11,6 @@ folds 0-2. The job writes the config, the manifests, the skip reports and the me
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +25,26 @@ from pipeline.data.splits import map_coco20i_list, read_coco20i_list
 from pipeline.episodes.annotations import ANNOTATION_TYPES
 from pipeline.episodes.manifest import build_episode_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation.common import (
+    PredictorFactory,
+    check_backbone,
+    check_method,
+    check_paths,
+    predictor_factory_for,
+    sam_checkpoint_for,
+    split_result,
+    start_ray,
+    write_json,
+)
 from pipeline.evaluation.resolution import EvalResolution
-from pipeline.evaluation.runner import Episode, Predictor, evaluate_manifest_with_ray
+from pipeline.evaluation.runner import evaluate_manifest_with_ray
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
+
+_start_ray = start_ray  # looked up here at run time (tests replace it)
+
+# The predictor pieces live in pipeline.evaluation.common (shared with the FSS-1000 job); re-exported here.
+__all__ = ["EvaluateConfig", "PredictorFactory", "SourceFactory", "run", "sam_checkpoint_for", "write_json"]
 
 # The 80 COCO category ids (1..90 with gaps); class id = rank in this list (HSNet; docs/protocol.md).
 COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
@@ -74,13 +87,7 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Every check that needs no Ray and no images: raises ConfigError naming the bad value."""
-        from refseg_models.build import available_models, method_class
-
-        if self.checkpoint is None:
-            if self.method not in available_models():
-                raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(available_models())}")
-            if method_class(self.method).trainable:
-                raise ConfigError(f"{self.method} is trained: evaluate its inference checkpoint (--checkpoint)")
+        check_method(self)
         if not self.folds:
             raise ConfigError("folds is empty: give at least one of 0 1 2 3")
         for fold in self.folds:
@@ -102,37 +109,14 @@ class EvaluateConfig:
         if self.crowd not in CROWD_MODES:
             raise ConfigError(f"crowd must be one of {CROWD_MODES}, got {self.crowd!r}")
         EvalResolution(self.resolution_mode, self.resolution_size)  # type: ignore[arg-type]
-        from refseg_models.encoders import available_encoders
-
-        if self.backbone not in available_encoders():
-            raise ConfigError(f"unknown backbone {self.backbone!r}; available: {', '.join(available_encoders())}")
-        for path, kind in ((self.annotations, "file"), (self.images, "dir"), (self.backbone_checkpoint, "file"),
-                           (self.sam_checkpoint, "file"), (self.checkpoint, "file")):
-            if path is not None and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
-                raise ConfigError(f"path not found: {path} (expected a {'folder' if kind == 'dir' else 'file'})")
+        check_backbone(self.backbone)
+        check_paths(((self.annotations, "file"), (self.images, "dir"), (self.backbone_checkpoint, "file"),
+                     (self.sam_checkpoint, "file"), (self.checkpoint, "file")))
         if self.lists_dir is not None:
             missing = [str(Path(self.lists_dir) / "val" / f"fold{fold}.json") for fold in self.folds
                        if not (Path(self.lists_dir) / "val" / f"fold{fold}.json").is_file()]
             if missing:
                 raise ConfigError(f"HSNet COCO-20i lists not found: {', '.join(missing)}")
-
-
-def sam_checkpoint_for(config: EvaluateConfig) -> str | None:
-    """The SAM weights the predictor reads: the given file, or, for the proxy SAM encoder (the CPU
-    default) when the predictor reads SAM features at all, the shipped, sha256-verified proxy file."""
-    from refseg_models.encoders.sam_proxy import PROXY_ENCODER, default_proxy_sam_checkpoint
-
-    if config.sam_checkpoint is not None or config.sam_encoder != PROXY_ENCODER:
-        return config.sam_checkpoint
-    if config.checkpoint is not None:
-        from refseg_models.checkpoint import load_inference_checkpoint
-
-        uses_sam = "sam" in load_inference_checkpoint(config.checkpoint).encoders
-    else:
-        from refseg_models.build import build_model
-
-        uses_sam = "sam" in build_model(config.method, config.method_options, allow_random_init=True).feature_spec().encoders
-    return str(default_proxy_sam_checkpoint()) if uses_sam else None
 
 
 @dataclass(frozen=True)
@@ -145,54 +129,6 @@ class SourceFactory:
     def __call__(self) -> CocoInstances:
         source_type = Coco2014Instances if self.layout == "2014" else CocoInstances
         return source_type(self.annotations, self.images, verbose=False, crowd=self.crowd)
-
-
-@dataclass(frozen=True)
-class PredictorFactory:
-    """Builds, inside each worker, a :class:`refseg_models.predictor.RefSegPredictor` (live frozen
-    encoders + the method through its contract): from an inference checkpoint, or a training-free
-    method by name. The predictor returns the logits over the method's frame and that frame."""
-
-    checkpoint: str | None
-    method: str
-    method_options: dict
-    sam_encoder: str
-    sam_checkpoint: str | None
-    backbone: str
-    backbone_checkpoint: str | None
-
-    def encoder_options(self) -> dict:
-        # Builder options that are paths: the proxy SAM's MobileNetV2 weights are the backbone's file.
-        from refseg_models.encoders import available_encoders, encoder_options
-
-        if (self.sam_encoder in available_encoders() and self.backbone_checkpoint
-                and "backbone_checkpoint" in encoder_options(self.sam_encoder)):
-            return {"sam": {"backbone_checkpoint": self.backbone_checkpoint}}
-        return {}
-
-    def build(self):
-        from refseg_models.predictor import RefSegPredictor
-
-        if self.checkpoint is not None:
-            return RefSegPredictor.from_checkpoint(
-                self.checkpoint, sam_checkpoint=self.sam_checkpoint, backbone_checkpoint=self.backbone_checkpoint,
-                encoder_options=self.encoder_options(),
-            )
-        return RefSegPredictor.training_free(
-            self.method, sam_checkpoint=self.sam_checkpoint, backbone_checkpoint=self.backbone_checkpoint,
-            sam_encoder=self.sam_encoder, backbone=self.backbone, config=self.method_options,
-            encoder_options=self.encoder_options(),
-        )
-
-    def __call__(self) -> Predictor:
-        predictor = self.build()
-
-        def predict(episode: Episode):
-            masks = [annotation > 0 for annotation in episode.support_annotations]
-            logits, frame = predictor.predict_logits(list(episode.support_images), masks, episode.query_image)
-            return logits[0, 0], frame
-
-        return predict
 
 
 def check_categories(source: CocoInstances) -> None:
@@ -208,32 +144,6 @@ def check_categories(source: CocoInstances) -> None:
         )
     if not source.coco.dataset["annotations"]:
         raise DataError(f"{source.annotation_file}: no usable annotation is left. {source.report.summary()}")
-
-
-def _finite(value):
-    """JSON has no NaN: undefined numbers (e.g. FB-IoU without valid pixels) are written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Atomically (temp + rename), strict JSON."""
-    temp = path.with_suffix(path.suffix + ".tmp")
-    with io_errors(f"cannot write {path}"):
-        temp.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
-        os.replace(temp, path)
-
-
-def _start_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
 
 
 def _fold_manifest(config: EvaluateConfig, source: CocoInstances, fold: int, output_dir: Path) -> tuple[Path, SkipReport]:
@@ -265,10 +175,7 @@ def run(config: EvaluateConfig) -> dict:
     manifests = {fold: _fold_manifest(config, source, fold, output_dir) for fold in config.folds}
     for _, sampling_report in manifests.values():
         print(sampling_report.summary())
-    predictor_factory = PredictorFactory(
-        config.checkpoint, config.method, dict(config.method_options), config.sam_encoder, sam_checkpoint_for(config),
-        config.backbone, config.backbone_checkpoint,
-    )
+    predictor_factory = predictor_factory_for(config)
 
     results: dict = {
         "status": "running",
@@ -290,21 +197,14 @@ def run(config: EvaluateConfig) -> dict:
             meter, eval_report = evaluate_manifest_with_ray(
                 manifest_path, source_factory, predictor_factory, classes, resolution, config.num_workers
             )
-            metrics = meter.compute()
+            fold_result = split_result(meter, COCO_CLASS_NAMES, sampling_report, eval_report)
             print(eval_report.summary())
             print(
-                f"fold {fold}: mIoU {metrics['miou']:.2f}  FB-IoU {metrics['fbiou']:.2f}  "
-                f"({metrics['episodes']} episodes, {resolution.describe()}, crowd={config.crowd}, "
+                f"fold {fold}: mIoU {fold_result['miou']:.2f}  FB-IoU {fold_result['fbiou']:.2f}  "
+                f"({fold_result['episodes']} episodes, {resolution.describe()}, crowd={config.crowd}, "
                 f"{time.perf_counter() - started:.1f} s)"
             )
-            results["folds"][str(fold)] = {
-                "miou": metrics["miou"],
-                "fbiou": metrics["fbiou"],
-                "episodes": metrics["episodes"],
-                "per_class_iou": {COCO_CLASS_NAMES[c]: v for c, v in metrics["per_class_iou"].items()},
-                "skipped_sampling": sampling_report.as_dict(),
-                "skipped_evaluation": eval_report.as_dict(),
-            }
+            results["folds"][str(fold)] = fold_result
             results["folds_pending"].remove(fold)
             write_json(results_path, results)  # each finished fold is on disk at once
     except BaseException as error:
