@@ -17,7 +17,6 @@ Prints, for the shipped (sha256-verified) proxy file or ``--checkpoint``:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_output import emit  # noqa: E402
 
 
 def pick_episodes(coco, n: int, lo: float = 0.2, hi: float = 0.6) -> list[tuple[int, int, int]]:
@@ -122,11 +123,7 @@ def main() -> int:
     coco = CocoInstances(coco_dir / "instances.json", coco_dir / "images", verbose=False)
     report["free_tokens"] = free_token_iou(encoder, decoder, coco)
     report["speed"] = speed(encoder, decoder)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ the instance sources, warps with p = 0.3). Three measurements, one run:
   step (``time/data_s`` = waiting for the batch, ``time/step_s``, ``time/data_share``);
 * ``queue``: the negative-entity queue (256-d features, float32) filled to ``L`` per class for COCO's
   80 and LVIS's 1,203 classes: its tensor bytes (``nbytes``), the process's resident memory it adds
-  (tensor bytes + per-entry overhead) and the bytes it adds to a training checkpoint (``torch.save``
-  of ``extra_state()``).
+  (tensor bytes + per-entry overhead; measured first, in a fresh process, and still approximate: the
+  allocator reuses freed memory) and the bytes it adds to a training checkpoint (``torch.save`` of
+  ``extra_state()``).
 
     python bench/bench_segic_mixed.py --shared ../shared [--images 120] [--json out.json]
 
@@ -29,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # segic_mix_data: the derived ADE20k / LVIS copies
+
+from bench_output import emit, machine  # noqa: E402
 
 SEGIC_AT_512 = dict(feature_key="layer4", input_size=512, feature_size=32, mask_down_strides=(4, 4),
                     similarity_size=64, loss_points=4096)
@@ -219,21 +220,19 @@ def main() -> int:
     args = parser.parse_args()
     if not (args.shared / "data/coco_mini/instances.json").is_file():
         parser.error(f"no coco_mini under {args.shared}/data (pass --shared)")
-    cfg, data = workspace(args.shared, args.work, args.images)
+    # absolute: the Ray Train workers of the job runs do not share this process's working directory
+    queue = queue_memory((32, 128, 512), (80, 1203))  # first: a fresh process, so RSS growth is the queue's
+    cfg, data = workspace(args.shared.resolve(), args.work.resolve(), args.images)
     result = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
+        "machine": machine(),
         "setup": {"images": args.images, "backbone": "mobilenet_v2 layer4 (512 squash, 16 x 16)",
                   "segic": {k: list(v) if isinstance(v, tuple) else v for k, v in SEGIC_AT_512.items()}},
         "loader_vs_step": loader_vs_step(cfg, data, args.batches, per_batch=4),
-        "queue": queue_memory((32, 128, 512), (80, 1203)),
+        "queue": queue,
     }
     if not args.skip_job:
         result["job"] = [job(cfg, args.work, workers, args.job_samples) for workers in (1, 2)]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

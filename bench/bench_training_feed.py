@@ -18,8 +18,6 @@ Prints one JSON object; stores are extracted once into ``--work`` (default outpu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_output import emit, machine  # noqa: E402
 
 
 def run(shared: Path, work: Path, workers: int, episodes: int) -> dict:
@@ -73,15 +73,11 @@ def main() -> int:
     rows.append(run(args.shared, args.work, 2, 4 * args.episodes))
     small, large = rows[1]["peak_rss_mb"], rows[2]["peak_rss_mb"]
     result = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads per worker 1",
+        "machine": f"{machine()}, torch threads per worker 1",
         "runs": rows,
         "rss_growth_4x_manifest": round(large / small - 1, 4) if small and large else None,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

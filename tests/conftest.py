@@ -56,3 +56,12 @@ def mobilenet_v2_weights() -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_check_dir() -> Path:
     return _require(SHARED_DIR / "weights" / "check", "MobileNetV2 check images")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded local Ray for one test module (2 CPUs, no dashboard), shut down after it."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -49,14 +49,6 @@ def test_source(fss_root):
     return Fss1000SourceFactory(str(fss_root), tuple(read_class_list(fss_root / "test.txt")))()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _config(fss_root, weights, tmp_path, **changes) -> Fss1000EvaluateConfig:
     base = dict(root=str(fss_root), backbone_checkpoint=str(weights), backbone_options={"input_size": INPUT_SIZE},
                 resolution_size=EVAL_SIZE, num_workers=2, output_dir=str(tmp_path / "out"))

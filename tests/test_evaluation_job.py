@@ -19,14 +19,6 @@ from pipeline.report import SkipReport
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_evaluation_equals_single_process(local_ray, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path):
     config = EvaluateConfig(
         annotations=str(coco_mini_dir / "instances.json"), images=str(coco_mini_dir / "images"),

@@ -61,6 +61,9 @@ def _check_paths(cfg: TrainConfig) -> None:
                        ("--backbone-checkpoint", cfg.backbone.checkpoint)):
         if path and not Path(path).exists():
             raise ConfigError(f"{what}: not found: {path}")
+        if path and "://" not in path and not Path(path).is_absolute():  # the command line resolves them
+            raise ConfigError(f"{what}: {path} is relative: give absolute paths (the Ray Train workers do not run "
+                              "in this process's working directory)")
     if cfg.sampler == "segic_mixed":  # the mix's other datasets (ADE20k, LVIS, FSS-1000) too
         from pipeline.training.segic_mixed import check_source_paths
 
