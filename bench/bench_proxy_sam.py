@@ -27,24 +27,10 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # model_helpers: the overfit episodes
 
 from bench_output import emit  # noqa: E402
-
-
-def pick_episodes(coco, n: int, lo: float = 0.2, hi: float = 0.6) -> list[tuple[int, int, int]]:
-    """Same rule as tests/test_overfit_sam_methods.py::_pick_episodes."""
-    episodes = []
-    for class_id in range(coco.num_classes):
-        good = []
-        for image_id in coco.images_of_class(class_id):
-            if lo <= float((coco.class_mask(image_id, class_id) == 1).mean()) <= hi:
-                good.append(image_id)
-            if len(good) == 2:
-                episodes.append((class_id, good[0], good[1]))
-                break
-        if len(episodes) == n:
-            break
-    return episodes
+from model_helpers import pick_overfit_episodes  # noqa: E402
 
 
 def free_token_iou(encoder, decoder, coco, steps: int = 50, tokens_per_episode: int = 50, lr: float = 0.1) -> dict:
@@ -52,7 +38,7 @@ def free_token_iou(encoder, decoder, coco, steps: int = 50, tokens_per_episode: 
     from refseg_models.modeling.robustness import mask_iou
     from refseg_models.modeling.sam_decoder import upsample_logits
 
-    episodes = pick_episodes(coco, 4)
+    episodes = pick_overfit_episodes(coco, 4)
     targets = []
     for class_id, _, target_id in episodes:
         mask = torch.from_numpy((coco.class_mask(target_id, class_id) == 1).astype(np.float32))[None, None]

@@ -61,3 +61,21 @@ def toy_episode_features(
         reference_sam=torch.randn(b, k, 256, grid, grid, generator=g) if with_sam_refs else None,
         reference_masked_layer4=torch.randn(b, k, c4, s4, s4, generator=g).relu(),
     )
+
+
+def pick_overfit_episodes(coco, n: int, lo: float = 0.2, hi: float = 0.6) -> list[tuple[int, int, int]]:
+    """The overfit episodes (tests/test_overfit_sam_methods.py, bench/bench_proxy_sam.py's free
+    tokens): the first ``n`` classes with two images whose class mask covers ``lo``..``hi`` of the
+    image, as (class, reference image, target image)."""
+    episodes = []
+    for class_id in range(coco.num_classes):
+        good = []
+        for image_id in coco.images_of_class(class_id):
+            if lo <= float((coco.class_mask(image_id, class_id) == 1).mean()) <= hi:
+                good.append(image_id)
+            if len(good) == 2:
+                episodes.append((class_id, good[0], good[1]))
+                break
+        if len(episodes) == n:
+            break
+    return episodes

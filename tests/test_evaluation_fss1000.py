@@ -45,7 +45,7 @@ def fss_root(coco_mini_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_source(fss_root):
+def fss_test_split(fss_root):
     return Fss1000SourceFactory(str(fss_root), tuple(read_class_list(fss_root / "test.txt")))()
 
 
@@ -56,37 +56,37 @@ def _config(fss_root, weights, tmp_path, **changes) -> Fss1000EvaluateConfig:
 
 
 @pytest.mark.parametrize("shot", [1, 2])
-def test_every_test_image_is_a_query_once_with_seeded_supports_of_its_class(test_source, shot):
+def test_every_test_image_is_a_query_once_with_seeded_supports_of_its_class(fss_test_split, shot):
     report = SkipReport("x")
-    table = fss1000_test_manifest(test_source, shot=shot, seed=3, report=report)
+    table = fss1000_test_manifest(fss_test_split, shot=shot, seed=3, report=report)
     rows = table.to_pylist()
-    sizes = {c: len(test_source.images_of_class(c)) for c in range(len(test_source.class_names))}
+    sizes = {c: len(fss_test_split.images_of_class(c)) for c in range(len(fss_test_split.class_names))}
     usable = {c for c, n in sizes.items() if n >= shot + 1}
-    assert len(test_source.class_names) == 14 and len(usable) < 14  # some classes are too small: reported
+    assert len(fss_test_split.class_names) == 14 and len(usable) < 14  # some classes are too small: reported
     assert report.total == 14 - len(usable)
     # complete: every image of every usable test class is the query of exactly one episode
-    expected = sorted(i for c in usable for i in test_source.images_of_class(c))
+    expected = sorted(i for c in usable for i in fss_test_split.images_of_class(c))
     assert sorted(row["query_id"] for row in rows) == expected and len(rows) == len(expected)
     assert [row["episode_id"] for row in rows] == list(range(len(rows)))
     for row in rows:
-        folder = test_source.class_names[row["class_id"]]
+        folder = fss_test_split.class_names[row["class_id"]]
         supports = row["support_ids"]
         assert row["query_id"].split("/")[0] == folder and row["query_id"] not in supports
         assert len(supports) == len(set(supports)) == shot == row["shot"]
         assert all(s.split("/")[0] == folder for s in supports)
         assert row["dataset"] == "fss1000" and row["split"] == "test" and row["sampler"] == "every_query"
         # the draw of an episode is a function of (seed, episode_id) alone
-        others = [i for i in test_source.images_of_class(row["class_id"]) if i != row["query_id"]]
+        others = [i for i in fss_test_split.images_of_class(row["class_id"]) if i != row["query_id"]]
         again = support_rng(3, row["episode_id"]).choice(len(others), size=shot, replace=False)
         assert supports == [others[int(i)] for i in again]
     # seeded: the same seed gives the same manifest, another seed other supports
-    assert fss1000_test_manifest(test_source, shot=shot, seed=3).equals(table)
-    other = fss1000_test_manifest(test_source, shot=shot, seed=4)
+    assert fss1000_test_manifest(fss_test_split, shot=shot, seed=3).equals(table)
+    other = fss1000_test_manifest(fss_test_split, shot=shot, seed=4)
     assert other.column("query_id").equals(table.column("query_id"))
     assert other.column("support_ids").to_pylist() != table.column("support_ids").to_pylist()
 
 
-def test_the_job_equals_the_runner_and_meter_on_its_own_manifest(local_ray, fss_root, test_source,
+def test_the_job_equals_the_runner_and_meter_on_its_own_manifest(local_ray, fss_root, fss_test_split,
                                                                  mobilenet_v2_weights, tmp_path):
     config = _config(fss_root, mobilenet_v2_weights, tmp_path)
     results = run(config)
@@ -105,7 +105,7 @@ def test_the_job_equals_the_runner_and_meter_on_its_own_manifest(local_ray, fss_
 
     table = read_manifest(out / MANIFEST_NAME)
     assert table.num_rows == saved["episodes"] == saved["manifest_episodes"]  # every episode once, no double count
-    assert table.equals(fss1000_test_manifest(test_source, shot=1, seed=0))
+    assert table.equals(fss1000_test_manifest(fss_test_split, shot=1, seed=0))
 
     from pipeline.evaluation.common import PredictorFactory
 
@@ -114,11 +114,11 @@ def test_the_job_equals_the_runner_and_meter_on_its_own_manifest(local_ray, fss_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray workers: conv reductions then run in the same order
     try:
-        meter = evaluate_share(table, test_source, predictor, list(range(14)), EvalResolution("fixed", EVAL_SIZE),
+        meter = evaluate_share(table, fss_test_split, predictor, list(range(14)), EvalResolution("fixed", EVAL_SIZE),
                                SkipReport("x"))
         # k-shot through the same predictor: 2 supports per episode (the first 6 episodes)
-        two_shot = fss1000_test_manifest(test_source, shot=2, seed=0).slice(0, 6)
-        k_meter = evaluate_share(two_shot, test_source, predictor, list(range(14)), EvalResolution("fixed", EVAL_SIZE),
+        two_shot = fss1000_test_manifest(fss_test_split, shot=2, seed=0).slice(0, 6)
+        k_meter = evaluate_share(two_shot, fss_test_split, predictor, list(range(14)), EvalResolution("fixed", EVAL_SIZE),
                                  SkipReport("x")).compute()
     finally:
         torch.set_num_threads(threads)

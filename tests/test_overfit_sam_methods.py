@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model_helpers import single_thread  # noqa: F401  (one intra-op thread for this module)
+from model_helpers import pick_overfit_episodes, single_thread  # noqa: F401  (single_thread: one intra-op thread for this module)
 
 from refseg_models import build_model
 from refseg_models.encoders import build_encoder
@@ -43,22 +43,6 @@ def _mask_512(mask: np.ndarray) -> torch.Tensor:
     return F.interpolate(t, size=(512, 512), mode="nearest")[0, 0]
 
 
-def _pick_episodes(coco, n: int, lo: float = 0.2, hi: float = 0.6) -> list[tuple[int, int, int]]:
-    """First n classes with two images whose class mask covers lo..hi of the image: (class, ref, target)."""
-    episodes = []
-    for class_id in range(coco.num_classes):
-        good = []
-        for image_id in coco.images_of_class(class_id):
-            if lo <= float((coco.class_mask(image_id, class_id) == 1).mean()) <= hi:
-                good.append(image_id)
-            if len(good) == 2:
-                episodes.append((class_id, good[0], good[1]))
-                break
-        if len(episodes) == n:
-            break
-    return episodes
-
-
 def _proxy_sam_decoder() -> SamDecoder:
     asset = default_proxy_sam_checkpoint()
     assert proxy_sam_grid(asset) == GRID
@@ -70,7 +54,7 @@ def episodes(coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
     from pipeline.data.coco import CocoInstances
 
     coco = CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", verbose=False)
-    chosen = _pick_episodes(coco, NUM_EPISODES)
+    chosen = pick_overfit_episodes(coco, NUM_EPISODES)
     assert len(chosen) == NUM_EPISODES
     backbone = build_encoder("mobilenet_v2", mobilenet_v2_weights)
     sam = build_encoder("sam_proxy_mobilenet_v2", default_proxy_sam_checkpoint(), backbone_checkpoint=mobilenet_v2_weights)
