@@ -170,7 +170,7 @@ def _novel_only(coco: dict, image_id: str, novel: set[int]) -> np.ndarray:
 @pytest.mark.parametrize("fold", [0, 1, 2, 3])
 def test_no_novel_class_pixel_reaches_a_target_or_a_reference(workspace: dict, fold: int) -> None:
     from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
-    from pipeline.training.segic_mixed import normalise_name
+    from pipeline.data.folds import normalise_name
 
     raw = json.loads(Path(workspace["subset"]).read_text())
     categories = sorted(raw["categories"], key=lambda c: c["id"])
@@ -336,7 +336,7 @@ def test_fss1000_kind_round_trips_and_reads_the_training_split(fss_workspace: di
     assert source.semantic and not source.coco and source.split == "trn"  # the default "training" reads as trn
     assert source.class_list == str(fss_workspace["fss"] / "trn.txt")
     assert MixSource.from_dict(source.to_dict()) == source == replace(source, split="trn")
-    assert MixSource("f", "fss1000_semantic", images="x", annotations="/splits/fss/val.txt").class_list == "/splits/fss/val.txt"
+    assert MixSource("f", "fss1000_semantic", images="x", annotations="splits/fss/val.txt").class_list == "splits/fss/val.txt"
     with pytest.raises(ConfigError, match="FSS-1000 split must be one of"):
         MixSource("f", "fss1000_semantic", images="x", split="validation")
     with pytest.raises(ConfigError, match="needs its images"):
@@ -387,7 +387,7 @@ def test_dataset_shares_match_the_weights_with_fss1000_and_its_samples_pair_two_
 @pytest.mark.parametrize("fold", [0, 1, 2, 3])
 def test_no_novel_class_pixel_reaches_an_fss1000_target_or_reference(fss_workspace: dict, fold: int) -> None:
     from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
-    from pipeline.training.segic_mixed import normalise_name
+    from pipeline.data.folds import normalise_name
 
     raw = json.loads(Path(fss_workspace["subset"]).read_text())
     coco = {"images": {i["id"]: i for i in raw["images"]}, "annotations": {},

@@ -7,6 +7,7 @@ split is a different benchmark). PASCAL-5i: test classes of fold i are VOC ids 5
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pipeline.errors import ConfigError
@@ -61,3 +62,9 @@ def fold_classes(benchmark: Benchmark, fold: int, split: Split) -> list[int]:
     if split == "train":
         return base_classes(benchmark, fold)
     raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def normalise_name(name: str) -> str:
+    """Class names compared across datasets (COCO, ADE20k, LVIS, FSS-1000): lower case, ``_`` / ``-``
+    / runs of spaces -> one space."""
+    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.data.folds import COCO_CLASS_NAMES
+from pipeline.data.folds import COCO_CLASS_NAMES, normalise_name
 from pipeline.data.semantic import Fss1000
 from pipeline.episodes.annotations import ANNOTATION_TYPES
 from pipeline.episodes.manifest import build_every_query_manifest, write_manifest
@@ -126,8 +126,6 @@ def fss1000_test_manifest(source: Fss1000, shot: int, seed: int, annotation_type
 
 def coco_named_classes(class_names: list[str]) -> list[str]:
     """The classes whose folder name is a COCO class name (compared as the SegIC mix compares them)."""
-    from pipeline.training.segic_mixed import normalise_name
-
     coco = {normalise_name(name) for name in COCO_CLASS_NAMES}
     return [name for name in class_names if normalise_name(name) in coco]
 

@@ -39,7 +39,6 @@ shares of the same table and a resumed run rebuilds the same batches.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 
 from pipeline.data.base import IGNORE_INDEX, SegmentationSource
 from pipeline.data.coco import LvisInstances
-from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
+from pipeline.data.folds import COCO_CLASS_NAMES, normalise_name, novel_classes
 from pipeline.data.mask_cache import MaskCache
 from pipeline.data.semantic import Ade20k, Fss1000
 from pipeline.errors import ConfigError, DataError
@@ -83,11 +82,6 @@ from refseg_models.modeling.segic_instructions import masks_to_boxes
 
 PLAIN = -1  # the variant "plain image" (view index -1)
 _TABLE_SALT = 0x5E61C
-
-
-def normalise_name(name: str) -> str:
-    """Class names compared across datasets: lower case, ``_`` / ``-`` / runs of spaces -> one space."""
-    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
 
 
 # --------------------------------------------------------------------------------------------------
