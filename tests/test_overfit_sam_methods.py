@@ -1,5 +1,5 @@
 """VRP-SAM, ProSAM and FCP on real images: real coco_mini episodes, the real MobileNetV2 backbone and
-the shipped proxy SAM (docs/proxy_sam.md: a promptable SAM stand-in trained here, G = 32), features
+the shipped proxy SAM (docs/proxy_sam.md: a promptable SAM stand-in trained here), features
 computed ONCE (frozen) and only the trainable part trained, as the training pipeline does with
 cached features. The proxy SAM's decoder is used exactly as shipped (no rescaling of any weight).
 
@@ -32,7 +32,6 @@ from refseg_models.modeling.sam_decoder import SamDecoder, build_sam_decoder, up
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 
-GRID = 32  # the proxy SAM's embedding grid (SAM's is 64)
 NUM_EPISODES = 4
 MOBILENET_CHANNELS = (32, 96, 1280)
 
@@ -45,8 +44,7 @@ def _mask_512(mask: np.ndarray) -> torch.Tensor:
 
 def _proxy_sam_decoder() -> SamDecoder:
     asset = default_proxy_sam_checkpoint()
-    assert proxy_sam_grid(asset) == GRID
-    return build_sam_decoder(asset, image_embedding_size=GRID)
+    return build_sam_decoder(asset, image_embedding_size=proxy_sam_grid(asset))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +145,7 @@ def test_method_learns_on_real_episodes(method: str, episodes: dict) -> None:
     config, steps = OVERFIT[method]
     torch.manual_seed(0)
     model = build_model(
-        method, backbone_channels=MOBILENET_CHANNELS, feature_size=GRID, sam_decoder=_proxy_sam_decoder(), **config
+        method, backbone_channels=MOBILENET_CHANNELS, feature_size=proxy_sam_grid(default_proxy_sam_checkpoint()), sam_decoder=_proxy_sam_decoder(), **config
     )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     embeddings = [p for n, p in named if _is_embedding(n)]

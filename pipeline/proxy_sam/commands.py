@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup-steps", type=int, default=300)
     train.add_argument("--mask-loss", choices=("bce_dice", "focal_dice"), default="bce_dice")
     train.add_argument("--box-prob", type=float, default=0.5)
+    train.add_argument("--box-target-steps", type=int, default=0,
+                       help="warm-up steps that prompt boxes only and train the filled box as the target (0: off)")
     train.add_argument("--neck", default="{}", help='JSON neck options, e.g. \'{"grid": 16}\'')
     train.add_argument("--snapshots", type=float, nargs="*", default=[0.5],
                        help="fractions of the run at which a file is also written")
@@ -73,8 +75,8 @@ def _train(args: argparse.Namespace) -> int:
         output=args.output_dir, fold=args.fold, seed=args.seed, steps=args.steps, time_budget_s=args.time_budget,
         images_per_step=args.images_per_step, prompts_per_image=args.prompts_per_image, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, mask_loss=args.mask_loss,
-        box_prob=args.box_prob, neck=neck, snapshots=tuple(args.snapshots), device=args.device,
-        threads=args.threads, progress=not args.no_progress,
+        box_prob=args.box_prob, box_target_steps=args.box_target_steps, neck=neck, snapshots=tuple(args.snapshots),
+        device=args.device, threads=args.threads, progress=not args.no_progress,
         command="refseg proxy-sam " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["proxy-sam"]
         else " ".join(shlex.quote(a) for a in sys.argv),
     )

@@ -1,8 +1,8 @@
 """Training the proxy SAM: a single-process torch loop with on-device augmentation (GPU or CPU).
 
-The proxy SAM is trained once and shipped (``assets/``); retraining is a one-GPU job of minutes
-(``docs/proxy_sam.md``: the shipped file took 7 minutes on one H200). No Ray Train here: one process,
-one device, everything in memory:
+The proxy SAM is trained once and shipped (``assets/``; ``docs/proxy_sam.md`` records the command,
+machine and time of the shipped file). No Ray Train here: one process, one device, everything in
+memory:
 
 * data: every TRAINING image of coco_mini (``data.split_images``; the held-out fifth is never read)
   decoded once onto the device with the non-crowd instance masks of the fold's BASE classes (novel
@@ -70,6 +70,9 @@ class TrainConfig:
     mask_loss: str = "bce_dice"  # or "focal_dice" (SAM's 20:1)
     iou_loss_weight: float = 1.0
     box_prob: float = 0.5
+    # > 0: the first N steps prompt boxes only, and their target is the filled prompt box (geometry
+    # first, content second); 0 keeps SAM's recipe
+    box_target_steps: int = 0
     box_noise: float = 0.1
     box_noise_max: float = 20.0  # pixels of the 1024 frame
     crop_area: tuple[float, float] = (0.3, 1.0)
@@ -93,6 +96,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps <= 0 or self.images_per_step <= 0 or self.prompts_per_image <= 0:
             raise ConfigError("steps, images_per_step and prompts_per_image must be positive")
+        if not 0 <= self.box_target_steps < self.steps:
+            raise ConfigError(f"box_target_steps must be in [0, steps), got {self.box_target_steps} (steps {self.steps})")
         if not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:
             raise ConfigError(f"crop_area must satisfy 0 < min <= max <= 1, got {self.crop_area}")
         if self.mask_loss not in ("bce_dice", "focal_dice"):
@@ -239,6 +244,14 @@ def noisy_boxes(boxes512: torch.Tensor, rng: torch.Generator, rel: float, cap: f
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
+def box_targets(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """1024-frame boxes (N x 4) -> N x size x size float masks: 1 where the cell centre lies inside."""
+    centres = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) * (FRAME / size)
+    inside_x = (centres[None] >= boxes[:, 0:1]) & (centres[None] < boxes[:, 2:3])
+    inside_y = (centres[None] >= boxes[:, 1:2]) & (centres[None] < boxes[:, 3:4])
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+
+
 def sample_points(masks: torch.Tensor, count: int, rng: torch.Generator) -> torch.Tensor:
     """``count`` points per mask (B x S x S soft masks in [0, 1]) drawn uniformly from cells >= 0.5
     (the largest cell when none is), continuous 1024-frame coordinates -> B x count x 2 (x, y)."""
@@ -361,12 +374,19 @@ class Trainer:
             boxes.append(tight_boxes(chosen))
             owner += [n] * c.prompts_per_image
         images = (torch.stack(views) - 128.0) / 128.0  # vrp512_squash_tf128
-        kind = 0 if rng.random() < c.box_prob else int(rng.integers(1, 4))
-        return {
+        box_target = step < c.box_target_steps
+        kind = 0 if box_target or rng.random() < c.box_prob else int(rng.integers(1, 4))
+        batch = {
             "images": images, "owner": torch.tensor(owner, device=self.device), "masks": torch.cat(masks),
-            "boxes": torch.cat(boxes), "kind": kind,
+            "boxes": torch.cat(boxes), "kind": kind, "box_target": box_target,
             "generator": torch.Generator().manual_seed(c.seed * 1_000_003 + step * 7 + 11),
         }
+        if kind == 0:
+            prompt_boxes = noisy_boxes(batch["boxes"].cpu(), batch["generator"], c.box_noise, c.box_noise_max)
+            batch["prompt_boxes"] = prompt_boxes.to(self.device)
+            if box_target:
+                batch["masks"] = box_targets(batch["prompt_boxes"], self.mask_size)
+        return batch
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
@@ -377,8 +397,7 @@ class Trainer:
         kind, target = batch["kind"], batch["masks"]
         emb = embeddings[batch["owner"]]
         if kind == 0:
-            boxes = noisy_boxes(batch["boxes"].cpu(), batch["generator"], c.box_noise, c.box_noise_max)
-            prompt = {"boxes": boxes.to(self.device)}
+            prompt = {"boxes": batch["prompt_boxes"]}
         else:
             coords = sample_points(target.cpu(), kind, batch["generator"]).to(self.device)
             labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=self.device)
@@ -395,7 +414,7 @@ class Trainer:
             actual_iou = hard_iou(flat_logits, tgt).view(-1, k)
         iou_loss = F.mse_loss(iou_pred, actual_iou, reduction="none").mean(dim=1)
         total = (mask_loss + c.iou_loss_weight * iou_loss).mean()
-        name = "box" if kind == 0 else f"{kind}pt"
+        name = ("box_fill" if batch["box_target"] else "box") if kind == 0 else f"{kind}pt"
         return total, {f"loss_{name}": mask_loss.detach().mean(), f"iou_{name}": actual_iou.gather(1, best[:, None]).mean()}
 
     def train(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ in for SAM's image encoder on CPU machines (tests, CI, the README's main job, a 
 
 * image encoder = the real ImageNet MobileNetV2 (``mobilenet_v2``, frozen, NOT in the proxy file: it
   comes from its own weights file) + a small trained **neck** that turns its layer2/3/4 maps into
-  SAM's ``image_embedding`` (256 x G x G; G = 32 for the shipped file, a 512 squash input);
+  SAM's ``image_embedding`` (256 x G x G; G = 16 for the shipped file, a 512 squash input);
 * prompt encoder + mask decoder = segment-anything's own ``PromptEncoder`` and ``MaskDecoder``
   classes, unchanged, in SAM's standard 256-d configuration (exactly what
   :func:`refseg_models.modeling.sam_decoder.build_sam_decoder` builds), trained together with the
@@ -60,7 +60,7 @@ BACKBONE_SIZES = {"layer2": 64, "layer3": 32, "layer4": 16}  # at a 512 input
 # The shipped proxy (top-level ``assets/`` of the repository) and its sha256: the loader of the
 # default asset refuses any other bytes.
 DEFAULT_PROXY_CHECKPOINT = Path(__file__).resolve().parents[2] / "assets" / "sam_proxy_mobilenet_v2.pt"
-SHIPPED_PROXY_SHA256 = "14ec48ef005356789657a153aac992119eb4b52c0dbcc7cb9dbe26d2ad326c9c"
+SHIPPED_PROXY_SHA256 = "d06cf7a62c366033dbd83e26651b0c73d7f6e40912aa88b47c36374873024c36"
 
 DEFAULT_NECK_CONFIG: dict[str, Any] = {
     "grid": 32, "blocks": 2, "expansion": 2, "kernel": 7, "layer2": True, "position": "fourier",
