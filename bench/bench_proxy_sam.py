@@ -34,7 +34,7 @@ from model_helpers import pick_overfit_episodes  # noqa: E402
 
 
 def free_token_iou(encoder, decoder, coco, steps: int = 50, tokens_per_episode: int = 50, lr: float = 0.1) -> dict:
-    from refseg_models.losses import bce_dice_loss
+    from refseg_models.losses import dice_loss, sigmoid_bce_loss
     from refseg_models.modeling.robustness import mask_iou
     from refseg_models.modeling.sam_decoder import upsample_logits
 
@@ -52,7 +52,7 @@ def free_token_iou(encoder, decoder, coco, steps: int = 50, tokens_per_episode: 
     optimiser = torch.optim.Adam([tokens], lr=lr)
     for _ in range(steps):
         logits = upsample_logits(decoder.decode(embeddings, F.layer_norm(tokens, (256,))), 512)
-        loss = bce_dice_loss(logits, target)
+        loss = sigmoid_bce_loss(logits, target) + dice_loss(logits, target)  # as the overfit test
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -144,8 +144,10 @@ def test_method_learns_on_real_episodes(method: str, episodes: dict) -> None:
     target = episodes["target_masks"]
     config, steps = OVERFIT[method]
     torch.manual_seed(0)
+    decoder = _proxy_sam_decoder()
     model = build_model(
-        method, backbone_channels=MOBILENET_CHANNELS, feature_size=proxy_sam_grid(default_proxy_sam_checkpoint()), sam_decoder=_proxy_sam_decoder(), **config
+        method, backbone_channels=MOBILENET_CHANNELS, feature_size=decoder.prompt_encoder.image_embedding_size[0],
+        sam_decoder=decoder, **config,
     )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     embeddings = [p for n, p in named if _is_embedding(n)]
