@@ -27,17 +27,13 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # model_helpers: the overfit episodes
+sys.path.insert(0, str(REPO / "tests"))  # model_helpers: the overfit episodes, the free-token probe
 
 from bench_output import emit  # noqa: E402
-from model_helpers import pick_overfit_episodes  # noqa: E402
+from model_helpers import fit_free_prompt_tokens, pick_overfit_episodes  # noqa: E402
 
 
-def free_token_iou(encoder, decoder, coco, steps: int = 50, tokens_per_episode: int = 50, lr: float = 0.1) -> dict:
-    from refseg_models.losses import dice_loss, sigmoid_bce_loss
-    from refseg_models.modeling.robustness import mask_iou
-    from refseg_models.modeling.sam_decoder import upsample_logits
-
+def free_token_iou(encoder, decoder, coco) -> dict:
     episodes = pick_overfit_episodes(coco, 4)
     targets = []
     for class_id, _, target_id in episodes:
@@ -47,18 +43,7 @@ def free_token_iou(encoder, decoder, coco, steps: int = 50, tokens_per_episode: 
     with torch.no_grad():
         images = torch.stack([encoder.preprocess(coco.load_image(t)) for _, _, t in episodes])
         embeddings = encoder(images)["image_embedding"]
-    torch.manual_seed(0)
-    tokens = torch.randn(len(episodes), tokens_per_episode, 256).requires_grad_(True)
-    optimiser = torch.optim.Adam([tokens], lr=lr)
-    for _ in range(steps):
-        logits = upsample_logits(decoder.decode(embeddings, F.layer_norm(tokens, (256,))), 512)
-        loss = sigmoid_bce_loss(logits, target) + dice_loss(logits, target)  # as the overfit test
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        logits = upsample_logits(decoder.decode(embeddings, F.layer_norm(tokens, (256,))), 512)
-    ious = mask_iou(logits > 0, target > 0.5)
+    ious = fit_free_prompt_tokens(decoder, embeddings, target)
     return {"episodes": [list(e) for e in episodes], "iou": [round(float(v), 3) for v in ious],
             "mean_iou": round(float(ious.mean()), 3)}
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the method tests: thread pinning, parameter counting, toy feature batches."""
+"""Helpers shared by the method tests: thread pinning, parameter counting, toy feature batches, the
+overfit episodes and the free-prompt-token probe."""
 
 from __future__ import annotations
 
@@ -79,3 +80,35 @@ def pick_overfit_episodes(coco, n: int, lo: float = 0.2, hi: float = 0.6) -> lis
         if len(episodes) == n:
             break
     return episodes
+
+
+def fit_free_prompt_tokens(
+    decoder, image_embeddings: torch.Tensor, target: torch.Tensor, steps: int = 50, tokens: int = 50, lr: float = 0.1
+) -> torch.Tensor:
+    """How promptable a frozen SAM decoder is (tests/test_overfit_sam_methods.py,
+    bench/bench_proxy_sam.py): Adam fits ``tokens`` free prompt tokens per episode, LayerNorm'd to the
+    methods' unit scale, to each target mask with BCE + Dice (as the overfit test's methods).
+
+    image_embeddings: B x 256 x G x G; target: B x 1 x 512 x 512 in {0, 1}. Returns the B mask IoUs.
+    """
+    from torch.nn import functional as F
+
+    from refseg_models.losses import dice_loss, sigmoid_bce_loss
+    from refseg_models.modeling.robustness import mask_iou
+    from refseg_models.modeling.sam_decoder import upsample_logits
+
+    generator = torch.Generator().manual_seed(0)
+    free = torch.randn(image_embeddings.shape[0], tokens, 256, generator=generator).requires_grad_(True)
+    optimiser = torch.optim.Adam([free], lr=lr)
+
+    def logits() -> torch.Tensor:
+        return upsample_logits(decoder.decode(image_embeddings, F.layer_norm(free, (256,))), 512)
+
+    for _ in range(steps):
+        out = logits()
+        loss = sigmoid_bce_loss(out, target) + dice_loss(out, target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        return mask_iou(logits() > 0, target > 0.5)

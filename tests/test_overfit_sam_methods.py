@@ -18,17 +18,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model_helpers import pick_overfit_episodes, single_thread  # noqa: F401  (single_thread: one intra-op thread for this module)
+from model_helpers import fit_free_prompt_tokens, pick_overfit_episodes, single_thread  # noqa: F401  (single_thread: one intra-op thread for this module)
 
 from refseg_models import build_model
 from refseg_models.encoders import build_encoder
 from refseg_models.encoders.sam_proxy import default_proxy_sam_checkpoint, proxy_sam_grid
-from refseg_models.losses import dice_loss, sigmoid_bce_loss
 from refseg_models.modeling.features import resize_mask_nearest, resize_to_grid
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4, prior_pseudo_mask
 from refseg_models.modeling.robustness import mask_iou
-from refseg_models.modeling.sam_decoder import SamDecoder, build_sam_decoder, upsample_logits
+from refseg_models.modeling.sam_decoder import SamDecoder, build_sam_decoder
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 
@@ -103,19 +102,7 @@ def test_decoder_is_steerable_by_unit_scale_tokens(episodes: dict) -> None:
     """The proxy SAM is promptable: free tokens, LayerNorm'd to the methods' unit scale, reach the masks."""
     feats: EpisodeFeatures = episodes["features"]
     target = episodes["target_masks"][:, None]
-    decoder = _proxy_sam_decoder()
-    torch.manual_seed(0)
-    tokens = torch.randn(NUM_EPISODES, 50, 256).requires_grad_(True)
-    opt = torch.optim.Adam([tokens], lr=0.1)
-    for _ in range(50):
-        logits = upsample_logits(decoder.decode(feats.target_sam, F.layer_norm(tokens, (256,))), 512)
-        loss = sigmoid_bce_loss(logits, target) + dice_loss(logits, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        logits = upsample_logits(decoder.decode(feats.target_sam, F.layer_norm(tokens, (256,))), 512)
-    iou = mask_iou(logits > 0, target > 0.5)
+    iou = fit_free_prompt_tokens(_proxy_sam_decoder(), feats.target_sam, target)
     print(f"free unit-scale tokens, 50 steps: IoU {iou.numpy().round(3)}")
     assert float(iou.mean()) >= 0.6
 
