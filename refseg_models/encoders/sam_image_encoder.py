@@ -5,7 +5,9 @@ The encoder is segment_anything's own class, built with exactly the arguments of
 1e-6, 256 output channels) and the per-size depth/width/heads/global-attention indexes of
 ``build_sam_vit_{h,l,b}``. ``vit_tiny`` is OUR small configuration for tests and demos: same input
 size and the same 256 x 64 x 64 output, so every downstream shape is identical; it has no pretrained
-weights.
+weights. The blocks' attention runs through ``F.scaled_dot_product_attention`` with SAM's decomposed
+relative-position bias as its mask (``sam_attention.py``: the same function and parameters, equal to
+segment_anything's ``Attention`` to 1e-5 in fp32; ``attention="segment_anything"`` keeps its own).
 
 Preprocessing modes (``preprocessing_id``):
 
@@ -35,6 +37,7 @@ from refseg_models.encoders.checkpoint import (
     load_state_dict_strict,
     read_state_dict,
 )
+from refseg_models.encoders.sam_attention import use_sdpa_attention
 from refseg_models.encoders.transforms import sam_longest_pad, vrp_squash_imagenet, vrp_upsample_to_sam
 
 SAM_IMAGE_SIZE = 1024
@@ -69,12 +72,23 @@ SAM_ENCODER_CONFIGS: dict[str, SamEncoderConfig] = {
 }
 
 
-def build_sam_image_encoder_vit(variant: str) -> ImageEncoderViT:
-    """segment_anything's ``ImageEncoderViT`` with ``_build_sam``'s arguments for ``variant``."""
+# How the blocks' attention is computed (same function and weights; refseg_models/encoders/sam_attention.py).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "segment_anything")
+
+
+def build_sam_image_encoder_vit(variant: str, attention: str = "sdpa") -> ImageEncoderViT:
+    """segment_anything's ``ImageEncoderViT`` with ``_build_sam``'s arguments for ``variant``.
+
+    ``attention``: ``"sdpa"`` (default: segment_anything's ``Attention`` computed with
+    ``F.scaled_dot_product_attention``, equal in fp32 to 1e-5) or ``"segment_anything"`` (its own
+    explicit softmax(q k^T) kernels, the reference and the speed baseline).
+    """
     if variant not in SAM_ENCODER_CONFIGS:
         raise ModelError(f"unknown SAM encoder variant {variant!r}; available: {', '.join(SAM_ENCODER_CONFIGS)}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelError(f"unknown SAM attention {attention!r}; available: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     cfg = SAM_ENCODER_CONFIGS[variant]
-    return ImageEncoderViT(
+    encoder = ImageEncoderViT(
         depth=cfg.depth,
         embed_dim=cfg.embed_dim,
         img_size=SAM_IMAGE_SIZE,
@@ -88,6 +102,7 @@ def build_sam_image_encoder_vit(variant: str) -> ImageEncoderViT:
         window_size=14,
         out_chans=SAM_EMBED_CHANNELS,
     )
+    return use_sdpa_attention(encoder) if attention == "sdpa" else encoder
 
 
 def image_encoder_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -150,11 +165,13 @@ def build_sam_image_encoder(
     variant: str,
     checkpoint: str | Path | None,
     preprocessing: str = PREPROCESSING_VRP,
+    attention: str = "sdpa",
 ) -> SamImageEncoder:
     """Build ``sam_{variant}`` and load it strictly from ``checkpoint`` (a full SAM checkpoint such as
     ``sam_vit_h_4b8939.pth`` or a bare image-encoder state dict). ``checkpoint=None``: random init
-    (callers must opt in; see ``build_encoder(allow_random_init=True)``)."""
-    encoder = build_sam_image_encoder_vit(variant)
+    (callers must opt in; see ``build_encoder(allow_random_init=True)``). ``attention``: see
+    :func:`build_sam_image_encoder_vit` (not part of the feature-set key: the same function)."""
+    encoder = build_sam_image_encoder_vit(variant, attention)
     if checkpoint is not None:
         source = str(checkpoint)
         load_state_dict_strict(encoder, image_encoder_state_dict(read_state_dict(checkpoint), source), source)
