@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 
-from pipeline.extraction.stage import _chunk_rows, _write_rows
+from pipeline.extraction.chunks import chunk_rows
+from pipeline.extraction.stage import _write_rows
 from pipeline.store import StoreBuilder, resolve_location, sorted_items
 
 from test_store_readwrite import KEY, SHAPES, features_of
@@ -41,7 +42,7 @@ def test_failed_count_is_cumulative_and_durations_cover_the_shard(tmp_path):
     failed_ids = {"2", "5"}  # one in each shard
 
     def rows():
-        for row in _chunk_rows(pending, batch_size=3):  # one chunk per shard
+        for row in chunk_rows(pending, batch_size=3):  # one chunk per shard
             time.sleep(CHUNK_SECONDS)
             ids = json.loads(row["image_ids"])
             ok = [i for i in ids if i not in failed_ids]

@@ -31,7 +31,15 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-list", help="text file of 'image_id<TAB>path' lines")
     parser.add_argument("--limit", type=int, help="only the first N images by id")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call (fixed within a shard)")
+    parser.add_argument(
+        "--batch-size", type=int,
+        help="images per encoder call (fixed within a shard; default 8 on CPUs, the encoder's GPU batch on GPUs)",
+    )
+    parser.add_argument(
+        "--precision", default="float32", choices=("float32", "bfloat16"),
+        help="encoder arithmetic: float32 (the reference) or bfloat16 autocast (GPUs; recorded in the store's key)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder in each actor")
     parser.add_argument("--target-shard-bytes", type=int, default=DEFAULT_TARGET_SHARD_BYTES)
     parser.add_argument("--images-per-shard", type=int, help="override the size-derived images per shard")
     parser.add_argument("--num-actors", type=int, default=1, help="encoder actors (one per GPU on a GPU cluster)")
@@ -75,6 +83,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
         limit=args.limit,
         dtype=args.dtype,
         batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
         target_shard_bytes=args.target_shard_bytes,
         images_per_shard=args.images_per_shard,
         num_actors=args.num_actors,

@@ -7,7 +7,37 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.store.feature_set import SUPPORTED_PRECISIONS
 from pipeline.store.layout import DEFAULT_TARGET_SHARD_BYTES
+
+# Images per encoder call. On CPUs 8 (more only costs memory). On a GPU the batch must be large
+# enough to keep it busy between chunks (the actor's per-chunk host work does not overlap its GPU
+# work): sized so that the largest transient (ViT global attention: heads x 4096 x 4096 scores and
+# bias per image, 0.4-0.5 GB in bf16, twice that in fp32) stays under ~20 GB, i.e. within an
+# 80 GB card beside the weights. Estimates, not measurements: bench/gpu_suite.py sweeps the batch
+# per encoder on a real card and the table follows its numbers (docs/scaling.md).
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZES: tuple[tuple[str, int], ...] = (  # encoder id prefix -> batch (first match wins)
+    ("sam_vit_h", 16),
+    ("sam_vit_l", 16),
+    ("sam_vit_b", 32),
+    ("dinov2_vitl14", 16),
+    ("dinov2_", 32),
+    ("resnet50", 64),
+    ("vgg16", 32),
+    ("mobilenet_v2", 128),
+)
+GPU_BATCH_SIZE_FALLBACK = 16
+
+
+def default_batch_size(encoder_id: str, on_gpu: bool) -> int:
+    """Images per encoder call when none is given: :data:`CPU_BATCH_SIZE`, or the encoder's GPU batch."""
+    if not on_gpu:
+        return CPU_BATCH_SIZE
+    for prefix, size in GPU_BATCH_SIZES:
+        if encoder_id.startswith(prefix):
+            return size
+    return GPU_BATCH_SIZE_FALLBACK
 
 
 @dataclass(frozen=True)
@@ -29,7 +59,9 @@ class ExtractionConfig:
     image_list: str | None = None
     limit: int | None = None
     dtype: str = "float16"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: default_batch_size (8 on CPUs)
+    precision: str = "float32"  # or "bfloat16": the encoder under bf16 autocast (part of the store's key)
+    compile: bool = False  # torch.compile the encoder in each actor
     target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES
     images_per_shard: int | None = None
     num_actors: int = 1
@@ -42,8 +74,10 @@ class ExtractionConfig:
     retry_failed: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
+        if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.precision not in SUPPORTED_PRECISIONS:
+            raise ConfigError(f"precision must be one of {SUPPORTED_PRECISIONS}, got {self.precision!r}")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"limit must be positive, got {self.limit}")
         if self.images_per_shard is not None and self.images_per_shard <= 0:

@@ -23,6 +23,8 @@ def run_extraction(config: ExtractionConfig) -> ExtractionSummary:
         config.dataset,
         dtype=config.dtype,
         batch_size=config.batch_size,
+        precision=config.precision,
+        compile=config.compile,
         target_shard_bytes=config.target_shard_bytes,
         images_per_shard=config.images_per_shard,
         num_actors=config.num_actors,

@@ -29,9 +29,11 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from pipeline.errors import USER_ERRORS, ConfigError, DataError
+from pipeline.extraction.chunks import ChunkEncoder, chunk_rows, decode_chunk, write_chunk
+from pipeline.extraction.config import default_batch_size
 from pipeline.extraction.encoder_source import EncoderSource
 from pipeline.store.builder import StoreBuilder
-from pipeline.store.feature_set import FeatureSetKey
+from pipeline.store.feature_set import SUPPORTED_PRECISIONS, FeatureSetKey
 from pipeline.store.fs import Location, resolve_location
 from pipeline.store.lease import (
     DEFAULT_TTL_S,
@@ -108,106 +110,27 @@ class ExtractionSummary:
         return "\n".join(lines)
 
 
-def _chunk_rows(shards: Sequence[ShardSpec], batch_size: int) -> list[dict]:
-    rows = []
-    for spec in shards:
-        starts = range(0, len(spec.items), batch_size)
-        for chunk, start in enumerate(starts):
-            items = spec.items[start : start + batch_size]
-            rows.append(
-                {
-                    "shard": spec.index,
-                    "chunk": chunk,
-                    "last": chunk == len(starts) - 1,
-                    "image_ids": json.dumps([item.image_id for item in items]),
-                    "paths": json.dumps([item.path for item in items]),
-                }
-            )
-    return rows
-
-
 def _decode_chunk(batch: dict[str, np.ndarray], holder: list) -> dict[str, np.ndarray]:
-    """CPU task: decode + preprocess one chunk; bad images become failures with a reason."""
-    import torch
-
-    from pipeline.data.images import load_rgb
-
-    encoder = _worker_encoder(holder)
-    (image_ids,) = [json.loads(x) for x in batch["image_ids"]]
-    (paths,) = [json.loads(x) for x in batch["paths"]]
-    ok_ids, failures, tensors = [], [], []
-    for image_id, path in zip(image_ids, paths):
-        try:
-            image = load_rgb(path)
-        except DataError as error:
-            failures.append({"image_id": image_id, "path": path, "reason": str(error)})
-            continue
-        try:
-            tensor = encoder.preprocess(image)
-        except (ValueError, RuntimeError, TypeError) as error:
-            failures.append({"image_id": image_id, "path": path, "reason": f"preprocessing failed: {error}"})
-            continue
-        ok_ids.append(image_id)
-        tensors.append(tensor)
-    if tensors:
-        pixels = torch.stack(tensors).numpy()
-        if pixels.dtype != np.float32:
-            raise ConfigError(f"{type(encoder).__name__}.preprocess returned {pixels.dtype}, expected float32")
-        shape, payload = list(pixels.shape), pixels.tobytes()
-    else:
-        shape, payload = [], b""
-    return {
-        "shard": batch["shard"],
-        "chunk": batch["chunk"],
-        "last": batch["last"],
-        "image_ids": batch["image_ids"],
-        "paths": batch["paths"],
-        "ok_ids": np.array([json.dumps(ok_ids)]),
-        "failures": np.array([json.dumps(failures)]),
-        "pixels_shape": np.array([json.dumps(shape)]),
-        "pixels": np.array([payload], dtype=object),
-    }
+    """CPU task: :func:`~pipeline.extraction.chunks.decode_chunk` with the worker's encoder."""
+    return decode_chunk(batch, _worker_encoder(holder))
 
 
 class _EncodeChunk:
-    """Encoder actor: one chunk in, its features (store dtype, raw bytes per feature) out."""
+    """Encoder actor: one chunk in, its features (store dtype, raw bytes per feature) out
+    (:class:`~pipeline.extraction.chunks.ChunkEncoder` on the actor's device)."""
 
     def __init__(
-        self, holder: list, feature_shapes: dict[str, list[int]], dtype: str, use_gpu: bool, torch_threads: int
+        self, holder: list, feature_shapes: dict[str, list[int]], dtype: str, use_gpu: bool, torch_threads: int,
+        precision: str = "float32", compile: bool = False,
     ) -> None:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encoder = _worker_encoder(holder)
-        if hasattr(self.encoder, "to"):
-            self.encoder = self.encoder.to(self.device)
-        self.feature_shapes = {name: tuple(shape) for name, shape in feature_shapes.items()}
-        self.torch_dtype = getattr(torch, dtype)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encode = ChunkEncoder(_worker_encoder(holder), feature_shapes, dtype, device, precision, compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        shape = json.loads(batch["pixels_shape"][0])
-        keys = ("shard", "chunk", "last", "image_ids", "paths", "ok_ids", "failures")
-        out = {key: batch[key] for key in keys}
-        if not shape:
-            for name in self.feature_shapes:
-                out[f"feature_{name}"] = np.array([b""], dtype=object)
-            return out
-        pixels = torch.from_numpy(np.frombuffer(batch["pixels"][0], dtype=np.float32).reshape(shape).copy())
-        with torch.inference_mode():
-            features = self.encoder(pixels.to(self.device))
-        if set(features) != set(self.feature_shapes):
-            raise DataError(f"encoder returned features {sorted(features)}, expected {sorted(self.feature_shapes)}")
-        for name, expected in self.feature_shapes.items():
-            value = features[name]
-            if tuple(value.shape) != (shape[0], *expected):
-                raise DataError(f"encoder feature {name!r} has shape {tuple(value.shape)}, expected (B, *{expected})")
-            # The store dtype cast happens here, exactly as a direct `tensor.to(dtype)` would do it.
-            array = value.to(self.torch_dtype).cpu().contiguous().numpy()
-            out[f"feature_{name}"] = np.array([array.tobytes()], dtype=object)
-        return out
+        return self.encode(batch)
 
 
 class _ShardActor:
@@ -238,10 +161,12 @@ class _ShardActor:
         run_record: dict,
         lease_ttl_s: float = DEFAULT_TTL_S,
         decode_window: int = 2,
+        precision: str = "float32",
+        compile: bool = False,
     ) -> None:
         import ray
 
-        self.encode = _EncodeChunk(encoder_holder, feature_shapes, dtype, use_gpu, torch_threads)
+        self.encode = _EncodeChunk(encoder_holder, feature_shapes, dtype, use_gpu, torch_threads, precision, compile)
         self.decode = ray.remote(_decode_chunk).options(num_cpus=decode_num_cpus, memory=decode_memory)
         self.decode_holder = decode_holder
         self.location = location
@@ -277,7 +202,7 @@ class _ShardActor:
 
         items = tuple(ImageItem(*item) for item in json.loads(batch["items"][0]))
         spec = ShardSpec(int(batch["shard"][0]), items)
-        rows = [{key: np.array([value]) for key, value in row.items()} for row in _chunk_rows([spec], self.batch_size)]
+        rows = [{key: np.array([value]) for key, value in row.items()} for row in chunk_rows([spec], self.batch_size)]
         writer = ShardWriter(
             spec, self.location, self.scratch_dir, self.feature_shapes, self.dtype, self.code_version,
             guard=self._check_lease, settings=self.settings, run=dict(self.run_record, actor_pid=os.getpid()),
@@ -291,7 +216,7 @@ class _ShardActor:
                     submitted.append(self.decode.remote(rows[index + self.decode_window], self.decode_holder))
                 encoded = self.encode(decoded)
                 row = {key: value[0] for key, value in encoded.items()}
-                _write_chunk(writer, row, self.feature_shapes, self.dtype)
+                write_chunk(writer, row, self.feature_shapes, self.dtype)
             result = writer.publish()
         except BaseException:
             writer.abort()
@@ -338,7 +263,9 @@ def extract_store(
     dataset: str,
     *,
     dtype: str = "float16",
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    precision: str = "float32",
+    compile: bool = False,
     target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
     images_per_shard: int | None = None,
     num_actors: int = 1,
@@ -367,13 +294,19 @@ def extract_store(
     ``writer``: ``"driver"`` (chunks stream back to this process, which writes every shard: one node)
     or ``"actors"`` (each encoder actor writes whole shards itself: scales out over nodes; the store
     must be object storage or a filesystem all nodes see). Both write the same bytes.
+    ``batch_size``: images per encoder call; ``None``: 8 on CPUs, the encoder's GPU batch on GPUs
+    (:func:`~pipeline.extraction.config.default_batch_size`).
+    ``precision``: ``"float32"`` (the reference) or ``"bfloat16"`` (the encoder under bf16 autocast;
+    recorded in the feature-set key). ``compile``: ``torch.compile`` the encoder in each actor.
     ``lease_ttl_s`` / ``lease_settle_s``: the store's write lease (one run at a time; see
     :mod:`pipeline.store.lease`). A second run on the same output is refused with the holder's name.
     ``retry_failed``: re-extract finished shards that recorded failed images (e.g. after fixing a
     wrong image folder); shards without failures are never rewritten.
     """
-    if batch_size <= 0 or num_actors <= 0:
+    if (batch_size is not None and batch_size <= 0) or num_actors <= 0:
         raise ConfigError(f"batch_size ({batch_size}) and num_actors ({num_actors}) must be positive")
+    if precision not in SUPPORTED_PRECISIONS:
+        raise ConfigError(f"precision must be one of {SUPPORTED_PRECISIONS}, got {precision!r}")
     if writer not in ("driver", "actors"):
         raise ConfigError(f"writer must be 'driver' or 'actors', got {writer!r}")
     started = time.perf_counter()
@@ -383,7 +316,7 @@ def extract_store(
 
     built = encoder.build()
     feature_shapes = {name: tuple(int(size) for size in shape) for name, shape in built.output_shapes().items()}
-    key = FeatureSetKey(dataset, built.encoder_id, encoder.weights_sha256(), built.preprocessing_id, dtype)
+    key = FeatureSetKey(dataset, built.encoder_id, encoder.weights_sha256(), built.preprocessing_id, dtype, precision)
     per_shard = images_per_shard or images_per_shard_for(feature_shapes, np.dtype(dtype).itemsize, target_shard_bytes)
     location = resolve_location(output, filesystem)
     builder = StoreBuilder(
@@ -395,7 +328,7 @@ def extract_store(
             builder, pending, built, key, output, started, batch_size=batch_size, num_actors=num_actors,
             actor_num_cpus=actor_num_cpus, decode_num_cpus=decode_num_cpus, num_gpus_per_actor=num_gpus_per_actor,
             dtype=dtype, dataset=dataset, config=config, progress=progress, on_shard_done=on_shard_done,
-            ray_address=ray_address, writer=writer, lease_ttl_s=lease_ttl_s,
+            ray_address=ray_address, writer=writer, lease_ttl_s=lease_ttl_s, precision=precision, compile=compile,
         )
     finally:
         builder.close()  # scratch removed and lease given back, also when the run fails
@@ -403,9 +336,10 @@ def extract_store(
 
 def _run_pipeline(
     builder: StoreBuilder, pending: list[ShardSpec], built: Any, key: FeatureSetKey, output: str, started: float,
-    *, batch_size: int, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
+    *, batch_size: int | None, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
     num_gpus_per_actor: float | None, dtype: str, dataset: str, config: dict | None, progress: bool,
     on_shard_done: Callable[[ShardResult], None] | None, ray_address: str | None, writer: str, lease_ttl_s: float,
+    precision: str, compile: bool,
 ) -> ExtractionSummary:
     import ray
     from tqdm import tqdm
@@ -433,9 +367,12 @@ def _run_pipeline(
         if num_gpus_per_actor is None:
             num_gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
         _check_room(resources, num_actors, actor_num_cpus, decode_num_cpus, num_gpus_per_actor)
+        if batch_size is None:
+            batch_size = default_batch_size(built.encoder_id, on_gpu=num_gpus_per_actor > 0)
         builder.writer_settings = {
             "batch_size": batch_size, "torch_threads": torch_threads, "dtype": dtype,
             "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+            **({"compile": True} if compile else {}),  # compiled kernels may round differently
         }
         encoder_ref = ray.put(built.cpu() if hasattr(built, "cpu") else built)
         preprocess_only, pixel_shape = _weightless(built)
@@ -466,6 +403,8 @@ def _run_pipeline(
             "dtype": dtype,
             "use_gpu": num_gpus_per_actor > 0,
             "torch_threads": torch_threads,
+            "precision": precision,
+            "compile": compile,
         }
         try:
             if writer == "actors":
@@ -498,7 +437,7 @@ def _run_pipeline(
                 )
                 _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm)
             else:
-                rows = _chunk_rows(pending, batch_size)
+                rows = chunk_rows(pending, batch_size)
                 dataset_ = (
                     ray.data.from_items(rows, override_num_blocks=len(rows))
                     .map_batches(
@@ -611,25 +550,6 @@ def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm) ->
                 on_shard_done(result)
 
 
-def _write_chunk(writer: ShardWriter, row: dict, feature_shapes: dict, dtype: str) -> int:
-    """Append one encoded chunk (its images in plan order) to ``writer``; returns the image count."""
-    ok_ids = json.loads(row["ok_ids"])
-    failures = {f["image_id"]: f for f in json.loads(row["failures"])}
-    arrays = {
-        name: np.frombuffer(row[f"feature_{name}"], dtype=dtype).reshape(len(ok_ids), *shape)
-        for name, shape in feature_shapes.items()
-    }
-    ok_position = {image_id: i for i, image_id in enumerate(ok_ids)}
-    image_ids = json.loads(row["image_ids"])
-    for image_id, path in zip(image_ids, json.loads(row["paths"])):
-        if image_id in ok_position:
-            writer.add(image_id, {name: a[ok_position[image_id]] for name, a in arrays.items()})
-        else:
-            failure = failures.get(image_id, {"reason": "no features and no failure reason"})
-            writer.fail(image_id, path, failure["reason"])
-    return len(image_ids)
-
-
 def _write_rows(
     rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, started: float | None = None
 ) -> None:
@@ -652,7 +572,7 @@ def _write_rows(
                     if writer is not None:
                         raise DataError(f"shard {current} ended without its last chunk (rows out of order)")
                     current, writer = shard, builder.writer(specs[shard], started=shard_started)
-                bar.update(_write_chunk(writer, row, feature_shapes, dtype))
+                bar.update(write_chunk(writer, row, feature_shapes, dtype))
                 failed += len(json.loads(row["failures"]))
                 bar.set_postfix(shard=specs[shard].name, failed=failed, refresh=False)  # failed so far, all shards
                 if bool(row["last"]):
