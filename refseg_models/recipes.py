@@ -97,12 +97,17 @@ def recipe_for(method: str, dataset: str) -> Recipe:
     return RECIPES[(method, dataset)]
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW over exactly ``model.trainable_parameters()`` (raises for a training-free method)."""
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over exactly ``model.trainable_parameters()`` (raises for a training-free method).
+
+    ``fused``: PyTorch's fused AdamW (one kernel for every parameter instead of a launch per tensor
+    and operation; CUDA and CPU): the same update up to fp32 rounding
+    (tests/test_training_step_equivalence.py). Off by default: the plain update is the reference."""
     params = list(model.trainable_parameters())
     if not params:
         raise ModelError(f"{getattr(model, 'name', type(model).__name__)} has no trainable parameters: nothing to train")
-    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=tuple(recipe.betas))
+    options = {"fused": True} if fused else {}
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=tuple(recipe.betas), **options)
 
 
 def build_scheduler(

@@ -53,7 +53,17 @@ class CrossAttentionLayer(nn.Module):
           need_weights: also return the head-averaged attention weights B x N x L (as
             MultiheadAttention returns them: after attention dropout in training mode).
         Returns: (B x N x C, weights or None)
+
+        Under autocast a call that returns its weights runs in fp32: the weights are ~1/L each and
+        feed FCP's min-max normalised pseudo masks and its guide / orthogonality losses, whose
+        gradients amplify bf16 rounding of the logits into noise (measured:
+        tests/test_training_step_equivalence.py). Calls without weights follow autocast.
         """
+        device = queries.device.type
+        if need_weights and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                fp32 = [None if t is None else t.float() for t in (queries, keys, values, key_pos)]
+                return self.forward(*fp32, blocked=blocked, need_weights=True)
         k = keys if key_pos is None else keys + key_pos
         attn_mask = None
         if blocked is not None:

@@ -62,8 +62,12 @@ def attention_pseudo_mask(attention: torch.Tensor, size: int) -> torch.Tensor:
     """FCP's attention-based pseudo mask.
 
     attention: B x N x L (L = size * size) head-averaged weights -> B x 1 x size x size in [0, 1]:
-    min-max normalised over L per prototype, then max over the N prototypes.
+    min-max normalised over L per prototype, then max over the N prototypes. Always in fp32: under
+    bf16 autocast the weights (~1/L each) differ by less than bf16 resolves, the normalisation turns
+    that rounding into 0/1 masks and the guide loss's gradient into noise (measured:
+    tests/test_training_step_equivalence.py); the authors' 1e-9 epsilon is also below bf16's range.
     """
+    attention = attention.float()
     lo = attention.min(dim=-1, keepdim=True)[0]
     hi = attention.max(dim=-1, keepdim=True)[0]
     normalised = (attention - lo) / (hi - lo + MINMAX_EPS)
