@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.extraction.commands import add_extract_arguments, config_from_args
+from pipeline.extraction.config import ExtractionConfig, default_batch_size
 from pipeline.extraction.sources import coco_items, folder_items, items_from_args, list_file_items
 
 
@@ -52,3 +53,21 @@ def test_cli_arguments_become_one_serialisable_config():
         config_from_args(parser.parse_args(bad_json))
     with pytest.raises(ConfigError, match="batch_size"):
         config_from_args(parser.parse_args(["--output", "o", "--dataset", "d", "--encoder", "e", "--batch-size", "0"]))
+
+
+def test_precision_compile_and_the_default_batch_reach_the_config():
+    parser = argparse.ArgumentParser()
+    add_extract_arguments(parser)
+    base = ["--output", "o", "--dataset", "d", "--encoder", "sam_vit_h"]
+    default = config_from_args(parser.parse_args(base))
+    assert (default.batch_size, default.precision, default.compile) == (None, "float32", False)
+    chosen = config_from_args(parser.parse_args([*base, "--precision", "bfloat16", "--compile"]))
+    assert (chosen.precision, chosen.compile) == ("bfloat16", True)
+    assert '"precision": "bfloat16"' in chosen.to_json()
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        ExtractionConfig(output="o", dataset="d", encoder="e", precision="float16")
+    # No batch given: 8 on CPUs (as before), the encoder's own on GPUs.
+    assert default_batch_size("sam_vit_h", on_gpu=False) == 8
+    assert default_batch_size("sam_vit_h", on_gpu=True) == 16 and default_batch_size("sam_vit_b", on_gpu=True) == 32
+    assert default_batch_size("dinov2_vitl14", on_gpu=True) == 16 and default_batch_size("dinov2_vits14", on_gpu=True) == 32
+    assert default_batch_size("some_new_encoder", on_gpu=True) == 16
