@@ -642,9 +642,9 @@ def section_training(geometry: Geometry, device: torch.device) -> Callable[[floa
             parts = {name: timed(fn, device, geometry.warmup, geometry.reps)
                      for name, fn in (("masked_layer4_s", masked), ("backbone_online_s", online), ("copy_sam_s", copy_sam))}
             whole = step_s + sum(parts.values())
-            return {"step_s": round(step_s, 5), "episodes_per_s_step": round(batch / step_s, 1),
+            return {"step_s": round(step_s, 5), "episodes_per_s_step": round(batch / step_s, 2),
                     **{k: round(v, 5) for k, v in parts.items()},
-                    "episodes_per_s_with_online_backbone": round(batch / whole, 1),
+                    "episodes_per_s_with_online_backbone": round(batch / whole, 2),
                     "peak_memory_gb": peak_memory_gb(device), **busy.summary()}
 
         rows = configurations(configs, deadline, one)
