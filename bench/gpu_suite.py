@@ -81,6 +81,7 @@ class Geometry:
     jpeg_size: tuple[int, int]
     methods: tuple[str, ...]
     micro_batches: tuple[int, ...]
+    training_precisions: tuple[str, ...]  # the fused-AdamW configuration always runs in bf16
     method_overrides: dict
     backbone: str
     cosine: tuple[str, ...]
@@ -110,6 +111,7 @@ FULL = Geometry(
     jpeg_size=(640, 480),  # a typical COCO image
     methods=("vrp_sam", "prosam", "fcp"),
     micro_batches=(2, 8, 32, 64),
+    training_precisions=PRECISIONS,
     method_overrides={},
     backbone="resnet50_v2",
     cosine=("sam_vit_b", "sam_vit_h"),
@@ -129,6 +131,7 @@ SMOKE = Geometry(
     jpeg_size=(160, 120),
     methods=("vrp_sam", "prosam", "fcp"),
     micro_batches=(1,),
+    training_precisions=("float32",),  # bf16 runs in the fused configuration
     # A toy backbone's channels on a 32 x 32 SAM grid, 128 output (the method tests' geometry).
     method_overrides={"backbone_channels": (32, 96, 1280), "feature_size": 32, "output_size": 128},
     backbone="mobilenet_v2",
@@ -594,7 +597,8 @@ def section_training(geometry: Geometry, device: torch.device) -> Callable[[floa
 
         backbone = build(geometry.backbone, {}, device)
         # Batch-major: if the cap cuts the sweep, the large batches go first, for every method alike.
-        configs = [(m, b, p, False) for b in geometry.micro_batches for m in geometry.methods for p in PRECISIONS]
+        configs = [(m, b, p, False) for b in geometry.micro_batches for m in geometry.methods
+                   for p in geometry.training_precisions]
         configs.append((geometry.methods[0], geometry.micro_batches[min(1, len(geometry.micro_batches) - 1)],
                         "bfloat16", True))  # the fused AdamW at one configuration
 
