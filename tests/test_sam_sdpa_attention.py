@@ -40,8 +40,8 @@ GEOMETRIES = [
 @pytest.mark.parametrize("dim,heads,window", GEOMETRIES)
 def test_attention_and_block_match_segment_anything(dim, heads, window):
     block = _randomised_block(dim, heads, window, seed=dim + window)
-    tokens = torch.randn(2 if window else 1, 64, 64, dim)  # global: one image (a 4096 x 4096 map per head)
-    # What the attention itself sees: 14 x 14 windows (64 -> 70 padded: 2 x 25 windows) or the whole grid.
+    tokens = torch.randn(1, 64, 64, dim)  # windowed: 25 windows of 14 x 14 (64 padded to 70) as the batch
+    # What the attention itself sees: 14 x 14 windows (64 -> 70 padded: 25 windows) or the whole grid.
     attention_input = window_partition(block.norm1(tokens), window)[0] if window else block.norm1(tokens)
     reference = block.attn
     fast = sdpa_attention_from(reference)
