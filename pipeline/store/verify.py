@@ -20,7 +20,7 @@ from pipeline.errors import DataError
 from pipeline.store.fs import resolve_location
 from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
-from pipeline.store.reader import decode_npy
+from pipeline.store.reader import all_finite, decode_npy
 from pipeline.store.shard_writer import ID_MEMBER
 
 _MAX_PROBLEMS = 50
@@ -202,6 +202,6 @@ def _check_sample(members, shard, path, rows, seen, manifest, dtype, report) -> 
             report.problem(
                 f"{path}: {member.name} is {array.dtype}{array.shape}, manifest says {dtype}{expected_shape}"
             )
-        elif not np.isfinite(array).all():
+        elif not all_finite(array):
             report.problem(f"{path}: {member.name} has non-finite values")
     return 1 if ids else 0

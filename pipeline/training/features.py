@@ -74,6 +74,16 @@ class FrozenFeatures:
     def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         return {role: {k: tuple(v) for k, v in store.manifest.feature_shapes.items()} for role, store in self.stores.items()}
 
+    def unchecksummed_note(self) -> str | None:
+        """A line saying which stores hold entries without a crc32 (shards written before per-entry
+        checksums: the reader checks their values are finite, but cannot detect flipped bytes)."""
+        stores = {role: store for role, store in self.stores.items() if store.unchecksummed_entries}
+        if not stores:
+            return None
+        listed = ", ".join(f"{role} {store.uri} ({store.unchecksummed_entries} entries)" for role, store in stores.items())
+        return (f"warning: entries without a crc32 in {listed}: they were written before per-entry checksums, so a "
+                "corrupted byte in them cannot be detected; extract those stores again into new locations")
+
     def manifest_sha256(self) -> dict[str, str]:
         import hashlib
 
@@ -91,7 +101,9 @@ def open_frozen_features(
 
     Raises a clear error before any training step for a missing store (naming the extraction command
     that builds it), a store made with other weights / preprocessing / dtype than the configuration
-    implies (every differing field named), and images the episodes need but the store lacks.
+    implies (every differing field named), a shard whose size is not the manifest's, and images the
+    episodes need but the store lacks. Every feature read from the stores is then checked (crc32,
+    finite values: :class:`~pipeline.store.reader.FeatureStore`), in training and in its evaluations.
     """
     stores, identities = {}, {}
     for role in spec.encoders:

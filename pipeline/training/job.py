@@ -14,6 +14,7 @@ Train V2 restores a run from the same ``(storage_path, name)``), and skips finis
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,9 @@ def validate(configs: list[TrainConfig], options: JobOptions) -> str:
         sampler_class(cfg.sampler).prepare(cfg, data, options.extract_missing, options.extraction_workers)
         prepare_stores(cfg, options.extract_missing, options.extraction_workers)
         spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
-        open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False)
+        note = open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False).unchecksummed_note()
+        if note:
+            print(note, file=sys.stderr, flush=True)
     return uri
 
 
@@ -145,6 +148,7 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
 
     from pipeline.store.version import code_version
     from pipeline.training import tracking
+    from pipeline.training.failures import RAY_TRAIN_LOGGING, StopOnUserError, error_log_folder, fit
     from pipeline.training.loop import train_loop_per_worker
 
     configs = fold_configs(base, options)
@@ -182,11 +186,13 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
                         num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
                     ),
                     failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    callbacks=[StopOnUserError(f"fold {cfg.fold}", cfg.max_failures)],  # user errors: never retried
+                    logging_config=RAY_TRAIN_LOGGING,
                 ),
             )
             started = time.perf_counter()
             try:
-                trainer.fit()
+                fit(trainer, error_log_folder(cfg.storage_path, cfg.fold_run_name), cfg.fold_run_name)
             except Exception:
                 tracking.finish(uri, run_id, "FAILED")
                 raise
