@@ -52,3 +52,29 @@ def test_cli_arguments_become_one_serialisable_config():
         config_from_args(parser.parse_args(bad_json))
     with pytest.raises(ConfigError, match="batch_size"):
         config_from_args(parser.parse_args(["--output", "o", "--dataset", "d", "--encoder", "e", "--batch-size", "0"]))
+
+
+def test_an_empty_image_source_is_refused_naming_it(tmp_path, capsys):
+    """Issue 20: an empty image folder said "the image list is empty" without naming the folder."""
+    from pipeline.cli import main
+
+    empty = tmp_path / "images"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=f"image folder {empty} holds no image file"):
+        folder_items(empty)
+    listing = tmp_path / "list.tsv"
+    listing.write_text("# id\tpath\n\n")
+    with pytest.raises(DataError, match=f"image list {listing} lists no image"):
+        list_file_items(listing)
+    annotations = tmp_path / "instances.json"
+    annotations.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(DataError, match=f"{annotations}: its 'images' list is empty"):
+        coco_items(annotations, empty)
+    code = main(["extract", "--output", str(tmp_path / "store"), "--dataset", "d", "--encoder", "mobilenet_v2",
+                 "--allow-random-init", "--image-dir", str(empty)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        f"refseg extract: error: image folder {empty} holds no image file (.jpg, .jpeg, .png, .bmp, .webp) directly "
+        "in it: nothing to extract (sub-folders are not searched)"]
+    assert not (tmp_path / "store").exists()

@@ -242,6 +242,28 @@ def test_all_finite_reads_the_exponent_bits(dtype):
         assert not all_finite(values)
 
 
+def test_verify_refuses_a_store_of_0_images_even_with_allow_failed(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, [1, 2], failed=(1, 2))
+    report = verify_store(uri, allow_failed=True)
+    assert not report.ok and "the store holds 0 images (all 2 failed extraction)" in report.summary()
+
+
+def test_verify_piped_into_a_closed_reader_stops_quietly(tmp_path):
+    """`refseg verify ... | head -2` ended in a BrokenPipeError traceback (issue 20): the reader is
+    gone before verify prints, so every write fails; exit 141 (as SIGPIPE), nothing on stderr."""
+    import subprocess
+    import sys
+
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 7)))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "verify", uri], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the child can print (it needs seconds for its imports)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and stderr == "", stderr
+
+
 def test_failed_images_fail_verify_and_are_retried_without_touching_good_shards(tmp_path):
     uri = str(tmp_path / "store")
     write_store(uri, list(range(1, 10)), failed=(4,))  # shard 1 = images 4, 5, 6

@@ -136,6 +136,10 @@ def verify_store(
     missing = set(rows) - seen
     if missing:
         report.problem(f"{len(missing)} index entries not found in their shards, e.g. {sorted(missing)[:3]}")
+    if manifest.num_written == 0:  # --allow-failed accepts failed images, never a store without any
+        report.problem(
+            f"the store holds 0 images (all {manifest.num_images} failed extraction): nothing can be read from it"
+        )
     if raise_on_error and not report.ok:
         raise DataError(report.summary())
     return report
