@@ -13,6 +13,7 @@ import torch
 from pipeline.errors import ConfigError, DataError
 from pipeline.store.feature_set import FeatureSetKey, sha256_file
 from pipeline.store.reader import FeatureStore, open_store
+from pipeline.store.status import store_status
 from pipeline.training.config import StoreSpec, TrainConfig
 from refseg_models.checkpoint import RANDOM_INIT, EncoderIdentity
 from refseg_models.encoders import build_encoder
@@ -58,10 +59,19 @@ def extraction_command(cfg: TrainConfig, role: str) -> str:
 
 def store_exists(uri: str) -> bool:
     """Whether a finished store (its manifest, written last) is at ``uri``."""
-    from pipeline.store.fs import resolve_location
-    from pipeline.store.layout import MANIFEST_NAME
+    return store_status(uri).finished
 
-    return resolve_location(uri).exists(MANIFEST_NAME)
+
+def missing_store_error(cfg: TrainConfig, role: str) -> DataError:
+    """The error for a store of ``role`` that is not finished: absent, or incomplete (an interrupted
+    extraction, which the same command resumes), with the command that builds or resumes it."""
+    spec: StoreSpec = getattr(cfg, role)
+    status = store_status(spec.store)
+    then = "the same command resumes it (finished shards are kept)" if status.incomplete else "build it with"
+    return DataError(
+        f"the {role} feature store {spec.store} {status.describe()}; {then}:\n  {extraction_command(cfg, role)}\n"
+        "(or run the training job with --extract-missing)"
+    )
 
 
 @dataclass
@@ -112,10 +122,7 @@ def open_frozen_features(
             raise ConfigError(f"{cfg.method} reads {role} features: configure the {role} encoder and its store")
         identities[role] = encoder_identity(store_spec)
         if not store_exists(store_spec.store):
-            raise DataError(
-                f"no finished {role} feature store at {store_spec.store}; build it with:\n  "
-                f"{extraction_command(cfg, role)}\n(or run the training job with --extract-missing)"
-            )
+            raise missing_store_error(cfg, role)
         stores[role] = open_store(store_spec.store, expect=expected_key(cfg, role))
         if image_ids is not None:
             missing = sorted(image_ids - set(stores[role].image_ids))

@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.report import SkipReport
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import load_fold_data
-from pipeline.training.features import extraction_command, open_frozen_features, store_exists
+from pipeline.training.features import missing_store_error, open_frozen_features, store_exists
 from pipeline.training.samplers import sampler_class
 from refseg_models.build import build_model
 
@@ -82,10 +82,7 @@ def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) ->
         if store_exists(store.store):
             continue
         if not extract_missing:
-            raise DataError(
-                f"the {role} feature store {store.store} does not exist yet; build it with:\n  "
-                f"{extraction_command(cfg, role)}\n(or pass --extract-missing)"
-            )
+            raise missing_store_error(cfg, role)
         print(f"extracting the {role} store {store.store} ({store.encoder}) ...", flush=True)
         summary = run_extraction(
             ExtractionConfig(
