@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import ray.train
 from ray.train import ControllerError, LoggingConfig, TrainingFailedError, UserCallback
 
 from pipeline.errors import USER_ERRORS, ConfigError, DataError, RefsegError
@@ -47,14 +48,18 @@ def keeps_traceback(train_fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
         try:
             return train_fn(config)
         except USER_ERRORS as error:
-            import ray.train
-
-            rank = ray.train.get_context().get_world_rank()
             text = "".join(traceback.format_exception(error))
-            setattr(error, TRACEBACK_ATTRIBUTE, f"Ray Train worker rank {rank}:\n{text}")
+            setattr(error, TRACEBACK_ATTRIBUTE, f"Ray Train worker rank {_world_rank()}:\n{text}")
             raise
 
     return wrapper
+
+
+def _world_rank() -> str:
+    try:
+        return str(ray.train.get_context().get_world_rank())
+    except Exception:  # not inside a Ray Train worker (a direct call, a test): the rank is unknown
+        return "?"
 
 
 def first_user_error(errors: dict[int, BaseException] | None) -> BaseException | None:

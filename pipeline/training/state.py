@@ -84,7 +84,7 @@ def load_state(directory: str | Path, fingerprint: str, source: str | None = Non
         raise DataError(f"training checkpoint {source or directory} has no {STATE_FILE}") from error
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # torch: RuntimeError for a broken zip
         raise DataError(
-            f"training checkpoint {name} is truncated or corrupt ({str(error).splitlines()[0]}): the run cannot "
+            f"training checkpoint {name} is truncated or corrupt ({(str(error).splitlines() or [type(error).__name__])[0]}): the run cannot "
             "resume from it; start it anew (--new-run)"
         ) from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
