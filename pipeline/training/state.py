@@ -83,9 +83,10 @@ def load_state(directory: str | Path, fingerprint: str, source: str | None = Non
     except FileNotFoundError as error:
         raise DataError(f"training checkpoint {source or directory} has no {STATE_FILE}") from error
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # torch: RuntimeError for a broken zip
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise DataError(
-            f"training checkpoint {name} is truncated or corrupt ({(str(error).splitlines() or [type(error).__name__])[0]}): the run cannot "
-            "resume from it; start it anew (--new-run)"
+            f"training checkpoint {name} is truncated or corrupt ({reason}): the run cannot resume from it; start it "
+            "anew (--new-run)"
         ) from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise DataError(f"{name}: not a {STATE_FORMAT} training checkpoint")
