@@ -194,7 +194,14 @@ def test_verify_detects_flipped_payload_bits_by_checksum(tmp_path):
     write_index(resolve_location(uri), old_index.cast(INDEX_SCHEMA_V1))
     report = verify_store(uri)
     assert report.checksums_checked == 0 and "no crc32 column" in report.summary()
-    assert len(open_store(uri)) == 6
+    old_store = open_store(uri)
+    assert len(old_store) == 6 and old_store.unchecksummed_entries == 6 * len(SHAPES)
+    from pipeline.training.features import FrozenFeatures  # what the training job warns about such stores
+
+    note = FrozenFeatures({"backbone": old_store}, None, {}).unchecksummed_note()
+    assert note.startswith(f"warning: entries without a crc32 in backbone {uri} (12 entries)")
+    write_store(str(tmp_path / "new"), [1, 2])
+    assert FrozenFeatures({"backbone": open_store(str(tmp_path / "new"))}, None, {}).unchecksummed_note() is None
 
 
 def test_readers_refuse_a_flipped_byte_a_nan_and_a_truncated_shard_naming_them(tmp_path):
