@@ -143,7 +143,8 @@ def test_unfinished_store_and_bad_samples_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="not planned"):
         writer.add("3", features_of("3"))
     writer.abort()
-    with pytest.raises(DataError, match="extraction has not finished"):
+    with pytest.raises(DataError, match=r"feature store \S+ is incomplete \(0 of 2 shards written: its extraction was "
+                                        r"interrupted, or is running\): re-run its extraction command"):
         open_store(uri)
 
 

@@ -128,9 +128,9 @@ def test_missing_and_mismatched_stores_are_named(fold_config: TrainConfig, tmp_p
         ray.shutdown()
     # an interrupted store is not "absent" (issue 20): incomplete, and the same command resumes it
     cut = cfg.replace(backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(tmp_path / "cut")))
-    with pytest.raises(DataError, match=r"(?s)the backbone feature store \S*cut is incomplete \(its extraction stopped "
-                                        r"after 1 of 2 shards\); the same command resumes it .*\n  refseg extract "
-                                        r"--output \S*cut"):
+    with pytest.raises(DataError, match=r"(?s)the backbone feature store \S*cut is incomplete \(1 of 2 shards written: "
+                                        r"its extraction was interrupted, or is running\); the same command resumes it"
+                                        r" .*\n  refseg extract --output \S*cut"):
         open_frozen_features(cut, spec, live_backbone=False)
     cfg = cfg.replace(backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(tmp_path / "small")))
     assert open_frozen_features(cfg, spec, {items[0][0]}, live_backbone=False).stores["backbone"]

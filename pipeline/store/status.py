@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from pipeline.store.fs import resolve_location
+from pipeline.store.fs import Location, resolve_location
 from pipeline.store.layout import MANIFEST_NAME, PLAN_NAME
 
 _STATS = re.compile(r"^shard-\d{6}_stats\.json$")
@@ -28,17 +28,21 @@ class StoreStatus:
         return self.started and not self.finished
 
     def describe(self) -> str:
-        """``"does not exist yet"`` or ``"is incomplete (its extraction stopped after 3 of 8 shards)"``."""
+        """``"does not exist yet"`` or ``"is incomplete (3 of 8 shards written: its extraction was
+        interrupted, or is running)"``."""
         if self.finished:
             return "is finished"
         if not self.started:
             return "does not exist yet"
         of = f" of {self.shards_planned}" if self.shards_planned else ""
-        return f"is incomplete (its extraction stopped after {self.shards_done}{of} shards)"
+        return f"is incomplete ({self.shards_done}{of} shards written: its extraction was interrupted, or is running)"
 
 
 def store_status(uri: str, filesystem: pafs.FileSystem | None = None) -> StoreStatus:
-    location = resolve_location(uri, filesystem)
+    return status_at(resolve_location(uri, filesystem))
+
+
+def status_at(location: Location) -> StoreStatus:
     names = set(location.list_names())
     planned = 0
     if PLAN_NAME in names:
@@ -46,4 +50,5 @@ def store_status(uri: str, filesystem: pafs.FileSystem | None = None) -> StoreSt
             planned = int(json.loads(location.read_bytes(PLAN_NAME)).get("num_shards", 0))
         except (ValueError, TypeError, AttributeError):
             planned = 0  # an unreadable plan: the extraction says what is wrong with it
-    return StoreStatus(uri, MANIFEST_NAME in names, PLAN_NAME in names, sum(bool(_STATS.match(n)) for n in names), planned)
+    done = sum(bool(_STATS.match(name)) for name in names)
+    return StoreStatus(location.display, MANIFEST_NAME in names, PLAN_NAME in names, done, planned)
