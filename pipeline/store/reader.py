@@ -40,7 +40,7 @@ import webdataset as wds
 
 from pipeline.errors import DataError
 from pipeline.store.feature_set import FeatureSetKey, StoreMismatchError, check_key
-from pipeline.store.fs import Location, resolve_location
+from pipeline.store.fs import Location, io_errors, resolve_location
 from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
 
@@ -214,7 +214,9 @@ class FeatureStore:
         per shard): a truncated or replaced shard is refused when the store is opened, not halfway
         through a read."""
         paths = [self.location.join(shard.name) for shard in self.manifest.shards]
-        for shard, path, info in zip(self.manifest.shards, paths, self.location.filesystem.get_file_info(paths)):
+        with io_errors(f"cannot look up the shards of feature store {self.uri}"):
+            infos = self.location.filesystem.get_file_info(paths)
+        for shard, path, info in zip(self.manifest.shards, paths, infos):
             if info.type != pafs.FileType.File:
                 raise DataError(
                     f"feature store {self.uri}: shard {path} is missing; `refseg verify {self.uri}` lists every "
