@@ -11,6 +11,8 @@
    random4 = the same ids through ``store.get_many(8 ids, threads=4)`` (page-cache hits read at once,
             the rest with 4 reads in flight; 8 = an episode-sized batch);
    stream = ``store.stream()`` over that shard (what a training DataLoader iterates).
+   Every mode reads through the checks (crc32 + finite values, on by default); what they cost is
+   measured apart: per entry, and warm random reads with and without them (``bench_checks``).
    A round reads every shard raw, mode, mode, raw (ABBA: a linear drift of this shared machine
    cancels); its ratio = raw seconds / mode seconds (1.0 = as fast as the raw read). Warm: files in
    the page cache, each timed read repeated to >= ``--warm-unit-s`` (a warm shard read is ~10-50 ms
@@ -166,6 +168,7 @@ def bench_reads(root: Path, shapes: dict, images: int, repeats: int, warm_unit_s
                 "raw_mb_s": [read_bytes / raw_s / 1e6 for raw_s, _ in rounds],
                 "img_s": [2 * images * repeat_unit / mode_s for _, mode_s in rounds],
             }
+    results["checks"] = bench_checks(uri, store, orders[0], repeats)
     cached_store = open_store(uri, cache_bytes=2 * total_bytes)
     everything = [image_id for order in orders for image_id in order]
     for image_id in everything:
@@ -176,6 +179,53 @@ def bench_reads(root: Path, shapes: dict, images: int, repeats: int, warm_unit_s
     results["cached_img_s"] = images / (time.perf_counter() - start)
     results["read_s_per_img"] = 1 / statistics.median(results["warm"]["random"]["img_s"])
     return results
+
+
+def bench_checks(uri: str, store, order: list[str], repeats: int) -> dict:
+    """What checking every read costs (docs/feature_store.md, "Reads"): per entry, zlib's crc32 of
+    its bytes and the finiteness test (:func:`pipeline.store.reader.all_finite`), medians over the
+    entries of one shard; and warm random reads of that shard (cache off) with and without the
+    checks, ABBA rounds, ms per image."""
+    import zlib
+
+    from pipeline.store.reader import all_finite
+
+    crc_s, finite_s = [], []
+    for image_id in order:
+        for name, (shard, offset, size, _) in store._rows[image_id].items():
+            buffer = np.fromfile(Path(store.location.join(shard)), dtype=np.uint8, count=size, offset=offset)
+            array = store.get(image_id, [name])[name]
+            start = time.perf_counter()
+            zlib.crc32(buffer)
+            crc_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            all_finite(array)
+            finite_s.append(time.perf_counter() - start)
+    unchecked = open_store(uri, cache_bytes=0, verify=False)
+    checked = open_store(uri, cache_bytes=0)
+    for image_id in order:  # warm both (page cache, memoised headers, read buffers)
+        checked.get(image_id), unchecked.get(image_id)
+    sweeps = max(1, round(0.25 / max(_timed(lambda: [checked.get(i) for i in order]), 1e-6)))
+    rounds = {"checked": [], "unchecked": []}
+    for _ in range(repeats):
+        for which in ("unchecked", "checked", "checked", "unchecked"):
+            reader = checked if which == "checked" else unchecked
+            seconds = _timed(lambda: [reader.get(i) for _ in range(sweeps) for i in order])
+            rounds[which].append(seconds / (sweeps * len(order)))
+    entries = len(store.feature_names)
+    return {
+        "entries_per_image": entries,
+        "crc32_ms": statistics.median(crc_s) * 1e3,
+        "finite_ms": statistics.median(finite_s) * 1e3,
+        "read_unchecked_ms": statistics.median(rounds["unchecked"]) * 1e3,
+        "read_checked_ms": statistics.median(rounds["checked"]) * 1e3,
+    }
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def encoder_cost(name: str, weights: Path | None, repeat: int) -> float:
@@ -237,6 +287,14 @@ def main() -> None:
                 f"{_spread(c['random4']['ratio'])} | "
                 f"{_spread(c['stream']['img_s'], '{:.0f}')} | {_spread(c['stream']['ratio'])} |"
             )
+    print("\n| feature set | entries/img | crc32 ms/entry | finite check ms/entry | warm random read ms/img, unchecked "
+          "| checked | checks' share of a checked read |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        c = r["checks"]
+        share = 1 - c["read_unchecked_ms"] / c["read_checked_ms"]
+        print(f"| {name} | {c['entries_per_image']} | {c['crc32_ms']:.3f} | {c['finite_ms']:.3f} | "
+              f"{c['read_unchecked_ms']:.3f} | {c['read_checked_ms']:.3f} | {share:.0%} |")
     print("\n| feature set | cache-hit img/s |")
     print("|---|---|")
     for name, r in results.items():

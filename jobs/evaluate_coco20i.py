@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--annotations", required=True, help="COCO instances json")
     parser.add_argument("--images", required=True, help="image folder")
     parser.add_argument("--checkpoint", help="inference checkpoint of a trained method (refseg-model/2)")
-    parser.add_argument("--method", default="prototype_matching", help="a training-free method (without --checkpoint)")
+    parser.add_argument("--method", help="a training-free method (default: prototype_matching); with --checkpoint: omit it, or give the method the checkpoint holds")
     parser.add_argument("--method-options", type=json.loads, default={}, help='its config options (JSON), e.g. \'{"feature": "layer3"}\'')
     parser.add_argument("--backbone-checkpoint", help="backbone weights (e.g. MobileNetV2)")
     parser.add_argument("--sam-encoder", default="sam_proxy_mobilenet_v2", help="SAM encoder (training-free SAM methods)")

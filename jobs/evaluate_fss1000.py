@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> Fss1000EvaluateConfig:
     parser.add_argument("--root", required=True, help="FSS-1000 folder (one folder per class)")
     parser.add_argument("--lists-dir", help="folder holding HSNet's test.txt (data/splits/fss; omit: <root>/test.txt)")
     parser.add_argument("--checkpoint", help="inference checkpoint of a trained method (refseg-model/2)")
-    parser.add_argument("--method", default="prototype_matching", help="a training-free method (without --checkpoint)")
+    parser.add_argument("--method", help="a training-free method (default: prototype_matching); with --checkpoint: omit it, or give the method the checkpoint holds")
     parser.add_argument("--method-options", type=json.loads, default={}, help="its config options (JSON)")
     parser.add_argument("--backbone-checkpoint", help="backbone weights (e.g. MobileNetV2)")
     parser.add_argument("--backbone", default="mobilenet_v2")

@@ -8,6 +8,7 @@ translated into one clear line, once, by :func:`run_cli` (the ``refseg`` console
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -39,15 +40,24 @@ USER_ERRORS: tuple[type[BaseException], ...] = (RefsegError, ModelError)
 
 
 def run_cli(main: Callable[[], int | None], prog: str) -> int:
-    """Run ``main`` and turn any user error into ``"<prog>: error: <message>"`` on stderr, exit 2.
+    """Run ``main`` and turn any user error into ``"<prog>: error: <message>"`` on stderr, exit 2
+    (Ctrl-C: exit 130; a closed stdout pipe: exit 141, silently).
 
     Anything else is a bug in refseg and keeps its traceback.
     """
     try:
-        return int(main() or 0)
+        code = int(main() or 0)
+        sys.stdout.flush()  # a closed stdout pipe shows here, where it is handled, not at interpreter exit
+        return code
     except USER_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`refseg verify ... | head -2`): stop quietly, as a program
+        # killed by SIGPIPE would (128 + 13). stdout goes to /dev/null first, or the interpreter's
+        # final flush of it raises again (Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -173,7 +173,7 @@ def test_a_foreign_category_id_set_fails_before_ray(no_ray, coco_mini_dir, coco2
     config = _config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, annotations=str(annotations))
     with pytest.raises(DataError, match=r"its 80 category ids are not COCO's 80 \(missing \[1, 2, 3"):
         run(config)
-    assert no_ray["ray"] == 0
+    assert no_ray["ray"] == 0 and not (tmp_path / "out").exists()  # nothing written for refused inputs
 
 
 def test_job_script_refuses_a_bad_fold_before_ray(tmp_path, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights):
@@ -198,3 +198,48 @@ def test_skip_reports_of_ranks_add_up_with_at_most_five_examples():
         total.add(share.as_dict())
     assert total.counts["image file not found"] == 12 and len(total.examples["image file not found"]) == 5
     assert "12 x image file not found" in total.summary()
+
+
+def test_a_method_other_than_the_checkpoints_is_refused_and_the_checkpoints_is_recorded(
+    no_ray, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path
+):
+    """Issue 20: ``--method prosam`` (or a name that does not exist) with a VRP-SAM checkpoint used to
+    evaluate VRP-SAM and record "prosam"; now one line before anything is written, and the method the
+    checkpoint holds is what config.json and results.json record."""
+    from pipeline.errors import ConfigError
+    from refseg_models.build import build_model
+    from refseg_models.checkpoint import EncoderIdentity, save_inference_checkpoint
+
+    model = build_model("vrp_sam", backbone_channels=(32, 96, 1280), allow_random_init=True)
+    identities = {"sam": EncoderIdentity("sam_proxy_mobilenet_v2", "random-init", "vrp512_squash_tf128"),
+                  "backbone": EncoderIdentity("mobilenet_v2", "random-init", "vrp512_squash_tf128")}
+    checkpoint = str(save_inference_checkpoint(tmp_path / "vrp.pt", model, identities))
+    out = tmp_path / "out"
+    for method in ("prosam", "nonexistent_method"):
+        message = f"--method {method} does not match --checkpoint {checkpoint}, which holds a vrp_sam model"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint,
+                        method=method))
+        assert not out.exists() and no_ray == {"ray": 0, "folds": []}  # no config.json, no episode files
+    with pytest.raises(ConfigError, match="--method-options configure a training-free method"):
+        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint,
+                    method_options={"num_queries": 8}))
+    assert not out.exists()
+
+    completed = subprocess.run(
+        [sys.executable, "jobs/evaluate_coco20i.py", "--annotations", str(coco_mini_dir / "instances.json"),
+         "--images", str(coco_mini_dir / "images"), "--backbone-checkpoint", str(mobilenet_v2_weights),
+         "--lists-dir", str(coco20i_lists_dir), "--folds", "0", "--checkpoint", checkpoint, "--method", "prosam",
+         "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 2 and completed.stderr.strip().splitlines() == [
+        f"evaluate_coco20i: error: --method prosam does not match --checkpoint {checkpoint}, which holds a vrp_sam "
+        "model: leave --method out (the checkpoint decides) or evaluate a prosam checkpoint"]
+    assert not out.exists()
+
+    with pytest.raises(RuntimeError, match="worker died in fold 1"):  # no_ray: fold 0 evaluates, fold 1 fails
+        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint))
+    assert json.loads((out / "config.json").read_text())["method"] == "vrp_sam"
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "vrp_sam" and results["checkpoint"] == checkpoint and list(results["folds"]) == ["0"]

@@ -71,3 +71,29 @@ def test_precision_compile_and_the_default_batch_reach_the_config():
     assert default_batch_size("sam_vit_h", on_gpu=True) == 16 and default_batch_size("sam_vit_b", on_gpu=True) == 32
     assert default_batch_size("dinov2_vitl14", on_gpu=True) == 16 and default_batch_size("dinov2_vits14", on_gpu=True) == 32
     assert default_batch_size("some_new_encoder", on_gpu=True) == 16
+
+
+def test_an_empty_image_source_is_refused_naming_it(tmp_path, capsys):
+    """Issue 20: an empty image folder said "the image list is empty" without naming the folder."""
+    from pipeline.cli import main
+
+    empty = tmp_path / "images"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=f"image folder {empty} holds no image file"):
+        folder_items(empty)
+    listing = tmp_path / "list.tsv"
+    listing.write_text("# id\tpath\n\n")
+    with pytest.raises(DataError, match=f"image list {listing} lists no image"):
+        list_file_items(listing)
+    annotations = tmp_path / "instances.json"
+    annotations.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(DataError, match=f"{annotations}: its 'images' list is empty"):
+        coco_items(annotations, empty)
+    code = main(["extract", "--output", str(tmp_path / "store"), "--dataset", "d", "--encoder", "mobilenet_v2",
+                 "--allow-random-init", "--image-dir", str(empty)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        f"refseg extract: error: image folder {empty} holds no image file (.jpg, .jpeg, .png, .bmp, .webp) directly "
+        "in it: nothing to extract (sub-folders are not searched)"]
+    assert not (tmp_path / "store").exists()

@@ -32,8 +32,10 @@ def features_of(image_id: str) -> dict[str, np.ndarray]:
 
 
 def write_store(
-    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None, **builder_options
+    uri: str, ids: list[int], per_shard: int = 3, failed: tuple[int, ...] = (), filesystem=None,
+    written: dict[str, dict[str, np.ndarray]] | None = None, **builder_options
 ) -> StoreBuilder:
+    """``written``: {image id: features} written instead of :func:`features_of` (e.g. with a NaN)."""
     items = sorted_items([(i, f"/data/{i}.jpg") for i in ids])
     builder = StoreBuilder(resolve_location(uri, filesystem), KEY, SHAPES, items, per_shard, **builder_options)
     for spec in builder.prepare():
@@ -42,7 +44,7 @@ def write_store(
             if int(item.image_id) in failed:
                 writer.fail(item.image_id, item.path, "corrupt test image")
             else:
-                writer.add(item.image_id, features_of(item.image_id))
+                writer.add(item.image_id, (written or {}).get(item.image_id) or features_of(item.image_id))
         writer.publish()
     builder.finalize()
     return builder
@@ -141,7 +143,8 @@ def test_unfinished_store_and_bad_samples_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="not planned"):
         writer.add("3", features_of("3"))
     writer.abort()
-    with pytest.raises(DataError, match="extraction has not finished"):
+    with pytest.raises(DataError, match=r"feature store \S+ is incomplete \(0 of 2 shards written: its extraction was "
+                                        r"interrupted, or is running\): re-run its extraction command"):
         open_store(uri)
 
 
@@ -183,16 +186,90 @@ def test_verify_detects_flipped_payload_bits_by_checksum(tmp_path):
     assert any("image '2', feature 'layer3') is corrupted: crc32" in problem for problem in report.problems)
     quick = verify_store(uri, quick=True)  # headers only: layout fine, payloads not read
     assert quick.ok and quick.checksums_checked == 0 and "quick" in quick.summary()
-    assert open_store(uri).get("2")["layer3"].shape == SHAPES["layer3"]  # no checks unless asked
+    assert open_store(uri, verify=False).get("2")["layer3"].shape == SHAPES["layer3"]  # unchecked: only to measure
     with pytest.raises(DataError, match="image '2' feature 'layer3' is corrupted"):
-        open_store(uri, verify_checksums=True).get("2")
+        open_store(uri).get("2")
 
     # A store written before checksums existed: still readable, verify says what it cannot check.
     old_index = pq.read_table(tmp_path / "store" / "index.parquet").select(INDEX_SCHEMA_V1.names)
     write_index(resolve_location(uri), old_index.cast(INDEX_SCHEMA_V1))
     report = verify_store(uri)
     assert report.checksums_checked == 0 and "no crc32 column" in report.summary()
-    assert len(open_store(uri)) == 6
+    old_store = open_store(uri)
+    assert len(old_store) == 6 and old_store.unchecksummed_entries == 6 * len(SHAPES)
+    from pipeline.training.features import FrozenFeatures  # what the training job warns about such stores
+
+    note = FrozenFeatures({"backbone": old_store}, None, {}).unchecksummed_note()
+    assert note.startswith(f"warning: entries without a crc32 in backbone {uri} (12 entries)")
+    write_store(str(tmp_path / "new"), [1, 2])
+    assert FrozenFeatures({"backbone": open_store(str(tmp_path / "new"))}, None, {}).unchecksummed_note() is None
+
+
+def test_readers_refuse_a_flipped_byte_a_nan_and_a_truncated_shard_naming_them(tmp_path):
+    """Every read is checked (issue 20): a flipped payload byte (crc32), an fp16 NaN written with a
+    valid crc32 (an encoder that produced it), on random access and streaming; a truncated shard
+    when the store is opened, before any read."""
+    uri = str(tmp_path / "store")
+    nan = features_of("5")
+    nan["embed"] = nan["embed"].copy()
+    nan["embed"][3, 1, 0] = np.float16("nan")
+    write_store(uri, list(range(1, 7)), written={"5": nan})
+    store = open_store(uri)
+    assert store.get("4")["embed"].shape == SHAPES["embed"]
+    where = "shard-000001.tar image '5' feature 'embed' has non-finite values"
+    with pytest.raises(DataError, match=where):
+        store.get("5")
+    with pytest.raises(DataError, match=where):
+        list(open_store(uri).stream())
+    assert open_store(uri, verify=False).get("5")["embed"][3, 1, 0] != 0  # unchecked (the bench's baseline)
+
+    shard, offset, size, _ = store._rows["2"]["layer3"]
+    path = tmp_path / "store" / shard
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0x10  # one flipped bit in the values, the .npy header intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-000000.tar image '2' feature 'layer3' is corrupted \(crc32"):
+        open_store(uri, cache_bytes=0).get("2")
+    path.write_bytes(bytes(data[: len(data) - 700]))
+    with pytest.raises(DataError, match=r"shard .*shard-000000.tar is \d+ bytes, its manifest says \d+ \(truncated"):
+        open_store(uri)
+    path.unlink()
+    with pytest.raises(DataError, match="shard .*shard-000000.tar is missing"):
+        open_store(uri)
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", "<f8"])
+def test_all_finite_reads_the_exponent_bits(dtype):
+    from pipeline.store.reader import all_finite
+
+    finite = np.array([0.0, -0.0, 1.5, -2.0, np.finfo(np.dtype(dtype)).max, np.finfo(np.dtype(dtype)).tiny / 4], dtype=dtype)
+    assert all_finite(finite) and all_finite(np.arange(4, dtype=np.int32))
+    for bad in (np.nan, np.inf, -np.inf):
+        values = finite.copy()
+        values[2] = bad
+        assert not all_finite(values)
+
+
+def test_verify_refuses_a_store_of_0_images_even_with_allow_failed(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, [1, 2], failed=(1, 2))
+    report = verify_store(uri, allow_failed=True)
+    assert not report.ok and "the store holds 0 images (all 2 failed extraction)" in report.summary()
+
+
+def test_verify_piped_into_a_closed_reader_stops_quietly(tmp_path):
+    """`refseg verify ... | head -2` ended in a BrokenPipeError traceback (issue 20): the reader is
+    gone before verify prints, so every write fails; exit 141 (as SIGPIPE), nothing on stderr."""
+    import subprocess
+    import sys
+
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 7)))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "verify", uri], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the child can print (it needs seconds for its imports)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and stderr == "", stderr
 
 
 def test_failed_images_fail_verify_and_are_retried_without_touching_good_shards(tmp_path):
@@ -274,7 +351,7 @@ def test_streamed_samples_stay_intact_while_read_buffers_are_reused(tmp_path, mo
     data[offset + size - 3] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match="image '9' feature 'embed' is corrupted"):
-        list(open_store(uri, verify_checksums=True).stream())
+        list(open_store(uri).stream())
 
 
 def test_parallel_reads_equal_single_reads_while_shard_handles_are_evicted(tmp_path, monkeypatch):

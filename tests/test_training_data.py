@@ -102,19 +102,36 @@ def test_missing_and_mismatched_stores_are_named(fold_config: TrainConfig, tmp_p
 
     spec = build_model("prototype_matching").feature_spec()  # reads the backbone store only
     cfg = fold_config.replace(backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(tmp_path / "absent")))
-    with pytest.raises(DataError, match=r"(?s)no finished backbone feature store.*refseg extract --output \S*absent"):
+    with pytest.raises(DataError, match=r"(?s)the backbone feature store \S*absent does not exist yet; build it with:"
+                                        r"\n  refseg extract --output \S*absent"):
         open_frozen_features(cfg, spec, live_backbone=False)
 
     ray = pytest.importorskip("ray")
     images = sorted(Path(cfg.images).glob("*.jpg"))[:2]
     items = [(str(int(p.stem)), str(p)) for p in images]
     sha = weights_sha256(mobilenet_v2_weights)
+    encoder = FactoryEncoder(lambda: build_encoder("mobilenet_v2", allow_random_init=True), sha)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(result):
+        raise Stopped("the extraction is interrupted after its first shard")
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        extract_store(items, str(tmp_path / "small"), FactoryEncoder(lambda: build_encoder("mobilenet_v2", allow_random_init=True), sha),
-                      "coco_mini", progress=False)
+        extract_store(items, str(tmp_path / "small"), encoder, "coco_mini", progress=False)
+        with pytest.raises(Stopped):
+            extract_store(items, str(tmp_path / "cut"), encoder, "coco_mini", progress=False, images_per_shard=1,
+                          on_shard_done=stop)
     finally:
         ray.shutdown()
+    # an interrupted store is not "absent" (issue 20): incomplete, and the same command resumes it
+    cut = cfg.replace(backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(tmp_path / "cut")))
+    with pytest.raises(DataError, match=r"(?s)the backbone feature store \S*cut is incomplete \(1 of 2 shards written: "
+                                        r"its extraction was interrupted, or is running\); the same command resumes it"
+                                        r" .*\n  refseg extract --output \S*cut"):
+        open_frozen_features(cut, spec, live_backbone=False)
     cfg = cfg.replace(backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(tmp_path / "small")))
     assert open_frozen_features(cfg, spec, {items[0][0]}, live_backbone=False).stores["backbone"]
     # the episodes need images the store lacks: named, with the count

@@ -25,16 +25,37 @@ from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
 
 
-def check_method(config) -> None:
-    """``config.checkpoint`` or a known training-free ``config.method`` (a trained method is only
-    evaluated from its inference checkpoint)."""
+DEFAULT_METHOD = "prototype_matching"  # the training-free method evaluated when neither is given
+
+
+def check_method(config) -> str:
+    """The method that predicts, checked: ``config.checkpoint``'s (loaded and validated; a
+    ``config.method`` other than the one it holds, or ``config.method_options``, are refused: the
+    checkpoint decides both), or a known training-free ``config.method`` (default
+    :data:`DEFAULT_METHOD`; a trained method is only evaluated from its inference checkpoint)."""
     from refseg_models.build import available_models, method_class
 
-    if config.checkpoint is None:
-        if config.method not in available_models():
-            raise ConfigError(f"unknown method {config.method!r}; available: {', '.join(available_models())}")
-        if method_class(config.method).trainable:
-            raise ConfigError(f"{config.method} is trained: evaluate its inference checkpoint (--checkpoint)")
+    if config.checkpoint is not None:
+        from refseg_models.checkpoint import load_inference_checkpoint
+
+        held = load_inference_checkpoint(config.checkpoint).method
+        if config.method is not None and config.method != held:
+            raise ConfigError(
+                f"--method {config.method} does not match --checkpoint {config.checkpoint}, which holds a {held} "
+                f"model: leave --method out (the checkpoint decides) or evaluate a {config.method} checkpoint"
+            )
+        if config.method_options:
+            raise ConfigError(
+                f"--method-options configure a training-free method; --checkpoint {config.checkpoint} holds its "
+                f"{held} model's own configuration"
+            )
+        return held
+    method = config.method or DEFAULT_METHOD
+    if method not in available_models():
+        raise ConfigError(f"unknown method {method!r}; available: {', '.join(available_models())}")
+    if method_class(method).trainable:
+        raise ConfigError(f"{method} is trained: evaluate its inference checkpoint (--checkpoint)")
+    return method
 
 
 def check_backbone(name: str) -> None:

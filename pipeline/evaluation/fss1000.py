@@ -51,7 +51,7 @@ class Fss1000EvaluateConfig:
     annotation_type: str = "mask"
     # What predicts, as in the COCO-20i job (pipeline.evaluation.job.EvaluateConfig).
     checkpoint: str | None = None
-    method: str = "prototype_matching"
+    method: str | None = None
     method_options: dict = field(default_factory=dict)
     backbone: str = "mobilenet_v2"
     backbone_options: dict = field(default_factory=dict)  # builder options, e.g. {"input_size": 224}
@@ -67,8 +67,8 @@ class Fss1000EvaluateConfig:
         return (Path(self.lists_dir) if self.lists_dir is not None else Path(self.root)) / f"{SPLIT}.txt"
 
     def validate(self) -> None:
-        """Every check that needs no Ray and no images: raises ConfigError naming the bad value."""
-        common.check_method(self)
+        """Every check that needs no Ray and no images: raises ConfigError naming the bad value. Sets
+        ``method`` to the one that predicts (the checkpoint's, or the training-free default)."""
         if self.shot < 1:
             raise ConfigError(f"shot must be >= 1, got {self.shot}")
         if not 0 <= self.seed < 2**32:
@@ -89,6 +89,7 @@ class Fss1000EvaluateConfig:
             raise ConfigError(
                 f"FSS-1000 {SPLIT} class list not found: {self.class_list()} (HSNet's data/splits/fss/{SPLIT}.txt)"
             )
+        self.method = common.check_method(self)  # last: it loads the checkpoint
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -135,21 +136,24 @@ def run(config: Fss1000EvaluateConfig) -> dict:
     classes = read_class_list(config.class_list())
     source_factory = Fss1000SourceFactory(config.root, tuple(classes))
     source = source_factory()  # a missing class folder is a DataError here, before any output
+    resolution = EvalResolution(config.resolution_mode, config.resolution_size)  # type: ignore[arg-type]
+    sampling_report = SkipReport(f"FSS-1000 {SPLIT} episodes")
+    table = fss1000_test_manifest(source, config.shot, config.seed, config.annotation_type, sampling_report)
+    print(sampling_report.summary())
+    predictor_factory = common.predictor_factory_for(config, config.backbone_options)
+    # Every input is checked: only now is anything written (a refused run leaves no config.json).
     output_dir = Path(config.output_dir)
     with io_errors(f"cannot create the output folder {output_dir}"):
         output_dir.mkdir(parents=True, exist_ok=True)
     common.write_json(output_dir / "config.json", asdict(config))
-    resolution = EvalResolution(config.resolution_mode, config.resolution_size)  # type: ignore[arg-type]
-    sampling_report = SkipReport(f"FSS-1000 {SPLIT} episodes")
-    table = fss1000_test_manifest(source, config.shot, config.seed, config.annotation_type, sampling_report)
     manifest_path = write_manifest(table, output_dir / MANIFEST_NAME)
-    print(sampling_report.summary())
-    predictor_factory = common.predictor_factory_for(config, config.backbone_options)
     class_ids = list(range(len(classes)))
     overlap = coco_named_classes(classes)
 
     results: dict = {
         "status": "running",
+        "method": config.method,
+        "checkpoint": config.checkpoint,
         "benchmark": "fss1000",
         "split": SPLIT,
         "shot": config.shot,

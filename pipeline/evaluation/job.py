@@ -72,7 +72,7 @@ class EvaluateConfig:
     # What predicts: a trained method's inference checkpoint, or a training-free method by name
     # (prototype_matching, persam) with its config options; the frozen encoders' weights.
     checkpoint: str | None = None
-    method: str = "prototype_matching"
+    method: str | None = None  # with a checkpoint: must be the one it holds (None = the checkpoint's)
     method_options: dict = field(default_factory=dict)
     backbone: str = "mobilenet_v2"
     sam_encoder: str = "sam_proxy_mobilenet_v2"  # the proxy SAM (docs/proxy_sam.md); its file is the shipped asset
@@ -86,8 +86,8 @@ class EvaluateConfig:
     output_dir: str = "outputs/evaluate"
 
     def validate(self) -> None:
-        """Every check that needs no Ray and no images: raises ConfigError naming the bad value."""
-        check_method(self)
+        """Every check that needs no Ray and no images: raises ConfigError naming the bad value. Sets
+        ``method`` to the one that predicts (the checkpoint's, or the training-free default)."""
         if not self.folds:
             raise ConfigError("folds is empty: give at least one of 0 1 2 3")
         for fold in self.folds:
@@ -117,6 +117,7 @@ class EvaluateConfig:
                        if not (Path(self.lists_dir) / "val" / f"fold{fold}.json").is_file()]
             if missing:
                 raise ConfigError(f"HSNet COCO-20i lists not found: {', '.join(missing)}")
+        self.method = check_method(self)  # last: it loads the checkpoint
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def check_categories(source: CocoInstances) -> None:
         raise DataError(f"{source.annotation_file}: no usable annotation is left. {source.report.summary()}")
 
 
-def _fold_manifest(config: EvaluateConfig, source: CocoInstances, fold: int, output_dir: Path) -> tuple[Path, SkipReport]:
+def _fold_manifest(config: EvaluateConfig, source: CocoInstances, fold: int) -> tuple[pa.Table, SkipReport]:
     report = SkipReport(f"fold {fold} episodes")
     classes = novel_classes("coco20i", fold)
     if config.lists_dir is not None:
@@ -158,27 +159,34 @@ def _fold_manifest(config: EvaluateConfig, source: CocoInstances, fold: int, out
         pairs, dataset="coco", fold=fold, split="test", n_episodes=config.n_episodes, shot=config.shot,
         seed=config.seed, annotation_type=config.annotation_type, report=report,
     )
-    return write_manifest(table, output_dir / f"episodes_fold{fold}.parquet"), report
+    return table, report
 
 
 def run(config: EvaluateConfig) -> dict:
     config.validate()
-    output_dir = Path(config.output_dir)
-    with io_errors(f"cannot create the output folder {output_dir}"):
-        output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "config.json", asdict(config))
     resolution = EvalResolution(config.resolution_mode, config.resolution_size)  # type: ignore[arg-type]
     source_factory = SourceFactory(config.annotations, config.images, config.layout, config.crowd)
     source = source_factory()
     print(source.report.summary())  # annotations that reference unknown images/categories: shown, saved
     check_categories(source)
-    manifests = {fold: _fold_manifest(config, source, fold, output_dir) for fold in config.folds}
-    for _, sampling_report in manifests.values():
+    tables = {fold: _fold_manifest(config, source, fold) for fold in config.folds}
+    for _, sampling_report in tables.values():
         print(sampling_report.summary())
     predictor_factory = predictor_factory_for(config)
+    # Every input is checked: only now is anything written (a refused run leaves no config.json).
+    output_dir = Path(config.output_dir)
+    with io_errors(f"cannot create the output folder {output_dir}"):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "config.json", asdict(config))
+    manifests = {
+        fold: (write_manifest(table, output_dir / f"episodes_fold{fold}.parquet"), report)
+        for fold, (table, report) in tables.items()
+    }
 
     results: dict = {
         "status": "running",
+        "method": config.method,
+        "checkpoint": config.checkpoint,
         "resolution": resolution.describe(),
         "crowd": config.crowd,
         "crowd_meaning": CROWD_MEANING[config.crowd],

@@ -31,6 +31,8 @@ def coco_items(annotation_file: str | Path, image_dir: str | Path) -> list[Image
             items.append(ImageItem(str(image["id"]), str(Path(image_dir) / name)))
         except (KeyError, TypeError, AttributeError) as error:
             raise DataError(f"{annotation_file}: image entry {image!r} has no id/file_name") from error
+    if not items:
+        raise DataError(f"{annotation_file}: its 'images' list is empty: nothing to extract")
     return items
 
 
@@ -39,11 +41,17 @@ def folder_items(image_dir: str | Path) -> list[ImageItem]:
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"image folder not found: {image_dir}")
-    return [
+    items = [
         ImageItem(path.stem, str(path))
         for path in sorted(image_dir.iterdir())
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
+    if not items:
+        raise DataError(
+            f"image folder {image_dir} holds no image file ({', '.join(IMAGE_SUFFIXES)}) directly in it: nothing to "
+            "extract (sub-folders are not searched)"
+        )
+    return items
 
 
 def list_file_items(list_file: str | Path, root: str | Path | None = None) -> list[ImageItem]:
@@ -60,6 +68,8 @@ def list_file_items(list_file: str | Path, root: str | Path | None = None) -> li
         if len(parts) != 2:
             raise DataError(f"{list_file}:{number}: expected 'image_id<TAB>path', got {line!r}")
         items.append(ImageItem(parts[0].strip(), str(base / parts[1].strip())))
+    if not items:
+        raise DataError(f"image list {list_file} lists no image: nothing to extract")
     return items
 
 

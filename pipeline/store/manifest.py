@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pipeline.errors import DataError
 from pipeline.store.feature_set import FeatureSetKey
 from pipeline.store.fs import Location
-from pipeline.store.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from pipeline.store.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME
+from pipeline.store.status import status_at
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,11 @@ class Manifest:
     @classmethod
     def read(cls, location: Location) -> "Manifest":
         if not location.exists(MANIFEST_NAME):
-            raise DataError(
-                f"no {MANIFEST_NAME} at {location.join(MANIFEST_NAME)}: not a feature store, "
-                "or its extraction has not finished (re-run it to complete the missing shards)"
-            )
+            if location.exists(PLAN_NAME):  # an extraction planned it
+                status = status_at(location).describe()
+                raise DataError(
+                    f"feature store {location.display} {status}: re-run its extraction command, which resumes it "
+                    "(finished shards are kept)"
+                )
+            raise DataError(f"no {MANIFEST_NAME} at {location.join(MANIFEST_NAME)}: not a feature store")
         return cls.from_json(location.read_bytes(MANIFEST_NAME), location.join(MANIFEST_NAME))

@@ -11,6 +11,11 @@ any pyarrow filesystem (local, S3, GCS):
   sample) and yields views, split by node and then by DataLoader worker (WebDataset's splitters,
   OpenCLIP style) so every rank x worker reads a disjoint set of whole shards.
 
+Nothing is read unchecked: opening a store compares every shard's size with the manifest, and every
+payload read on either path is compared with its index crc32 and must hold finite values
+(:func:`checked_view`), so a flipped byte or a NaN is a ``DataError`` naming shard, image and
+feature instead of a silently worse model (cost: docs/feature_store.md, "Reads").
+
 ``.npy`` headers are parsed with numpy's own ``np.lib.format`` readers (never unpickling; object
 dtypes refused) and the parse is memoised per distinct header (all entries of a feature share one),
 which is what keeps the per-image overhead at a few microseconds. The shards stay plain WebDataset
@@ -35,7 +40,7 @@ import webdataset as wds
 
 from pipeline.errors import DataError
 from pipeline.store.feature_set import FeatureSetKey, StoreMismatchError, check_key
-from pipeline.store.fs import Location, resolve_location
+from pipeline.store.fs import Location, io_errors, resolve_location
 from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
 
@@ -94,6 +99,44 @@ def _npy_view(buffer: np.ndarray, start: int, end: int, source: str) -> np.ndarr
     return array
 
 
+# float dtype -> (unsigned view, exponent mask): a value is NaN or +-inf exactly when its exponent bits
+# are all ones. Testing the bits of an integer view runs ~14x faster than np.isfinite on fp16 (0.1 vs
+# 1.5 ms for a 2 MiB SAM embedding here).
+_EXPONENT_BITS = {"f2": ("u2", 0x7C00), "f4": ("u4", 0x7F800000), "f8": ("u8", 0x7FF0000000000000)}
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value of a numeric array is finite (integer arrays always are)."""
+    if array.dtype.kind != "f":
+        return True
+    bits = _EXPONENT_BITS.get(array.dtype.str[1:])
+    if bits is None:
+        return bool(np.isfinite(array).all())
+    unsigned, mask = bits
+    view = array.view(array.dtype.str[0] + unsigned)
+    return not bool(np.any(np.bitwise_and(view, mask) == mask))
+
+
+def checked_view(buffer: np.ndarray, start: int, end: int, crc: int | None, where: str, uri: str, verify: bool) -> np.ndarray:
+    """The array in ``buffer[start:end]`` (see :func:`_npy_view`); with ``verify``, its bytes are
+    compared with the index's ``crc`` (None: a shard written before checksums) and its values must
+    be finite. ``where`` names shard, image and feature; ``uri`` is the store, for the verify hint."""
+    if verify and crc is not None:
+        actual = zlib.crc32(buffer[start:end])
+        if actual != crc:
+            raise DataError(
+                f"{where} is corrupted (crc32 {actual:08x}, index says {crc:08x}); `refseg verify {uri}` lists "
+                "every damaged entry; extract the store again into a new location"
+            )
+    array = _npy_view(buffer, start, end, where)
+    if verify and not all_finite(array):
+        raise DataError(
+            f"{where} has non-finite values (NaN or inf): refusing to read it; `refseg verify {uri}` lists "
+            "every such entry; extract the store again into a new location"
+        )
+    return array
+
+
 def decode_npy(data: bytes, source: str) -> np.ndarray:
     """``.npy`` bytes -> read-only array viewing ``data`` (no copy); never unpickles.
 
@@ -110,8 +153,10 @@ class FeatureStore:
     ``expect_shapes``: {name: (C, h, w)} the caller needs (e.g. ``encoder.output_shapes()``); checked
     too, as a second guard for encoders whose ``preprocessing_id`` does not name the input size.
     ``cache_bytes``: bound of the in-process LRU cache of decoded features (0 disables it).
-    ``verify_checksums``: compare every payload read from a shard with its index crc32 (a
-    ``DataError`` names the corrupted entry); off by default (``refseg verify`` checks whole stores).
+    ``verify`` (on by default; off only to measure its cost): every shard's size is compared with
+    the manifest when the store is opened, every payload read (random access and streaming) with its
+    index crc32, and its values must be finite; a ``DataError`` names the shard, image and feature.
+    Checked arrays are cached, so a cache hit costs nothing. ``refseg verify`` checks whole stores.
     Picklable (DataLoader workers, Ray tasks): open file handles and the cache are per process.
     """
 
@@ -123,10 +168,10 @@ class FeatureStore:
         expect_shapes: dict[str, Sequence[int]] | None = None,
         filesystem: pafs.FileSystem | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        verify_checksums: bool = False,
+        verify: bool = True,
     ) -> None:
         self.uri = uri
-        self.verify_checksums = bool(verify_checksums)
+        self.verify = bool(verify)
         self.location: Location = resolve_location(uri, filesystem)
         self.manifest = Manifest.read(self.location)
         if expect is not None:
@@ -159,7 +204,30 @@ class FeatureStore:
             raise DataError(
                 f"store {uri}: index lists {len(self._rows)} images, manifest says {self.manifest.num_written}"
             )
+        self.unchecksummed_entries = sum(crc is None for crc in crcs)
+        if self.verify:
+            self.check_shard_sizes()
         self._init_process_state()
+
+    def check_shard_sizes(self) -> None:
+        """Every shard of the manifest exists with the size the manifest records (one metadata call
+        per shard): a truncated or replaced shard is refused when the store is opened, not halfway
+        through a read."""
+        paths = [self.location.join(shard.name) for shard in self.manifest.shards]
+        with io_errors(f"cannot look up the shards of feature store {self.uri}"):
+            infos = self.location.filesystem.get_file_info(paths)
+        for shard, path, info in zip(self.manifest.shards, paths, infos):
+            if info.type != pafs.FileType.File:
+                raise DataError(
+                    f"feature store {self.uri}: shard {path} is missing; `refseg verify {self.uri}` lists every "
+                    "problem; extract the store again into a new location"
+                )
+            if info.size != shard.bytes:
+                raise DataError(
+                    f"feature store {self.uri}: shard {path} is {info.size} bytes, its manifest says {shard.bytes} "
+                    f"(truncated or overwritten); `refseg verify {self.uri}` lists every problem; extract the store "
+                    "again into a new location"
+                )
 
     def _init_process_state(self) -> None:
         self._nowait_ok = True
@@ -297,14 +365,8 @@ class FeatureStore:
             span = spans[0] if len(spans) == 1 else (shard, offset, offset + size)
             buffer, base = buffers[span], span[1]
             where = f"{self.location.join(shard)} image {image_id!r} feature {name!r}"
-            if self.verify_checksums and crc is not None:
-                actual = zlib.crc32(buffer[offset - base : offset - base + size])
-                if actual != crc:
-                    raise DataError(
-                        f"{self.location.join(shard)}: image {image_id!r} feature {name!r} is corrupted "
-                        f"(crc32 {actual:08x}, index says {crc:08x}); run `refseg verify {self.uri}`"
-                    )
-            out[name] = _npy_view(buffer, offset - base, offset - base + size, where)  # read-only: shared
+            # read-only: shared
+            out[name] = checked_view(buffer, offset - base, offset - base + size, crc, where, self.uri, self.verify)
         return out
 
     def get(self, image_id: object, features: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -431,7 +493,7 @@ class FeatureStore:
             wds.SimpleShardList(shards),
             node_split,
             wds.split_by_worker,
-            _ShardReader(self.location, self._shard_plans(names), names, self.verify_checksums),
+            _ShardReader(self.location, self.uri, self._shard_plans(names), names, self.verify),
         )
 
     def _shard_plans(self, names: Sequence[str]) -> dict[str, list[tuple[str, tuple]]]:
@@ -488,8 +550,8 @@ class _ShardReader:
     """Pipeline stage: shard URLs in, ``{"image_id", name: array}`` samples out, read front to back
     with the index's offsets in blocks of consecutive samples (no tar parsing, no per-member reads)."""
 
-    def __init__(self, location: Location, plans: dict, names: Sequence[str], verify_checksums: bool) -> None:
-        self.location, self.plans, self.names, self.verify_checksums = location, plans, list(names), verify_checksums
+    def __init__(self, location: Location, uri: str, plans: dict, names: Sequence[str], verify: bool) -> None:
+        self.location, self.uri, self.plans, self.names, self.verify = location, uri, plans, list(names), verify
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
         for item in source:
@@ -545,11 +607,7 @@ class _ShardReader:
             out: dict = {"image_id": image_id}
             for name, (offset, size, crc) in zip(self.names, entries):
                 where = f"{path} image {image_id!r} feature {name!r}"
-                if self.verify_checksums and crc is not None:
-                    actual = zlib.crc32(buffer[offset - base : offset - base + size])
-                    if actual != crc:
-                        raise DataError(f"{where} is corrupted (crc32 {actual:08x}, index says {crc:08x})")
-                out[name] = _npy_view(buffer, offset - base, offset - base + size, where)
+                out[name] = checked_view(buffer, offset - base, offset - base + size, crc, where, self.uri, self.verify)
             yield out
 
 
@@ -575,10 +633,10 @@ def open_store(
     filesystem: pafs.FileSystem | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     expect_shapes: dict[str, Sequence[int]] | None = None,
-    verify_checksums: bool = False,
+    verify: bool = True,
 ) -> FeatureStore:
-    """Open (and validate against ``expect`` / ``expect_shapes``) the store at ``uri``."""
+    """Open (and validate against ``expect`` / ``expect_shapes``) the store at ``uri``; every read is
+    checked (crc32, finite values) unless ``verify=False`` (see :class:`FeatureStore`)."""
     return FeatureStore(
-        uri, expect=expect, expect_shapes=expect_shapes, filesystem=filesystem, cache_bytes=cache_bytes,
-        verify_checksums=verify_checksums,
+        uri, expect=expect, expect_shapes=expect_shapes, filesystem=filesystem, cache_bytes=cache_bytes, verify=verify,
     )

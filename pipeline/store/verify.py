@@ -20,7 +20,7 @@ from pipeline.errors import DataError
 from pipeline.store.fs import resolve_location
 from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
-from pipeline.store.reader import decode_npy
+from pipeline.store.reader import all_finite, decode_npy
 from pipeline.store.shard_writer import ID_MEMBER
 
 _MAX_PROBLEMS = 50
@@ -136,6 +136,10 @@ def verify_store(
     missing = set(rows) - seen
     if missing:
         report.problem(f"{len(missing)} index entries not found in their shards, e.g. {sorted(missing)[:3]}")
+    if manifest.num_written == 0:  # --allow-failed accepts failed images, never a store without any
+        report.problem(
+            f"the store holds 0 images (all {manifest.num_images} failed extraction): nothing can be read from it"
+        )
     if raise_on_error and not report.ok:
         raise DataError(report.summary())
     return report
@@ -202,6 +206,6 @@ def _check_sample(members, shard, path, rows, seen, manifest, dtype, report) -> 
             report.problem(
                 f"{path}: {member.name} is {array.dtype}{array.shape}, manifest says {dtype}{expected_shape}"
             )
-        elif not np.isfinite(array).all():
+        elif not all_finite(array):
             report.problem(f"{path}: {member.name} has non-finite values")
     return 1 if ids else 0

@@ -13,6 +13,7 @@ import torch
 from pipeline.errors import ConfigError, DataError
 from pipeline.store.feature_set import FeatureSetKey, sha256_file
 from pipeline.store.reader import FeatureStore, open_store
+from pipeline.store.status import store_status
 from pipeline.training.config import StoreSpec, TrainConfig
 from refseg_models.checkpoint import RANDOM_INIT, EncoderIdentity
 from refseg_models.encoders import build_encoder
@@ -58,10 +59,19 @@ def extraction_command(cfg: TrainConfig, role: str) -> str:
 
 def store_exists(uri: str) -> bool:
     """Whether a finished store (its manifest, written last) is at ``uri``."""
-    from pipeline.store.fs import resolve_location
-    from pipeline.store.layout import MANIFEST_NAME
+    return store_status(uri).finished
 
-    return resolve_location(uri).exists(MANIFEST_NAME)
+
+def missing_store_error(cfg: TrainConfig, role: str) -> DataError:
+    """The error for a store of ``role`` that is not finished: absent, or incomplete (an interrupted
+    extraction, which the same command resumes), with the command that builds or resumes it."""
+    spec: StoreSpec = getattr(cfg, role)
+    status = store_status(spec.store)
+    then = "the same command resumes it (finished shards are kept)" if status.incomplete else "build it with"
+    return DataError(
+        f"the {role} feature store {spec.store} {status.describe()}; {then}:\n  {extraction_command(cfg, role)}\n"
+        "(or run the training job with --extract-missing)"
+    )
 
 
 @dataclass
@@ -73,6 +83,16 @@ class FrozenFeatures:
     @property
     def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         return {role: {k: tuple(v) for k, v in store.manifest.feature_shapes.items()} for role, store in self.stores.items()}
+
+    def unchecksummed_note(self) -> str | None:
+        """A line saying which stores hold entries without a crc32 (shards written before per-entry
+        checksums: the reader checks their values are finite, but cannot detect flipped bytes)."""
+        stores = {role: store for role, store in self.stores.items() if store.unchecksummed_entries}
+        if not stores:
+            return None
+        listed = ", ".join(f"{role} {store.uri} ({store.unchecksummed_entries} entries)" for role, store in stores.items())
+        return (f"warning: entries without a crc32 in {listed}: they were written before per-entry checksums, so a "
+                "corrupted byte in them cannot be detected; extract those stores again into new locations")
 
     def manifest_sha256(self) -> dict[str, str]:
         import hashlib
@@ -91,7 +111,9 @@ def open_frozen_features(
 
     Raises a clear error before any training step for a missing store (naming the extraction command
     that builds it), a store made with other weights / preprocessing / dtype than the configuration
-    implies (every differing field named), and images the episodes need but the store lacks.
+    implies (every differing field named), a shard whose size is not the manifest's, and images the
+    episodes need but the store lacks. Every feature read from the stores is then checked (crc32,
+    finite values: :class:`~pipeline.store.reader.FeatureStore`), in training and in its evaluations.
     """
     stores, identities = {}, {}
     for role in spec.encoders:
@@ -100,10 +122,7 @@ def open_frozen_features(
             raise ConfigError(f"{cfg.method} reads {role} features: configure the {role} encoder and its store")
         identities[role] = encoder_identity(store_spec)
         if not store_exists(store_spec.store):
-            raise DataError(
-                f"no finished {role} feature store at {store_spec.store}; build it with:\n  "
-                f"{extraction_command(cfg, role)}\n(or run the training job with --extract-missing)"
-            )
+            raise missing_store_error(cfg, role)
         stores[role] = open_store(store_spec.store, expect=expected_key(cfg, role))
         if image_ids is not None:
             missing = sorted(image_ids - set(stores[role].image_ids))

@@ -14,6 +14,7 @@ Train V2 restores a run from the same ``(storage_path, name)``), and skips finis
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.report import SkipReport
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import load_fold_data
-from pipeline.training.features import extraction_command, open_frozen_features, store_exists
+from pipeline.training.features import missing_store_error, open_frozen_features, store_exists
 from pipeline.training.samplers import sampler_class
 from refseg_models.build import build_model
 
@@ -81,10 +82,7 @@ def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) ->
         if store_exists(store.store):
             continue
         if not extract_missing:
-            raise DataError(
-                f"the {role} feature store {store.store} does not exist yet; build it with:\n  "
-                f"{extraction_command(cfg, role)}\n(or pass --extract-missing)"
-            )
+            raise missing_store_error(cfg, role)
         print(f"extracting the {role} store {store.store} ({store.encoder}) ...", flush=True)
         summary = run_extraction(
             ExtractionConfig(
@@ -116,7 +114,9 @@ def validate(configs: list[TrainConfig], options: JobOptions) -> str:
         sampler_class(cfg.sampler).prepare(cfg, data, options.extract_missing, options.extraction_workers)
         prepare_stores(cfg, options.extract_missing, options.extraction_workers)
         spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
-        open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False)
+        note = open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False).unchecksummed_note()
+        if note:
+            print(note, file=sys.stderr, flush=True)
     return uri
 
 
@@ -145,6 +145,7 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
 
     from pipeline.store.version import code_version
     from pipeline.training import tracking
+    from pipeline.training.failures import RAY_TRAIN_LOGGING, StopOnUserError, error_log_folder, fit
     from pipeline.training.loop import train_loop_per_worker
 
     configs = fold_configs(base, options)
@@ -182,11 +183,13 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
                         num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
                     ),
                     failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    callbacks=[StopOnUserError(f"fold {cfg.fold}", cfg.max_failures)],  # user errors: never retried
+                    logging_config=RAY_TRAIN_LOGGING,
                 ),
             )
             started = time.perf_counter()
             try:
-                trainer.fit()
+                fit(trainer, error_log_folder(cfg.storage_path, cfg.fold_run_name), cfg.fold_run_name)
             except Exception:
                 tracking.finish(uri, run_id, "FAILED")
                 raise

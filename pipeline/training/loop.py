@@ -33,6 +33,7 @@ from pipeline.training.config import TrainConfig
 from pipeline.training.data import load_fold_data, rank_share
 from pipeline.training.episode_features import EpisodeFeatureBuilder
 from pipeline.training.evaluate import all_reduce_meter, chunks, evaluate_rows
+from pipeline.training.failures import keeps_traceback
 from pipeline.training.features import open_frozen_features
 from pipeline.training.samplers import sampler_class
 from pipeline.training.state import gather_extra_state, load_state, save_state, step_seed
@@ -64,6 +65,7 @@ def build_method(cfg: TrainConfig, shapes: dict, sam_checkpoint: str | None, met
     return build_model(name, config)
 
 
+@keeps_traceback  # a user error ends the run without a retry, its traceback kept for the driver's log
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -104,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_state(directory, cfg.fingerprint())
+            state = load_state(directory, cfg.fingerprint(), source=checkpoint.path)
         model.load_trainable_state_dict(state["model"], "training checkpoint")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

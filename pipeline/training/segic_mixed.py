@@ -60,6 +60,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
 from pipeline.training.episode_features import EpisodeBatch
+from pipeline.store.status import store_status
 from pipeline.training.mix_config import MixSource
 from pipeline.training.views import (
     AugmentationConfig,
@@ -408,9 +409,10 @@ def prepare_stores(
         if not store_exists(uri):
             if not extract_missing:
                 raise DataError(
-                    f"the feature store {uri} of mix source(s) {', '.join(p.name for p in group)} does not exist yet: "
-                    "run the training job with --extract-missing (it writes the view plan, renders the cached "
-                    "views and extracts them with the plain images)"
+                    f"the feature store {uri} of mix source(s) {', '.join(p.name for p in group)} "
+                    f"{store_status(uri).describe()}: run the training job with --extract-missing (it writes the view "
+                    "plan, renders the cached views and extracts them with the plain images; an incomplete store is "
+                    "resumed)"
                 )
             _extract(cfg, data, uri, group, workers, extract)
         expect = replace(expected_key(cfg, "backbone"), dataset=group[0].feature_dataset)

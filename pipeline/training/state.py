@@ -1,6 +1,7 @@
-"""The training checkpoint: everything a resumed run needs, in one file written atomically.
+"""The training checkpoint: everything a resumed run needs, in one file written atomically, with its digest.
 
-``state.pt`` (``torch.load(weights_only=True)``-safe: tensors and plain values)::
+``state.pt`` (``torch.load(weights_only=True)``-safe: tensors and plain values), beside its sha256
+in ``state.pt.sha256`` (checked before loading)::
 
     format            "refseg-train-state/1"
     fingerprint       TrainConfig.fingerprint() of the run that wrote it (a resume must match)
@@ -18,6 +19,8 @@ step restores it exactly: no generator state needs saving.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from refseg_models.checkpoint import atomic_torch_save
 
 STATE_FORMAT = "refseg-train-state/1"
 STATE_FILE = "state.pt"
+DIGEST_FILE = "state.pt.sha256"
 
 
 def step_seed(seed: int, rank: int, global_step: int) -> int:
@@ -51,20 +55,44 @@ def gather_extra_state(state: dict[str, Any] | None, world_size: int) -> list[di
 
 
 def save_state(directory: str | Path, payload: dict[str, Any]) -> Path:
-    return atomic_torch_save({"format": STATE_FORMAT, **payload}, Path(directory) / STATE_FILE)
+    """``state.pt`` and its sha256 (``state.pt.sha256``: torch's zip reader does not notice flipped
+    bytes in a tensor, and a resumed run must never start from damaged weights)."""
+    path = atomic_torch_save({"format": STATE_FORMAT, **payload}, Path(directory) / STATE_FILE)
+    (Path(directory) / DIGEST_FILE).write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+    return path
 
 
-def load_state(directory: str | Path, fingerprint: str) -> dict[str, Any]:
+def load_state(directory: str | Path, fingerprint: str, source: str | None = None) -> dict[str, Any]:
+    """The state saved in ``directory`` (``source``: where that checkpoint lives, for messages, e.g.
+    its storage path when ``directory`` is a local copy). A missing, truncated or corrupt file, or
+    one of another configuration, is a ``DataError`` naming it: the run cannot resume from it, and a
+    retry would fail the same way."""
     path = Path(directory) / STATE_FILE
+    name = f"{source.rstrip('/')}/{STATE_FILE}" if source else str(path)
+    digest_path = Path(directory) / DIGEST_FILE
+    if digest_path.is_file() and path.is_file():  # checkpoints written before the digest have none
+        recorded, actual = digest_path.read_text().strip(), hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != recorded:
+            raise DataError(
+                f"training checkpoint {name} is truncated or corrupt ({path.stat().st_size} bytes, sha256 "
+                f"{actual[:12]}..., {DIGEST_FILE} says {recorded[:12]}...): the run cannot resume from it; start it "
+                "anew (--new-run)"
+            )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
-        raise DataError(f"training checkpoint {directory} has no {STATE_FILE}") from error
+        raise DataError(f"training checkpoint {source or directory} has no {STATE_FILE}") from error
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # torch: RuntimeError for a broken zip
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataError(
+            f"training checkpoint {name} is truncated or corrupt ({reason}): the run cannot resume from it; start it "
+            "anew (--new-run)"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DataError(f"{path}: not a {STATE_FORMAT} training checkpoint")
+        raise DataError(f"{name}: not a {STATE_FORMAT} training checkpoint")
     if state.get("fingerprint") != fingerprint:
         raise DataError(
-            f"{path} was written by another configuration (fingerprint {state.get('fingerprint')} != {fingerprint}): "
+            f"{name} was written by another configuration (fingerprint {state.get('fingerprint')} != {fingerprint}): "
             "resume with the same configuration, or start a new run (--new-run)"
         )
     return state
