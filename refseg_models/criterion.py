@@ -87,8 +87,9 @@ class FCPCriterion(PromptMaskCriterion):
 
     Guide: BCE + Dice between each intermediate attention pseudo mask (B x k x (T-1) x S x S) and
     the GT nearest-resized to S x S (``guide_weighting``: the authors' 1/(T-1-m) or the paper's
-    1/(T-1)). Orthogonality: over all 2T branch cross-attention maps (B x k x 2T x N x S*S); the
-    query-branch maps (the last T) see only valid target cells.
+    1/(T-1); ``guide_loss``: the authors' terms on sigmoid(map) or the paper's on the map, see
+    :func:`refseg_models.losses.fcp_guide_loss`). Orthogonality: over all 2T branch cross-attention
+    maps (B x k x 2T x N x S*S); the query-branch maps (the last T) see only valid target cells.
     """
 
     def __init__(
@@ -98,9 +99,11 @@ class FCPCriterion(PromptMaskCriterion):
         guide_weight: float = 0.5,
         ortho_weight: float = 0.05,
         guide_weighting: str = "authors",
+        guide_loss: str = "authors",
     ) -> None:
         super().__init__(bce_weight, dice_weight, loss_guide=guide_weight, loss_ortho=ortho_weight)
         self.guide_weighting = guide_weighting
+        self.guide_loss = guide_loss
 
     def terms(self, outputs, targets, valid):
         terms = super().terms(outputs, targets, valid)
@@ -109,7 +112,9 @@ class FCPCriterion(PromptMaskCriterion):
         gt = resize_nearest(targets, s).to(guide.dtype)[:, None].expand(-1, k, -1, -1).reshape(b * k, s, s)
         ok = resize_nearest(valid, s).to(guide.dtype)[:, None].expand(-1, k, -1, -1).reshape(b * k, s, s)
         flat = guide.reshape(b * k, steps, s, s)
-        terms["loss_guide"] = fcp_guide_loss([flat[:, m] for m in range(steps)], gt, ok, self.guide_weighting)
+        terms["loss_guide"] = fcp_guide_loss(
+            [flat[:, m] for m in range(steps)], gt, ok, self.guide_weighting, self.guide_loss
+        )
         maps = outputs["attention_maps"]  # B x k x 2T x N x L
         layers = maps.shape[2] // 2
         keys_valid = ok.reshape(b * k, -1)

@@ -59,6 +59,7 @@ def probability_bce_loss(probs: torch.Tensor, targets: torch.Tensor, valid: torc
 
 
 GUIDE_WEIGHTINGS = ("authors", "paper")
+GUIDE_LOSSES = ("authors", "paper")
 
 
 def fcp_guide_loss(
@@ -66,6 +67,7 @@ def fcp_guide_loss(
     targets: torch.Tensor,
     valid: torch.Tensor | None = None,
     weighting: str = "authors",
+    form: str = "authors",
 ) -> torch.Tensor:
     """FCP guide loss over the T-1 intermediate attention pseudo masks.
 
@@ -73,20 +75,29 @@ def fcp_guide_loss(
       attention_masks: T-1 tensors B x H x W of probabilities (head-averaged attention, min-max
         normalised per prototype, max over prototypes), m = 0 .. T-2.
       targets, valid: B x H x W GT of the target and its valid mask on the attention grid.
-      weighting: ``"authors"`` (FCP's train.py: layer m's term divided by (T - 1 - m), i.e. 1/2 and 1
-        for T = 3: later layers count more) or ``"paper"`` (eq. 9: a uniform 1 / (T - 1)).
-    Returns: the weighted sum of plain BCE + Dice (plain BCE: the maps are probabilities; the
-      authors' code applies BCE-with-logits to them, a bug not copied here).
+      weighting: ``"authors"`` (FCP's train.py lines 52-53: layer m's term divided by (T - 1 - m),
+        i.e. 1/2 and 1 for T = 3: later layers count more) or ``"paper"`` (eq. 9: a uniform 1 / (T - 1)).
+      form: ``"authors"``: the authors' ``compute_pseudo_objective`` (FCP model/VRP_encoder.py
+        lines 310-314), BCE-with-logits + Dice on sigmoid(map): a second sigmoid on maps that are
+        already probabilities (their Dice adds 1e-9 to the denominator, negligible next to the +1
+        smoothing and left out); their published numbers come from it. ``"paper"``: plain BCE +
+        Dice on the probabilities themselves, as the paper writes eq. 9.
+    Returns: the weighted sum of the per-layer terms (scalar).
     """
     if len(attention_masks) == 0:
         raise ModelError("fcp_guide_loss needs at least one attention mask (T >= 2)")
     if weighting not in GUIDE_WEIGHTINGS:
         raise ModelError(f"guide-loss weighting must be one of {GUIDE_WEIGHTINGS}, got {weighting!r}")
+    if form not in GUIDE_LOSSES:
+        raise ModelError(f"guide-loss form must be one of {GUIDE_LOSSES}, got {form!r}")
     steps = len(attention_masks)  # T - 1
     total = attention_masks[0].new_zeros(())
     for m, mask in enumerate(attention_masks):
         weight = 1.0 / (steps - m) if weighting == "authors" else 1.0 / steps
-        term = probability_bce_loss(mask, targets, valid) + dice_from_probabilities(mask, targets, valid)
+        if form == "authors":
+            term = sigmoid_bce_loss(mask, targets, valid) + dice_loss(mask, targets, valid)
+        else:
+            term = probability_bce_loss(mask, targets, valid) + dice_from_probabilities(mask, targets, valid)
         total = total + weight * term
     return total
 

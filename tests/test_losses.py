@@ -90,7 +90,7 @@ def test_fcp_guide_loss_weights_later_layers_more() -> None:
     m0, m1 = torch.rand(2, 8, 8), torch.rand(2, 8, 8)
     l0, l1 = probability_bce_dice_loss(m0, target), probability_bce_dice_loss(m1, target)
     # T = 3, the authors' train.py: m = 0 divided by T-1-0 = 2, m = 1 by 1.
-    assert fcp_guide_loss([m0, m1], target).item() == pytest.approx((l0 / 2 + l1).item(), rel=1e-6)
+    assert fcp_guide_loss([m0, m1], target, form="paper").item() == pytest.approx((l0 / 2 + l1).item(), rel=1e-6)
     with pytest.raises(ValueError):
         fcp_guide_loss([], target)
 
