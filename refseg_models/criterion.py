@@ -22,6 +22,7 @@ from refseg_models.losses import (
     fcp_guide_loss,
     fcp_orthogonality_loss,
     point_sampled_mask_loss,
+    segic_mask_weighting,
     sigmoid_bce_loss,
 )
 
@@ -129,9 +130,10 @@ class SegICCriterion(Criterion):
     """SegIC: point-sampled sigmoid-CE + Dice (12,544 importance-sampled points per mask).
 
     Positive instructions are weighted 1, negative instructions (empty targets, fully valid)
-    ``negative_weight`` (0.1, the authors'), the sum normalised by the sum of the weights
-    (``num_masks = mask_weight.sum()``). With context reversion the outputs carry a ``"reversed"``
-    pass (its own outputs, ``targets`` and ``valid``); the loss is the mean of both passes.
+    ``negative_weight`` (0.1, the authors') in the CE term only; both terms are divided by the sum of
+    the weights (``num_masks = mask_weight.sum()``), so every Dice counts 1 as in the authors' code
+    (:func:`refseg_models.losses.segic_mask_weighting`). With context reversion the outputs carry a
+    ``"reversed"`` pass (its own outputs, ``targets`` and ``valid``); the loss is the mean of both passes.
 
     Several instructions per target: ``targets`` / ``valid`` B x n x H x W against
     ``outputs["instruction_logits"]`` B x n x h x w; an instruction without any valid pixel (a padding
@@ -177,11 +179,8 @@ class SegICCriterion(Criterion):
             empty = logits.new_zeros(logits.shape[0], *logits.shape[-2:])
             values.append(point_sampled_mask_loss(logits, empty, torch.ones_like(empty), **self.point_kwargs))
             weights.append(logits.new_full((logits.shape[0],), self.negative_weight))
-        weight = torch.cat(weights)
-        return {
-            name: (torch.cat([v[name] for v in values]) * weight).sum() / weight.sum().clamp(min=1e-12)
-            for name in ("loss_ce", "loss_dice")
-        }
+        per_mask = {name: torch.cat([v[name] for v in values]) for name in ("loss_ce", "loss_dice")}
+        return segic_mask_weighting(per_mask, torch.cat(weights))
 
     def terms(self, outputs, targets, valid):
         terms = self._pass(outputs, targets, valid)

@@ -68,7 +68,7 @@ DINOV2_CHANNELS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 
 class SegICConfig(MethodConfig):
     """SegIC's configuration; defaults are the paper's DINOv2-L setting (C = 1024, 896 input, 64 x 64
     grid, 1 point, box prompt p = 0.5 in training, loss on 12,544 importance-sampled points, negative
-    instructions weighted 0.1, context reversion on).
+    instructions weighted 0.1 in the CE term, context reversion on).
 
     ``in_channels``: channels of the frozen encoder's ``feature_key`` map (ViT-B 768, ViT-L 1024;
     ``DINOV2_CHANNELS``). ``similarity_size``: side at which cosine maps are computed (None:
@@ -387,7 +387,8 @@ class SegIC(RefSegMethod):
         self.queue.load_state_dict(state["negative_queue"])
 
     def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Point-sampled sigmoid-CE + Dice over positives (1) and negatives (0.1), both passes."""
+        """Point-sampled sigmoid-CE (positives 1, negatives 0.1) + Dice (every mask 1), both divided
+        by the summed weights as the authors' code does; the mean of both passes."""
         return self.criterion(outputs, targets, valid)
 
     def forward_tensors(
