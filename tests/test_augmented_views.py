@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from environment import import_or_missing
 from pipeline.errors import DataError
 from pipeline.training.views import (
     AugmentationConfig,
@@ -248,7 +249,7 @@ def test_measurement_on_real_images(coco_mini_dir, mobilenet):
 @pytest.mark.real_data
 @pytest.mark.real_weights
 def test_unchanged_extraction_stage_caches_the_views(tmp_path, coco_mini_dir, mobilenet_v2_weights, mobilenet, monkeypatch):
-    ray = pytest.importorskip("ray")
+    ray = import_or_missing("ray")
     from pipeline.data import CocoInstances
     from pipeline.extraction import RegistryEncoder, extract_store
     from pipeline.store import open_store

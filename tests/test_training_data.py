@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from environment import import_or_missing
 from pipeline.errors import ConfigError, DataError
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import epoch_episodes, epoch_seed, episodes_per_epoch, load_fold_data, rank_share
@@ -105,7 +106,7 @@ def test_missing_and_mismatched_stores_are_named(fold_config: TrainConfig, tmp_p
     with pytest.raises(DataError, match=r"(?s)no finished backbone feature store.*refseg extract --output \S*absent"):
         open_frozen_features(cfg, spec, live_backbone=False)
 
-    ray = pytest.importorskip("ray")
+    ray = import_or_missing("ray")
     images = sorted(Path(cfg.images).glob("*.jpg"))[:2]
     items = [(str(int(p.stem)), str(p)) for p in images]
     sha = weights_sha256(mobilenet_v2_weights)
