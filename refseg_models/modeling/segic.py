@@ -521,7 +521,11 @@ class SegIC(RefSegMethod):
             visual = [self.visual_instruction(prototypes[i, :count])]  # count x k x 256
             if has_negatives:
                 visual.append(self.visual_instruction(negatives[:, None].to(target.dtype)))  # n_b x 1 x 256
-            if self.instance_type_embed is not None and (not self.training or torch.rand((), generator=generator).item() >= 0.5):
+            # the authors' `inference or random.random() > 0.5` (model/segic.py line 677)
+            cross = self.instance_type_embed is not None and (
+                not self.training or torch.rand((), generator=generator).item() >= 0.5
+            )
+            if cross:
                 visual = cross_instance_prompt(visual, self.instance_type_embed)
             result = self._decode(embeddings[i : i + 1], prototypes[i, :count], visual[0], target[i], box, meta)
             for key in outputs:
