@@ -2,8 +2,9 @@
 
 The authors' reference points are single object pixels (20 at test); VRP-SAM / ProSAM / FCP
 nearest-resize the reference mask to their 64 x 64 feature grid, where most single pixels vanish.
-This measures it on real coco_mini masks, as refseg's episodes draw them (at the image's own size,
-then nearest to the 512 input frame, then nearest to 64 x 64), for both point styles.
+This measures it on real coco_mini masks, as refseg's episodes draw them (in the authors' 512 x 512
+frame: the mask nearest-resized to 512, points drawn there; then nearest to 64 x 64), for both
+point styles.
 
     python bench/bench_point_annotations.py --coco ../shared/data/coco_mini --instances 300
 """

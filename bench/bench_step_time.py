@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_output import provenance  # noqa: E402
 
 from refseg_models import build_model  # noqa: E402
 from refseg_models.encoders import build_encoder  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
     masks = torch.zeros(b, 1, 512, 512, device=device)
     masks[..., 128:384, 96:416] = 1
     targets, valid = split_target((masks[:, 0] > 0).to(torch.uint8))
-    result: dict = {"device": str(device), "batch": b, "python": platform.python_version(), "torch": torch.__version__}
+    result: dict = {"device": str(device), "batch": b, **provenance()}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
     else:

@@ -22,6 +22,7 @@ from refseg_models.losses import (
     fcp_guide_loss,
     fcp_orthogonality_loss,
     point_sampled_mask_loss,
+    segic_mask_weighting,
     sigmoid_bce_loss,
 )
 
@@ -87,8 +88,9 @@ class FCPCriterion(PromptMaskCriterion):
 
     Guide: BCE + Dice between each intermediate attention pseudo mask (B x k x (T-1) x S x S) and
     the GT nearest-resized to S x S (``guide_weighting``: the authors' 1/(T-1-m) or the paper's
-    1/(T-1)). Orthogonality: over all 2T branch cross-attention maps (B x k x 2T x N x S*S); the
-    query-branch maps (the last T) see only valid target cells.
+    1/(T-1); ``guide_loss``: the authors' terms on sigmoid(map) or the paper's on the map, see
+    :func:`refseg_models.losses.fcp_guide_loss`). Orthogonality: over all 2T branch cross-attention
+    maps (B x k x 2T x N x S*S); the query-branch maps (the last T) see only valid target cells.
     """
 
     def __init__(
@@ -98,9 +100,11 @@ class FCPCriterion(PromptMaskCriterion):
         guide_weight: float = 0.5,
         ortho_weight: float = 0.05,
         guide_weighting: str = "authors",
+        guide_loss: str = "authors",
     ) -> None:
         super().__init__(bce_weight, dice_weight, loss_guide=guide_weight, loss_ortho=ortho_weight)
         self.guide_weighting = guide_weighting
+        self.guide_loss = guide_loss
 
     def terms(self, outputs, targets, valid):
         terms = super().terms(outputs, targets, valid)
@@ -109,7 +113,9 @@ class FCPCriterion(PromptMaskCriterion):
         gt = resize_nearest(targets, s).to(guide.dtype)[:, None].expand(-1, k, -1, -1).reshape(b * k, s, s)
         ok = resize_nearest(valid, s).to(guide.dtype)[:, None].expand(-1, k, -1, -1).reshape(b * k, s, s)
         flat = guide.reshape(b * k, steps, s, s)
-        terms["loss_guide"] = fcp_guide_loss([flat[:, m] for m in range(steps)], gt, ok, self.guide_weighting)
+        terms["loss_guide"] = fcp_guide_loss(
+            [flat[:, m] for m in range(steps)], gt, ok, self.guide_weighting, self.guide_loss
+        )
         maps = outputs["attention_maps"]  # B x k x 2T x N x L
         layers = maps.shape[2] // 2
         keys_valid = ok.reshape(b * k, -1)
@@ -124,9 +130,10 @@ class SegICCriterion(Criterion):
     """SegIC: point-sampled sigmoid-CE + Dice (12,544 importance-sampled points per mask).
 
     Positive instructions are weighted 1, negative instructions (empty targets, fully valid)
-    ``negative_weight`` (0.1, the authors'), the sum normalised by the sum of the weights
-    (``num_masks = mask_weight.sum()``). With context reversion the outputs carry a ``"reversed"``
-    pass (its own outputs, ``targets`` and ``valid``); the loss is the mean of both passes.
+    ``negative_weight`` (0.1, the authors') in the CE term only; both terms are divided by the sum of
+    the weights (``num_masks = mask_weight.sum()``), so every Dice counts 1 as in the authors' code
+    (:func:`refseg_models.losses.segic_mask_weighting`). With context reversion the outputs carry a
+    ``"reversed"`` pass (its own outputs, ``targets`` and ``valid``); the loss is the mean of both passes.
 
     Several instructions per target: ``targets`` / ``valid`` B x n x H x W against
     ``outputs["instruction_logits"]`` B x n x h x w; an instruction without any valid pixel (a padding
@@ -172,11 +179,8 @@ class SegICCriterion(Criterion):
             empty = logits.new_zeros(logits.shape[0], *logits.shape[-2:])
             values.append(point_sampled_mask_loss(logits, empty, torch.ones_like(empty), **self.point_kwargs))
             weights.append(logits.new_full((logits.shape[0],), self.negative_weight))
-        weight = torch.cat(weights)
-        return {
-            name: (torch.cat([v[name] for v in values]) * weight).sum() / weight.sum().clamp(min=1e-12)
-            for name in ("loss_ce", "loss_dice")
-        }
+        per_mask = {name: torch.cat([v[name] for v in values]) for name in ("loss_ce", "loss_dice")}
+        return segic_mask_weighting(per_mask, torch.cat(weights))
 
     def terms(self, outputs, targets, valid):
         terms = self._pass(outputs, targets, valid)

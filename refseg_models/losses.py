@@ -59,6 +59,7 @@ def probability_bce_loss(probs: torch.Tensor, targets: torch.Tensor, valid: torc
 
 
 GUIDE_WEIGHTINGS = ("authors", "paper")
+GUIDE_LOSSES = ("authors", "paper")
 
 
 def fcp_guide_loss(
@@ -66,6 +67,7 @@ def fcp_guide_loss(
     targets: torch.Tensor,
     valid: torch.Tensor | None = None,
     weighting: str = "authors",
+    form: str = "authors",
 ) -> torch.Tensor:
     """FCP guide loss over the T-1 intermediate attention pseudo masks.
 
@@ -73,20 +75,29 @@ def fcp_guide_loss(
       attention_masks: T-1 tensors B x H x W of probabilities (head-averaged attention, min-max
         normalised per prototype, max over prototypes), m = 0 .. T-2.
       targets, valid: B x H x W GT of the target and its valid mask on the attention grid.
-      weighting: ``"authors"`` (FCP's train.py: layer m's term divided by (T - 1 - m), i.e. 1/2 and 1
-        for T = 3: later layers count more) or ``"paper"`` (eq. 9: a uniform 1 / (T - 1)).
-    Returns: the weighted sum of plain BCE + Dice (plain BCE: the maps are probabilities; the
-      authors' code applies BCE-with-logits to them, a bug not copied here).
+      weighting: ``"authors"`` (FCP's train.py lines 52-53: layer m's term divided by (T - 1 - m),
+        i.e. 1/2 and 1 for T = 3: later layers count more) or ``"paper"`` (eq. 9: a uniform 1 / (T - 1)).
+      form: ``"authors"``: the authors' ``compute_pseudo_objective`` (FCP model/VRP_encoder.py
+        lines 310-314), BCE-with-logits + Dice on sigmoid(map): a second sigmoid on maps that are
+        already probabilities (their Dice adds 1e-9 to the denominator, negligible next to the +1
+        smoothing and left out); their published numbers come from it. ``"paper"``: plain BCE +
+        Dice on the probabilities themselves, as the paper writes eq. 9.
+    Returns: the weighted sum of the per-layer terms (scalar).
     """
     if len(attention_masks) == 0:
         raise ModelError("fcp_guide_loss needs at least one attention mask (T >= 2)")
     if weighting not in GUIDE_WEIGHTINGS:
         raise ModelError(f"guide-loss weighting must be one of {GUIDE_WEIGHTINGS}, got {weighting!r}")
+    if form not in GUIDE_LOSSES:
+        raise ModelError(f"guide-loss form must be one of {GUIDE_LOSSES}, got {form!r}")
     steps = len(attention_masks)  # T - 1
     total = attention_masks[0].new_zeros(())
     for m, mask in enumerate(attention_masks):
         weight = 1.0 / (steps - m) if weighting == "authors" else 1.0 / steps
-        term = probability_bce_loss(mask, targets, valid) + dice_from_probabilities(mask, targets, valid)
+        if form == "authors":
+            term = sigmoid_bce_loss(mask, targets, valid) + dice_loss(mask, targets, valid)
+        else:
+            term = probability_bce_loss(mask, targets, valid) + dice_from_probabilities(mask, targets, valid)
         total = total + weight * term
     return total
 
@@ -170,7 +181,7 @@ def point_sampled_mask_loss(
     Returns:
       {"loss_ce": M sigmoid-CE values (mean over the valid points of each mask),
        "loss_dice": M Dice values (+1 smoothing, over the valid points)}: per-mask vectors, so the
-      caller weights and averages them (SegIC's negatives weigh 0.1).
+      caller reduces them (SegIC: :func:`segic_mask_weighting`).
     """
     if logits.dim() == 3:
         logits = logits[:, None]
@@ -201,9 +212,35 @@ def point_sampled_mask_loss(
             point_targets = point_sample(targets.to(logits.dtype) * v, coords)[:, 0] / weight.clamp(min=1e-6)
             point_valid = (weight >= 0.5).to(logits.dtype)
     point_logits = point_sample(logits, coords)[:, 0]  # M x P
+    return point_mask_losses(point_logits, point_targets, point_valid)
+
+
+def point_mask_losses(
+    point_logits: torch.Tensor, point_targets: torch.Tensor, point_valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-mask sigmoid CE (mean over the valid points) and Dice (+1 smoothing) of sampled points.
+
+    M x P logits, targets in [0, 1] and valid {0, 1} -> {"loss_ce": M, "loss_dice": M}; with every
+    point valid these are SegIC's ``sigmoid_ce_loss`` / ``dice_loss`` before their reduction
+    (MengLcool/SEGIC utils/loss_mask.py lines 106-110 and 137-139)."""
+    if point_valid is None:
+        point_valid = torch.ones_like(point_targets)
     ce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none")
     loss_ce = (ce * point_valid).sum(1) / point_valid.sum(1).clamp(min=1.0)
     probs = point_logits.sigmoid() * point_valid
     t = point_targets * point_valid
     loss_dice = 1 - (2 * (probs * t).sum(-1) + 1) / (probs.sum(-1) + t.sum(-1) + 1)
     return {"loss_ce": loss_ce, "loss_dice": loss_dice}
+
+
+def segic_mask_weighting(per_mask: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SegIC's reduction of per-mask losses over positive and negative instructions.
+
+    ``per_mask``: {"loss_ce": M, "loss_dice": M}; ``weights``: M (1 for positives, 0.1 for
+    negatives). As the authors' code computes it (model/segic.py lines 759-766: ``mask_weight``
+    (M, 1), ``num_masks = mask_weight.sum()``; utils/loss_mask.py): CE is weighted per mask,
+    sum(w_i ce_i) / sum(w); their ``dice_loss`` multiplies the (M,) Dice vector by the (M, 1)
+    weights, an M x M broadcast whose sum is sum(dice) * sum(w), then divides by ``num_masks``
+    twice, so every mask's Dice counts 1: sum(dice_i) / sum(w). Scalars out."""
+    total = weights.sum().clamp(min=1e-12)
+    return {"loss_ce": (per_mask["loss_ce"] * weights).sum() / total, "loss_dice": per_mask["loss_dice"].sum() / total}

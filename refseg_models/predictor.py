@@ -8,10 +8,11 @@ code here. ``RefSegPredictor.training_free(method, ...)`` does the same for PerS
 matching, which have no checkpoint. ``predict(reference_image, reference_annotation, target_image)``
 returns a bool mask at the target's original size.
 
-Geometry (:mod:`refseg_models.frames`): the reference annotation is rasterised at the reference's
-original size (:mod:`refseg_models.annotations`), mapped into the input frame the method reads it in,
-and the predicted logits are mapped back (crop of the valid region for padded frames, bilinear
-resize) before thresholding at 0.
+Geometry (:mod:`refseg_models.frames`): a user's reference annotation is rasterised at the
+reference's original size (:mod:`refseg_models.annotations`; generated episode annotations may come
+in the authors' 512 x 512 frame: any mask that covers the whole reference works), mapped into the
+input frame the method reads it in, and the predicted logits are mapped back (crop of the valid
+region for padded frames, bilinear resize) before thresholding at 0.
 """
 
 from __future__ import annotations
@@ -218,7 +219,11 @@ class RefSegPredictor:
 
     @torch.no_grad()
     def features(self, references: Sequence[np.ndarray], masks: Sequence[np.ndarray], target: np.ndarray) -> tuple[EpisodeFeatures, Frame]:
-        """One episode (k references with their H x W annotation masks) -> features + target frame."""
+        """One episode (k references with their annotation masks) -> features + target frame.
+
+        Each mask covers its whole reference image at any resolution (the reference's own size, or
+        the 512 x 512 frame generated points / scribbles are drawn in): it is mapped into the
+        method's frame of that reference."""
         spec = self.model.feature_spec()
         reference_masks = torch.stack([self._frame(r).mask_to_frame(m) for r, m in zip(references, masks)])[None]
         reference_masks = (reference_masks > 0.5).float().to(self.device)

@@ -2,7 +2,8 @@
 
 Real data and weights live in ``../shared`` beside the checkout (never copied into the repo).
 In a user's checkout they are absent and the tests that need them skip with a reason; ``.ci/run``
-sets ``REFSEG_REQUIRE_SHARED=1`` so that their absence fails CI instead of silently skipping.
+sets ``REFSEG_CI=1`` so that their absence, like any missing test dependency, fails CI instead of
+silently skipping (:mod:`environment`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from environment import import_or_missing, missing
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("REFSEG_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
@@ -19,10 +22,7 @@ SHARED_DIR = Path(os.environ.get("REFSEG_SHARED_DIR", REPO_ROOT.parent / "shared
 def _require(path: Path, what: str) -> Path:
     if path.exists():
         return path
-    message = f"{what} not found at {path} (set REFSEG_SHARED_DIR or place ../shared beside the checkout)"
-    if os.environ.get("REFSEG_REQUIRE_SHARED") == "1":
-        pytest.fail(message + "; REFSEG_REQUIRE_SHARED=1 makes this an error", pytrace=False)
-    pytest.skip(message)
+    missing(f"{what} not found at {path} (set REFSEG_SHARED_DIR or place ../shared beside the checkout)")
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def mobilenet_check_dir() -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded local Ray for one test module (2 CPUs, no dashboard), shut down after it."""
-    ray = pytest.importorskip("ray")
+    ray = import_or_missing("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -10,13 +10,13 @@ import os
 import threading
 from collections import defaultdict
 
-import pytest
+from environment import missing
 
 
 class RayProcessTitles:
     def __init__(self, interval_s: float = 0.02):
         if not os.path.isdir("/proc/self"):
-            pytest.skip("needs /proc to see Ray's worker processes")
+            missing("needs /proc to see Ray's worker processes")
         self.interval_s = interval_s
         self.pids: dict[str, set[int]] = defaultdict(set)  # title -> pids that had it
         self._stop = threading.Event()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from environment import import_or_missing
 from pipeline.errors import DataError
 from pipeline.training.views import (
     AugmentationConfig,
@@ -243,12 +244,47 @@ def test_measurement_on_real_images(coco_mini_dir, mobilenet):
     assert result["recompute"]["miou"]["layer4"] > 0.0
     assert 0.0 < result["feature_flip"]["rel_l2"]["layer4"] < 1.0 and result["feature_flip"]["coverage"] == 1.0
     assert result["original_warp"]["rel_l2"]["layer4"] > 0.0 and 0.0 < result["original_warp"]["coverage"] <= 1.0
+    # by hand, the recompute and feature-flip arms: prototype matching on the exact query view's
+    # features (flipped: the toggled view's, flipped back), HSNet's summed per-class IoU
+    from pipeline.training.views import base_view
+    from refseg_models.modeling.inputs import EpisodeFeatures
+
+    for arm in ("recompute", "feature_flip"):
+        for layer, model in models.items():
+            inter, union, per_episode_iou = {}, {}, []
+            for episode in episodes:
+                view = episode.query_view if arm == "recompute" else replace(episode.query_view, flip=not episode.query_view.flip)
+                query = encode_views(mobilenet, [apply_view(source.load_image(source.key(episode.query_id)), view)])[0]
+                if arm == "feature_flip":
+                    query = flip_features(query)
+                info = source.image_info(episode.reference_id)
+                reference = cached(base_view(episode.reference_id, int(info["height"]), int(info["width"]), 512))
+                features = EpisodeFeatures(
+                    reference_masks=torch.from_numpy((source.class_mask(episode.reference_id, episode.class_id) == 1)
+                                                     .astype(np.float32))[None, None],
+                    target_backbone={k: v[None] for k, v in query.items()},
+                    reference_backbone={k: v[None, None] for k, v in reference.items()},
+                )
+                with torch.no_grad():
+                    logits = model.mask_logits(model(features))
+                logits = torch.nn.functional.interpolate(logits, (512, 512), mode="bilinear", align_corners=False)
+                prediction = (logits[0, 0] > 0).numpy()
+                gt = apply_view_to_mask(source.class_mask(episode.query_id, episode.class_id), episode.query_view, fill=255)
+                valid, foreground = gt != 255, gt == 1
+                i = int((prediction & foreground & valid).sum())
+                u = int(((prediction | foreground) & valid).sum())
+                inter[episode.class_id] = inter.get(episode.class_id, 0) + i
+                union[episode.class_id] = union.get(episode.class_id, 0) + u
+                per_episode_iou.append(i / u if u else 0.0)
+            by_hand = 100.0 * float(np.mean([inter[c] / max(union[c], 1) for c in sorted(inter)]))
+            assert result[arm]["miou"][layer] == pytest.approx(by_hand, abs=1e-6), (arm, layer)
+            assert [e["iou"][arm][layer] for e in per_episode] == pytest.approx(per_episode_iou, abs=1e-9), (arm, layer)
 
 
 @pytest.mark.real_data
 @pytest.mark.real_weights
 def test_unchanged_extraction_stage_caches_the_views(tmp_path, coco_mini_dir, mobilenet_v2_weights, mobilenet, monkeypatch):
-    ray = pytest.importorskip("ray")
+    ray = import_or_missing("ray")
     from pipeline.data import CocoInstances
     from pipeline.extraction import RegistryEncoder, extract_store
     from pipeline.store import open_store

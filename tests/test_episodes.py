@@ -183,26 +183,33 @@ def _blob():
 
 @pytest.mark.parametrize("kind", ["mask", "box", "scribble", "points"])
 def test_reference_annotations_are_deterministic_and_inside(kind):
+    from refseg_models.annotations import authors_frame
+
     mask = _blob()
     a = reference_annotation(mask, kind, seed=7)
     b = reference_annotation(mask, kind, seed=7)
     assert np.array_equal(a, b) and a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1}
     assert a.any()
-    if kind in ("mask", "scribble"):
-        assert not (a & (mask != 1)).any()
+    # points and scribbles are drawn in the authors' 512 x 512 frame, masks and boxes at the image's size
+    inside = authors_frame(mask == 1) if kind in ("scribble", "points") else mask == 1
+    assert a.shape == inside.shape
+    if kind in ("mask", "scribble", "points"):
+        assert not (a & ~inside).any()
     if kind == "box":
         assert a[(mask == 1)].all() and a.sum() == 60 * 80
     if kind == "scribble":
-        assert a.sum() < (mask == 1).sum()
+        assert a.sum() < inside.sum()
         c = reference_annotation(mask, kind, seed=8)
         assert not np.array_equal(a, c)
 
 
 def test_points_count_and_errors():
+    from refseg_models.annotations import authors_frame
+
     mask = _blob()
     # the authors' encoding: single object pixels, min(20, area) at test, 1..20 in training
     points = reference_annotation(mask, "points", seed=3)
-    assert points.sum() == 20 and not (points & (mask != 1)).any()
+    assert points.sum() == 20 and not (points & ~authors_frame(mask == 1)).any()
     counts = {int(reference_annotation(mask, "points", seed=s, training=True).sum()) for s in range(40)}
     assert min(counts) >= 1 and max(counts) <= 20 and len(counts) > 5
     discs = reference_annotation(mask, "points", seed=3, point_style="disc")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from environment import missing
 from pipeline.cli import main as refseg
 from pipeline.errors import DataError
 from pipeline.store import StoreBuilder, resolve_location, sorted_items
@@ -76,14 +77,14 @@ def _unprivileged_or_mount(command: list[str], setup: str, target: Path) -> list
     a private mount namespace when root (nothing leaks, nothing to clean up), else plain chmod."""
     if os.geteuid() != 0:
         if setup == "tiny":
-            pytest.skip("a real full disk needs a tmpfs mount (root); see test_a_full_disk_in_the_writer_is_one_line")
+            missing("a real full disk needs a tmpfs mount (root); see test_a_full_disk_in_the_writer_is_one_line")
         target.chmod(0o555)
         return command
     if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) to mount a read-only or tiny filesystem as root")
+        missing("needs unshare(1) to mount a read-only or tiny filesystem as root")
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode()[-200:]}")
+        missing(f"cannot create a mount namespace here: {probe.stderr.decode()[-200:]}")
     mount = (f"mount --bind -o ro {target} {target}" if setup == "ro"
              else f"mount -t tmpfs -o size=256k refseg-full {target}")
     return ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *command]

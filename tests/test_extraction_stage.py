@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from environment import import_or_missing
 from pipeline.data.images import load_rgb
 from pipeline.extraction import FactoryEncoder, RegistryEncoder, extract_store
 from pipeline.extraction.sources import coco_items
@@ -23,7 +24,7 @@ from process_titles import RayProcessTitles
 from test_store_s3 import s3_endpoint, s3_filesystem  # noqa: F401  (module-scoped moto S3 server fixtures)
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights]
-ray = pytest.importorskip("ray")
+ray = import_or_missing("ray")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
 
@@ -177,8 +178,42 @@ def test_guide_loss_weights_authors_and_paper() -> None:
     target = (torch.rand(2, 8, 8, generator=g) > 0.5).float()
     masks = [torch.rand(2, 8, 8, generator=g) for _ in range(2)]  # T = 3
     term = [probability_bce_loss(m, target) + dice_from_probabilities(m, target) for m in masks]
-    authors = fcp_guide_loss(masks, target)  # train.py: layer m divided by (T - 1 - m) -> 1/2, 1
+    authors = fcp_guide_loss(masks, target, form="paper")  # train.py: layer m divided by (T - 1 - m) -> 1/2, 1
     torch.testing.assert_close(authors, term[0] / 2 + term[1])
-    paper = fcp_guide_loss(masks, target, weighting="paper")  # eq. 9: uniform 1 / (T - 1)
+    paper = fcp_guide_loss(masks, target, weighting="paper", form="paper")  # eq. 9: uniform 1 / (T - 1)
     torch.testing.assert_close(paper, (term[0] + term[1]) / 2)
     assert build_model("fcp", guide_weighting="paper", allow_random_init=True).criterion.guide_weighting == "paper"
+
+
+def _fcp_compute_pseudo_objective(logit_mask: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
+    """Transcribed from SuhoPark0706/FCP model/VRP_encoder.py: ``compute_pseudo_objective``
+    (lines 310-314) with its ``dice_loss`` (lines 126-145). ``logit_mask``: B x 1 x 64 x 64 attention
+    pseudo mask (probabilities), ``gt_mask``: B x 64 x 64."""
+    bsz = logit_mask.size(0)
+    loss_bce = F.binary_cross_entropy_with_logits(logit_mask.squeeze(1), gt_mask.float())
+    inputs, targets = logit_mask.flatten(1), gt_mask.flatten(1)
+    inputs = inputs.sigmoid()
+    numerator = 2 * (inputs * targets).sum(-1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    loss = 1 - (numerator + 1) / (denominator + 1 + 1e-9)
+    return loss_bce + loss.sum() / bsz
+
+
+def test_guide_loss_is_the_authors_pseudo_objective_by_default_and_the_papers_on_request() -> None:
+    model = small_fcp().train()
+    assert model.config.guide_loss == "authors"
+    out = model(make_features(b=2))
+    target = torch.zeros(2, 128, 128)
+    target[:, 20:90, 30:100] = 1
+    # FCP train.py lines 48-53: the GT nearest-resized to the attention grid, layer m's objective
+    # divided by (len(pseudo_masks) - m)
+    query_mask = F.interpolate(target.unsqueeze(1), size=(GRID, GRID), mode="nearest").squeeze(1)
+    pseudo_masks = [out["attention_pseudo_masks"][:, 0, m].unsqueeze(1) for m in range(out["attention_pseudo_masks"].shape[2])]
+    expected = sum(_fcp_compute_pseudo_objective(msk, query_mask) / (len(pseudo_masks) - m) for m, msk in enumerate(pseudo_masks))
+    losses = model.loss(out, target, torch.ones_like(target))
+    torch.testing.assert_close(losses["loss_guide"], expected, rtol=1e-6, atol=1e-7)
+    # the paper's form (plain BCE + Dice on the probabilities) is another number
+    paper = small_fcp(guide_loss="paper").criterion(out, target, torch.ones_like(target))
+    assert abs(paper["loss_guide"].item() - expected.item()) > 0.05
+    with pytest.raises(ValueError, match="guide_loss must be one of"):
+        build_model("fcp", guide_loss="logits", allow_random_init=True)

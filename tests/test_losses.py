@@ -90,7 +90,7 @@ def test_fcp_guide_loss_weights_later_layers_more() -> None:
     m0, m1 = torch.rand(2, 8, 8), torch.rand(2, 8, 8)
     l0, l1 = probability_bce_dice_loss(m0, target), probability_bce_dice_loss(m1, target)
     # T = 3, the authors' train.py: m = 0 divided by T-1-0 = 2, m = 1 by 1.
-    assert fcp_guide_loss([m0, m1], target).item() == pytest.approx((l0 / 2 + l1).item(), rel=1e-6)
+    assert fcp_guide_loss([m0, m1], target, form="paper").item() == pytest.approx((l0 / 2 + l1).item(), rel=1e-6)
     with pytest.raises(ValueError):
         fcp_guide_loss([], target)
 
@@ -247,6 +247,7 @@ def test_criteria_name_terms_and_weight_them_in_one_place() -> None:
 
 
 def test_segic_criterion_weights_negatives_and_averages_the_reversed_pass() -> None:
+    torch.manual_seed(0)  # the sampled points (a point within half a pixel of the border reads zero padding)
     target = torch.zeros(2, 16, 16)  # empty targets, predicted exactly (logit -15): CE ~ 3e-7
     valid = torch.ones_like(target)
     good = torch.full((2, 1, 16, 16), -15.0)
@@ -259,7 +260,47 @@ def test_segic_criterion_weights_negatives_and_averages_the_reversed_pass() -> N
     with_neg = crit({"mask_logits": good, "negative_mask_logits": negatives}, target, valid)
     # (points within half a pixel of the border read grid_sample's zero padding: CE 14-15 there)
     assert 0.1 * 14.0 / 2.1 < with_neg["loss_ce"].item() < 0.1 * 15.0 / 2.1
+    # Dice counts every mask 1 (the authors' broadcast), still divided by 2.1: the negative's Dice
+    # 1 - 1 / (sum of ~256 probabilities ~1 + 1) ~ 1 over 2.1, not 0.1 x that (the positives' Dice
+    # is ~0, a little above it where border points read the zero padding)
+    assert 0.9 / 2.1 < with_neg["loss_dice"].item() < 1.05 / 2.1
     # context reversion: the mean of both passes
     reversed_pass = {"mask_logits": -good, "targets": target, "valid": valid}
     both = crit({"mask_logits": good, "reversed": reversed_pass}, target, valid)
     assert 0.5 * 14.0 < both["loss_ce"].item() < 0.5 * 15.0
+
+
+# --- SegIC's reduction, transcribed from MengLcool/SEGIC utils/loss_mask.py (lines 91-139) --------
+def _segic_dice_loss(inputs, targets, num_masks, mask_weight=None):
+    inputs = inputs.sigmoid()
+    inputs = inputs.flatten(1)
+    numerator = 2 * (inputs * targets).sum(-1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    loss = 1 - (numerator + 1) / (denominator + 1)
+    if mask_weight is not None:
+        loss = (loss * mask_weight).sum() / num_masks
+    return loss.sum() / num_masks
+
+
+def _segic_sigmoid_ce_loss(inputs, targets, num_masks, mask_weight=None):
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none", weight=mask_weight)
+    return loss.mean(1).sum() / num_masks
+
+
+def test_segic_weighting_is_the_authors_dice_and_ce_reduction() -> None:
+    from refseg_models.losses import point_mask_losses, segic_mask_weighting
+
+    g = torch.Generator().manual_seed(0)
+    point_logits = torch.randn(5, 64, generator=g) * 3  # 2 positives, 3 negatives (empty targets)
+    point_labels = torch.cat([(torch.rand(2, 64, generator=g) > 0.5).float(), torch.zeros(3, 64)])
+    # model/segic.py lines 761-764: mask_weight (n, 1), 0.1 for negatives, num_masks = its sum
+    mask_weight = torch.tensor([[1.0], [1.0], [0.1], [0.1], [0.1]])
+    num_masks = mask_weight.sum()
+    ours = segic_mask_weighting(point_mask_losses(point_logits, point_labels), mask_weight[:, 0])
+    torch.testing.assert_close(ours["loss_dice"], _segic_dice_loss(point_logits, point_labels, num_masks, mask_weight))
+    torch.testing.assert_close(ours["loss_ce"], _segic_sigmoid_ce_loss(point_logits, point_labels, num_masks, mask_weight))
+    # without negatives (the authors' mask_weight = ones(n, 1), num_masks = n): the plain mean
+    ones = torch.ones(2, 1)
+    plain = segic_mask_weighting(point_mask_losses(point_logits[:2], point_labels[:2]), ones[:, 0])
+    torch.testing.assert_close(plain["loss_dice"], _segic_dice_loss(point_logits[:2], point_labels[:2], 2.0, ones))
+    torch.testing.assert_close(plain["loss_ce"], _segic_sigmoid_ce_loss(point_logits[:2], point_labels[:2], 2.0, ones))

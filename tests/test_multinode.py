@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
+from environment import import_or_missing
 from cluster_helpers import BUCKET, REPO, RayCluster, base_env, start_mlflow, start_moto, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.real_weights]
-pytest.importorskip("boto3")
+import_or_missing("boto3")
 
 N_IMAGES = 24  # the first 24 coco_mini images by id: 11 base classes with training pairs, 4 novel classes
 NODE = {"CPU": 1, "GPU": 1}

@@ -303,28 +303,32 @@ def test_sam_prompt_methods_run_through_the_predictor(
     reference, target = _rgb(ref_path), _rgb(tgt_path)
     pred = predictor.predict(reference, ref_mask, target)
     assert pred.shape == target.shape[:2] and pred.dtype == bool
-    if method == "vrp_sam":
-        # by hand: 512 squash frame, VRP-SAM's 512 x 512 logits resized to the original size
-        from refseg_models.modeling.inputs import EpisodeFeatures
-        from refseg_models.modeling.pseudo_mask import masked_reference_layer4
+    # by hand: 512 squash frame, the method's 512 x 512 logits resized to the original size (FCP also
+    # reads the reference's SAM embedding; ProSAM predicts from its mean prompt in eval mode)
+    from refseg_models.modeling.inputs import EpisodeFeatures
+    from refseg_models.modeling.pseudo_mask import masked_reference_layer4
 
-        backbone, sam = predictor.encoders["backbone"], predictor.encoders["sam"]
-        with torch.no_grad():
-            tgt = backbone(backbone.preprocess(target)[None])
-            ref = backbone(backbone.preprocess(reference)[None])
-            small = Image.fromarray(ref_mask * 255).resize((512, 512), Image.NEAREST)
-            mask = torch.from_numpy(np.asarray(small) > 127).float()[None, None]
-            features = EpisodeFeatures(
-                target_sam=sam(sam.preprocess(target)[None])["image_embedding"],
-                target_backbone=tgt,
-                reference_backbone={k: v[:, None] for k, v in ref.items()},
-                reference_masks=mask,
-                reference_masked_layer4=masked_reference_layer4(backbone, ref["layer3"], mask[:, 0])[:, None],
-            )
-            logits = predictor.model(features)["mask_logits"]
-            expected = F.interpolate(logits, target.shape[:2], mode="bilinear", align_corners=False)[0, 0] > 0
-        # PIL and torch nearest resizes round differently on edges; a random SAM decoder amplifies that
-        assert (pred == expected.numpy()).mean() > 0.995
+    backbone, sam = predictor.encoders["backbone"], predictor.encoders["sam"]
+    with torch.no_grad():
+        tgt = backbone(backbone.preprocess(target)[None])
+        ref = backbone(backbone.preprocess(reference)[None])
+        small = Image.fromarray(ref_mask * 255).resize((512, 512), Image.NEAREST)
+        mask = torch.from_numpy(np.asarray(small) > 127).float()[None, None]
+        features = EpisodeFeatures(
+            target_sam=sam(sam.preprocess(target)[None])["image_embedding"],
+            reference_sam=sam(sam.preprocess(reference)[None])["image_embedding"][:, None] if method == "fcp" else None,
+            target_backbone=tgt,
+            reference_backbone={k: v[:, None] for k, v in ref.items()},
+            reference_masks=mask,
+            reference_masked_layer4=masked_reference_layer4(backbone, ref["layer3"], mask[:, 0])[:, None],
+        )
+        logits = predictor.model.mask_logits(predictor.model(features))
+        expected = (F.interpolate(logits, target.shape[:2], mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
+    print(f"{method}: foreground {expected.mean():.3f} by hand, {pred.mean():.3f} predicted, agreement {(pred == expected).mean():.4f}")
+    assert 0.01 < expected.mean() < 0.99  # a real mask, so that agreement means something
+    # PIL and torch nearest resizes round differently on edges; a random SAM decoder amplifies that
+    assert (pred == expected).mean() > 0.995
+    if method == "vrp_sam":
         with pytest.raises(ModelError, match="different frames"):
             RefSegPredictor(predictor.model, {"sam": _sam_pad_encoder(), "backbone": backbone})
 
@@ -377,14 +381,29 @@ def test_cli_predict_writes_mask_and_overlay(tmp_path: Path, trained_segic, mobi
     assert np.array_equal(overlay[~on], target[~on])  # untouched outside the mask
     assert not np.array_equal(overlay[on], target[on])
 
-    # box and points variants
-    for extra in (["--box", "10", "20", "200", "180"], ["--points", "120,80", "130,90"]):
+    # box and points variants: the CLI's mask is the predictor's for that annotation (points as discs,
+    # the CLI's default), and not the one of the coordinates read the other way round
+    predictor = RefSegPredictor.from_checkpoint(checkpoint, backbone_checkpoint=mobilenet_v2_weights)
+    reference = _rgb(ref_path)
+    ys, xs = np.nonzero(ref_mask)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    h, w = ref_mask.shape
+    both_ways = (xs < h) & (ys < w)  # object pixels that are also in the image read as (y, x)
+    inside = [(int(x), int(y)) for x, y in zip(xs[both_ways], ys[both_ways])][:: max(1, int(both_ways.sum()) // 5)][:5]
+    variants = [
+        (["--box", str(x0), str(y0), str(x1), str(y1)], Box(x0, y0, x1, y1), Box(y0, x0, y1, x1)),
+        (["--points", *[f"{x},{y}" for x, y in inside]], Points(tuple(inside)), Points(tuple((y, x) for x, y in inside))),
+    ]
+    for extra, annotation, transposed in variants:
         args = _parser().parse_args(
             ["predict", "--checkpoint", str(checkpoint), "--reference-image", str(ref_path), *extra,
              "--target-image", str(tgt_path), "--out-dir", str(tmp_path / "o2"),
              "--backbone-checkpoint", str(mobilenet_v2_weights)]
         )
         assert args.handler(args) == 0
+        written = np.asarray(Image.open(tmp_path / "o2" / "mask.png")) > 0
+        assert np.array_equal(written, predictor.predict(reference, annotation, target)), extra[0]
+        assert not np.array_equal(written, predictor.predict(reference, transposed, target)), extra[0]
 
 
 def test_cli_missing_files_are_named(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from environment import import_or_missing
 from model_helpers import single_thread  # noqa: F401  (one intra-op thread for this module)
 
 from refseg_models.encoders import build_encoder
@@ -327,7 +328,7 @@ def test_proxy_sam_cli_errors_are_one_line(tmp_path):
 def test_refseg_extract_writes_a_proxy_embedding_store(asset, mobilenet_v2_weights, coco_mini_dir, tmp_path, monkeypatch):
     import json
 
-    ray = pytest.importorskip("ray")
+    ray = import_or_missing("ray")
     from pipeline.cli import main
     from pipeline.store import FeatureSetKey, open_store
 

@@ -60,7 +60,7 @@ def random_inputs(b: int = 2, k: int = 1, c: int = 32, size: int = 128, seed: in
 # ----------------------------------------------------------------------------- parameter counts
 
 
-@pytest.mark.parametrize("channels, expected", [(1024, 5_180_132), (768, 5_049_060)])
+@pytest.mark.parametrize("channels, expected", [(1024, 5_180_644), (768, 5_049_572)])
 def test_trainable_parameter_count_dinov2(channels: int, expected: int) -> None:
     model = build_model("segic", in_channels=channels)
     assert sum(p.numel() for p in model.trainable_parameters()) == expected
@@ -71,13 +71,16 @@ def test_trainable_parameter_count_dinov2(channels: int, expected: int) -> None:
     assert trainable(model.prompt_encoder) == (4 * 49 + 4) + 8 + (16 * 4 * 4 + 16) + 32 + (16 * 256 + 256) + 6 * 256
     assert trainable(model.mask_decoder) == 4_058_340  # SAM's mask decoder, from scratch
     assert trainable(model.visual_instruction) == channels * 256 + 256
+    assert trainable(model.instance_type_embed) == 2 * 256  # the cross-instance prompt's type embedding
     assert model.meta_instruction is None
     assert trainable(model) == expected
+    without = build_model("segic", in_channels=channels, cross_instance_prompt=False)
+    assert without.instance_type_embed is None and trainable(without) == expected - 512
 
 
 def test_meta_adds_projection_and_segic_takes_no_sam() -> None:
     with_meta = build_model("segic", in_channels=1024, use_meta_instruction=True, text_dim=768)
-    assert trainable(with_meta) == 5_180_132 + 768 * 256 + 256
+    assert trainable(with_meta) == 5_180_644 + 768 * 256 + 256
     assert sum(p.numel() for p in with_meta.trainable_parameters()) == trainable(with_meta)
     with pytest.raises(ModelError, match="does not decode through SAM"):
         build_model("segic", sam_checkpoint="sam.pth")

@@ -48,7 +48,7 @@ def instruction_batch(counts=(3, 1), n=3, seed=0, classes=None, negatives=None, 
 
 
 def test_instructions_of_a_target_are_decoded_together_against_one_neck_pass() -> None:
-    net = model().eval()
+    net = model(cross_instance_prompt=False).eval()  # with it, instructions see each other's tokens (below)
     features, _ = instruction_batch(counts=(3, 1))
     neck_inputs, decoded = [], []
     net.neck.register_forward_hook(lambda module, args, out: neck_inputs.append(args[0].shape[0]))
@@ -164,3 +164,67 @@ def test_instruction_sets_are_validated_moved_and_selected() -> None:
         InstructionSet(features.instructions.masks, (4, 1)).validate(2, 1, 128, 128)
     with pytest.raises(ModelError, match="InstructionSet.masks"):
         EpisodeFeatures(reference_masks=torch.zeros(2, 1, 64, 64), instructions=features.instructions)
+
+
+def _authors_process_cross_inst_prompt(prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transcribed from MengLcool/SEGIC model/segic.py ``process_cross_inst_prompt`` (lines 1029-1039);
+    ``prompt``: (n_inst, n_p, c)."""
+    n_inst, n_p = prompt.shape[:2]
+    prompt_cinst = prompt.flatten(0, 1)[None].expand(n_inst, -1, -1)
+    prompt_type_cinst = prompt_cinst.new_zeros(n_inst, n_inst, n_p, dtype=torch.long)
+    prompt_type_cinst[range(n_inst), range(n_inst)] = 1
+    prompt_type_cinst = prompt_type_cinst.flatten(1, 2)
+    return prompt_cinst, prompt_type_cinst
+
+
+def _authors_cross_prompt(net, prototypes: torch.Tensor) -> torch.Tensor:
+    # model/segic.py lines 692-695: the projected instance features, cross-instanced, + inst_type_embed
+    prompt, types = _authors_process_cross_inst_prompt(net.visual_instruction(prototypes))
+    return prompt + net.instance_type_embed(types)
+
+
+def _sparse_prompts(net) -> list[torch.Tensor]:
+    """The sparse prompts the mask decoder receives, one entry per decoder call."""
+    seen: list[torch.Tensor] = []
+    net.mask_decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["sparse_prompt_embeddings"].detach()), with_kwargs=True
+    )
+    return seen
+
+
+def test_cross_instance_prompt_is_the_authors_at_inference_with_negatives_too() -> None:
+    net = model().eval()
+    assert net.config.cross_instance_prompt and net.instance_type_embed is not None
+    features, _ = instruction_batch(counts=(3, 1))
+    seen = _sparse_prompts(net)
+    g = torch.Generator().manual_seed(3)
+    negatives = [torch.randn(2, 32, generator=g), None]
+    with torch.no_grad():
+        out = net(features, negative_prototypes=negatives)
+        prototypes = out["instruction_prototypes"]  # B x n x k x C, k = 1
+        # target 0: 3 positives then 2 negatives, every prompt holds all 5 instructions' tokens
+        together = torch.cat([prototypes[0, :3], negatives[0][:, None]])
+        expected = _authors_cross_prompt(net, together)  # 5 x 5 x 256
+        expected_single = _authors_cross_prompt(net, prototypes[1, :1])  # target 1: its one instruction
+    positives, negs, single = seen
+    torch.testing.assert_close(positives[:, -5:], expected[:3])
+    torch.testing.assert_close(negs[:, -5:], expected[3:])
+    torch.testing.assert_close(single[:, -1:], expected_single)
+    # the type embedding marks each instruction's own token (1) among the others' (0)
+    assert not torch.allclose(positives[0, -5:], positives[1, -5:])
+
+
+def test_cross_instance_prompt_is_drawn_with_p_half_per_target_in_training() -> None:
+    net = model(context_reversion=False).train()
+    features, _ = instruction_batch(counts=(1,), n=1)
+    seen = _sparse_prompts(net)
+    crossed = 0
+    for seed in range(24):
+        out = net(features, generator=torch.Generator().manual_seed(seed))
+        plain = net.visual_instruction(out["instruction_prototypes"][0, :1]).detach()  # 1 x 1 x 256
+        last = seen[-1][:, -1:]
+        if torch.allclose(last, plain + net.instance_type_embed.weight[1].detach()):
+            crossed += 1
+        else:
+            torch.testing.assert_close(last, plain)
+    assert 6 <= crossed <= 18  # the authors' random.random() > 0.5 per target

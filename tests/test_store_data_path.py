@@ -7,6 +7,7 @@ import hashlib
 import pytest
 import torch
 
+from environment import import_or_missing
 from pipeline.data import CocoInstances, MaskCache
 from pipeline.episodes import build_episode_manifest
 from pipeline.extraction import RegistryEncoder, extract_store
@@ -17,7 +18,7 @@ from refseg_models import build_model
 from refseg_models.encoders import build_encoder
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights]
-ray = pytest.importorskip("ray")
+ray = import_or_missing("ray")
 
 MOBILENET_CHANNELS = (32, 96, 1280)
 

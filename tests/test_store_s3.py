@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from environment import import_or_missing, missing
 from pipeline.store import StoreMismatchError, open_store, verify_store
 
 from test_store_readwrite import KEY, features_of, write_store
 
-pafs = pytest.importorskip("pyarrow.fs")
+pafs = import_or_missing("pyarrow.fs")
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def s3_endpoint():
     """``127.0.0.1:<port>`` of a moto S3 server (loopback only) with the bucket ``refseg-test``."""
     moto_server = Path(sys.executable).with_name("moto_server")
     if not moto_server.exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+        missing("moto_server is not installed (pip install 'moto[server]')")
     port = _free_port()
     process = subprocess.Popen(
         [str(moto_server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from environment import import_or_missing
 from pipeline.errors import ConfigError, DataError
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import epoch_episodes, epoch_seed, episodes_per_epoch, load_fold_data, rank_share
@@ -106,7 +107,7 @@ def test_missing_and_mismatched_stores_are_named(fold_config: TrainConfig, tmp_p
                                         r"\n  refseg extract --output \S*absent"):
         open_frozen_features(cfg, spec, live_backbone=False)
 
-    ray = pytest.importorskip("ray")
+    ray = import_or_missing("ray")
     images = sorted(Path(cfg.images).glob("*.jpg"))[:2]
     items = [(str(int(p.stem)), str(p)) for p in images]
     sha = weights_sha256(mobilenet_v2_weights)
@@ -154,14 +155,15 @@ def test_unreachable_tracking_uri_is_refused_before_training() -> None:
         check_reachable("sqlite:////nonexistent-folder/mlflow.db")
 
 
-def test_relative_paths_are_refused_before_ray_starts(fold_config: TrainConfig, monkeypatch) -> None:
+def test_relative_paths_are_refused_before_ray_starts(fold_config: TrainConfig, monkeypatch, tmp_path: Path) -> None:
     """The command line makes every path absolute; a TrainConfig built in Python with a relative one
-    would fail deep inside a Ray Train worker (another working directory), so the job refuses it."""
-    import os
-
+    would fail deep inside a Ray Train worker (another working directory), so the job refuses it.
+    (The relative folder is made here: how ``../shared`` is laid out, symbolic links included, does
+    not matter.)"""
     from pipeline.training.job import JobOptions, validate
 
-    monkeypatch.chdir(Path(fold_config.images).parent)
-    relative = fold_config.replace(images=os.path.relpath(fold_config.images))
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = fold_config.replace(images="images")
     with pytest.raises(ConfigError, match=r"--images: images is relative: give absolute paths"):
         validate([relative], JobOptions(folds=(0,), tracking_uri="sqlite:////nonexistent-folder/mlflow.db"))

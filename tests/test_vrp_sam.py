@@ -306,3 +306,31 @@ def test_features_container_moves_and_selects() -> None:
     assert half.target_sam.dtype == torch.float64
     assert half.reference_sam is not None and half.reference_sam.shape[:2] == (2, 2)
     assert feats.shot(1).shots == 1
+
+
+# --- SAM's low-res logits -> 512 as the authors upsample them ------------------------------------
+def _authors_upsample(low_res_masks: torch.Tensor, ori_size: tuple[int, int]) -> torch.Tensor:
+    # SAM2pred.forward_mask_decoder, SAM2pred.py line 70 (syp2ysy/VRP-SAM and SuhoPark0706/FCP):
+    #   low_masks = F.interpolate(low_res_masks, size=ori_size, mode='bilinear', align_corners=True)
+    return torch.nn.functional.interpolate(low_res_masks, size=ori_size, mode="bilinear", align_corners=True)
+
+
+@pytest.mark.parametrize("method", ["vrp_sam", "prosam", "fcp"])
+def test_mask_logits_are_the_low_res_logits_upsampled_as_the_authors_do(method: str) -> None:
+    torch.manual_seed(0)
+    grid = 16  # low-res logits 64 x 64 -> 128 x 128
+    model = build_model(
+        method, backbone_channels=SMALL, feature_size=grid, output_size=128,
+        sam_decoder=build_sam_decoder(image_embedding_size=grid),
+    ).eval()
+    feats = make_features(b=2, grid=grid, with_sam_refs=method == "fcp")
+    with torch.no_grad():
+        out = model(feats)
+        tokens = out["prompt_tokens"]
+        tokens = tokens[:, 0] if method == "fcp" else tokens  # FCP: B x k x N x 256, k = 1
+        low = model.sam_decoder.decode(feats.target_sam, tokens)
+    expected = _authors_upsample(low, (128, 128))
+    torch.testing.assert_close(out["mask_logits"], expected, rtol=0, atol=1e-5)
+    # align_corners=False (SAM's postprocess_masks) gives other logits: the check can tell them apart
+    other = torch.nn.functional.interpolate(low, size=(128, 128), mode="bilinear", align_corners=False)
+    assert (out["mask_logits"] - other).abs().max() > 1e-3

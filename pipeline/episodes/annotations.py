@@ -2,9 +2,10 @@
 implementation, shared with ``refseg predict``) at the data layer's error boundary.
 
 An episode carries ``annotation_type`` and ``annotation_seed``; the annotation is regenerated from
-them exactly (mask, box, scribble as SEEM's strokes, points as single pixels; see
-:mod:`refseg_models.annotations`). An empty or all-ignore reference mask raises ``DataError`` with
-reason "empty reference mask", so evaluation counts it as a reported skip.
+them exactly (mask, box, scribble as SEEM's strokes, points as single pixels, the last two in the
+authors' 512 x 512 frame; see :mod:`refseg_models.annotations`). An empty or all-ignore reference
+mask raises ``DataError`` with reason "empty reference mask", so evaluation counts it as a reported
+skip.
 """
 
 from __future__ import annotations

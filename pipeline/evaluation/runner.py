@@ -35,7 +35,9 @@ class Episode:
     query_image: np.ndarray  # H x W x 3 uint8
     query_mask: np.ndarray  # H x W uint8 {0, 1, 255}
     support_images: tuple[np.ndarray, ...]
-    support_annotations: tuple[np.ndarray, ...]  # H x W uint8 {0, 1} reference annotations
+    # uint8 {0, 1} reference annotations, each covering its whole support image: at the image's size
+    # (mask, box) or in the authors' 512 x 512 frame (points, scribble; refseg_models.annotations)
+    support_annotations: tuple[np.ndarray, ...]
 
 
 # predict(episode) -> (h x w logits over the method's input frame, that Frame); > 0 = foreground.

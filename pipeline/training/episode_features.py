@@ -9,10 +9,12 @@ masked-support layer4 (layer4 of reference layer3 x mask, which depends on the a
 computed here with the live frozen backbone (:func:`masked_reference_layer4`), so models take
 features only.
 
-Geometry: reference annotations are generated at the reference's original size
-(:func:`pipeline.episodes.annotations.reference_annotation`, seeded per episode) and, like the
-target's label mask, mapped into the method's logits frame (:class:`refseg_models.frames.Frame`,
-nearest; the padding of a padded frame is ignore = 255 in targets).
+Geometry: reference annotations are generated where the authors draw them
+(:func:`pipeline.episodes.annotations.reference_annotation`, seeded per episode: masks and boxes at
+the reference's size, points and scribbles in VRP-SAM's 512 x 512 frame; each covers the whole
+reference) and, like the target's label mask, mapped into the method's logits frame of the
+reference image (:class:`refseg_models.frames.Frame`, nearest; the padding of a padded frame is
+ignore = 255 in targets).
 """
 
 from __future__ import annotations
@@ -143,18 +145,18 @@ class EpisodeFeatureBuilder:
         target_masks = torch.stack(
             [frame.mask_to_frame(label, pad_value=IGNORE) for frame, label in zip(frames, target_labels)]
         ).to(torch.uint8)
-        annotations = [
-            reference_annotation(
-                self.masks.get(support, row["class_id"]),
-                row["annotation_type"],
-                seed=row["annotation_seed"] + offset,
-                training=self.training,
-                point_style=self.point_style,
-            )
-            for row in rows
-            for offset, support in enumerate(row["support_ids"])
-        ]
-        reference_masks = torch.stack([self._frame(a.shape).mask_to_frame(a) for a in annotations])
+        # (reference image size, annotation): the frame is the reference's, whatever the resolution the
+        # annotation was drawn at (points and scribbles: the authors' 512 x 512 frame)
+        annotations = []
+        for row in rows:
+            for offset, support in enumerate(row["support_ids"]):
+                label = self.masks.get(support, row["class_id"])
+                drawn = reference_annotation(
+                    label, row["annotation_type"], seed=row["annotation_seed"] + offset, training=self.training,
+                    point_style=self.point_style,
+                )
+                annotations.append((label.shape, drawn))
+        reference_masks = torch.stack([self._frame(shape).mask_to_frame(a) for shape, a in annotations])
         reference_masks = reference_masks.view(batch, shot, self.frame_size, self.frame_size)
 
         fields: dict[str, Any] = {"reference_masks": reference_masks}
@@ -178,8 +180,8 @@ class EpisodeFeatureBuilder:
                 # The annotation in the backbone's own frame (the layer3 grid is its grid).
                 backbone_masks = torch.stack(
                     [
-                        Frame.of(self.backbone.preprocessing_id, self.backbone.input_size, a.shape).mask_to_frame(a)
-                        for a in annotations
+                        Frame.of(self.backbone.preprocessing_id, self.backbone.input_size, shape).mask_to_frame(a)
+                        for shape, a in annotations
                     ]
                 )
                 masked = masked_reference_layer4(self.backbone, reference["layer3"].to(self.dtype), backbone_masks[:, None])

@@ -43,7 +43,7 @@ from torch import nn
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import FCPCriterion
 from refseg_models.errors import ModelError
-from refseg_models.losses import GUIDE_WEIGHTINGS
+from refseg_models.losses import GUIDE_LOSSES, GUIDE_WEIGHTINGS
 from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
@@ -246,6 +246,9 @@ class FCPConfig(MethodConfig):
     4 heads, the authors' dropouts, loss weights guide 0.5 / orthogonality 0.05).
 
     ``guide_weighting``: ``"authors"`` (train.py: layer m divided by T-1-m) or ``"paper"`` (eq. 9).
+    ``guide_loss``: ``"authors"`` (their ``compute_pseudo_objective``: BCE-with-logits + Dice on
+    sigmoid of the probability maps; the published numbers come from it) or ``"paper"`` (plain BCE +
+    Dice on the maps, as eq. 9 writes); see docs/methods.md.
     """
 
     backbone_channels: tuple[int, int, int] = RESNET50_CHANNELS
@@ -263,6 +266,7 @@ class FCPConfig(MethodConfig):
     guide_weight: float = 0.5
     ortho_weight: float = 0.05
     guide_weighting: str = "authors"
+    guide_loss: str = "authors"
 
 
 class FCP(RefSegMethod):
@@ -277,12 +281,15 @@ class FCP(RefSegMethod):
         super().__init__()
         if config.guide_weighting not in GUIDE_WEIGHTINGS:
             raise ModelError(f"guide_weighting must be one of {GUIDE_WEIGHTINGS}, got {config.guide_weighting!r}")
+        if config.guide_loss not in GUIDE_LOSSES:
+            raise ModelError(f"guide_loss must be one of {GUIDE_LOSSES}, got {config.guide_loss!r}")
         self.config = config
         self.prompt_encoder = prompt_encoder
         self.sam_decoder = sam_decoder
         self.output_size = config.output_size
         self.criterion = FCPCriterion(
-            config.bce_weight, config.dice_weight, config.guide_weight, config.ortho_weight, config.guide_weighting
+            config.bce_weight, config.dice_weight, config.guide_weight, config.ortho_weight, config.guide_weighting,
+            config.guide_loss,
         )
 
     @classmethod

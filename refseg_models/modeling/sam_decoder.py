@@ -143,9 +143,12 @@ class SamDecoder(nn.Module):
 
 
 def upsample_logits(low_res_logits: torch.Tensor, size: int = 512) -> torch.Tensor:
-    """B x C x 256 x 256 low-res logits -> B x C x size x size, bilinear (align_corners=False), as
-    VRP-SAM does to reach its 512 x 512 working resolution."""
-    return F.interpolate(low_res_logits, size=(size, size), mode="bilinear", align_corners=False)
+    """B x C x 256 x 256 low-res logits -> B x C x size x size, bilinear with ``align_corners=True``:
+    as VRP-SAM and FCP reach their 512 x 512 working resolution (``SAM2pred.forward_mask_decoder``,
+    SAM2pred.py line 70 in both syp2ysy/VRP-SAM and SuhoPark0706/FCP). SAM's own
+    ``postprocess_masks`` uses align_corners=False; the corner-aligned grid moves boundaries by up
+    to half a low-res pixel, so the authors' choice is followed."""
+    return F.interpolate(low_res_logits, size=(size, size), mode="bilinear", align_corners=True)
 
 
 def build_sam_decoder(

@@ -11,12 +11,16 @@ Trainable parts (the paper, section 3, and the authors' ``model/segic.py`` +
 * ``visual_instruction``: Linear(C->256) on the masked mean of the reference features;
 * ``meta_instruction``: Linear(text_dim->256) on a text embedding, only with
   ``use_meta_instruction=True`` (default off; it then needs real text embeddings, and is refused
-  for novel-class evaluation, see ``forward``).
+  for novel-class evaluation, see ``forward``);
+* ``instance_type_embed``: Embedding(2, 256) of the cross-instance prompt (``cross_instance_prompt``,
+  on by default as in the authors' training script, not in the paper; :func:`cross_instance_prompt`).
 
 Per target image and instruction the sparse prompt is, in the authors' order: the top-1 point of
 the cosine map (+ SAM's padding token when no box), the target GT box (training only, p = 0.5),
-the meta token, then the k visual tokens (one per reference shot). The dense prompt is the cosine
-map itself. Decoding is SAM's, one target image against its instruction sets (as the authors do).
+the meta token, then the k visual tokens (one per reference shot); with the cross-instance prompt
+(p = 0.5 per target in training, always at inference) the visual tokens of ALL the target's
+instructions (positives, then negatives) plus a type embedding (own 1, others 0) instead. The dense
+prompt is the cosine map itself. Decoding is SAM's, one target image against its instruction sets (as the authors do).
 
 Deliberate deviations (stated in docs/methods_segic_persam.md):
 * k-shot (the paper is 1-shot): k visual tokens and the mean of the k per-shot cosine maps;
@@ -68,7 +72,7 @@ DINOV2_CHANNELS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 
 class SegICConfig(MethodConfig):
     """SegIC's configuration; defaults are the paper's DINOv2-L setting (C = 1024, 896 input, 64 x 64
     grid, 1 point, box prompt p = 0.5 in training, loss on 12,544 importance-sampled points, negative
-    instructions weighted 0.1, context reversion on).
+    instructions weighted 0.1 in the CE term, context reversion on).
 
     ``in_channels``: channels of the frozen encoder's ``feature_key`` map (ViT-B 768, ViT-L 1024;
     ``DINOV2_CHANNELS``). ``similarity_size``: side at which cosine maps are computed (None:
@@ -101,6 +105,11 @@ class SegICConfig(MethodConfig):
     negative_candidates: int = 40
     # Instruction sets decoded per target in training, positives first (authors' num_inst = 10).
     max_instructions: int = 10
+    # The authors' --use_cross_inst_prompt (set by their training script scripts/segic_dist.sh; not
+    # in the paper): every instruction's prompt holds the visual tokens of ALL instructions of its
+    # target, plus a learned type embedding (own / other); p = 0.5 per target in training, always
+    # at inference. Adds an Embedding(2, 256): 512 trainable parameters.
+    cross_instance_prompt: bool = True
 
 
 class SegIC(RefSegMethod):
@@ -121,6 +130,7 @@ class SegIC(RefSegMethod):
         mask_decoder: MaskDecoder,
         visual_instruction: nn.Linear,
         meta_instruction: nn.Linear | None = None,
+        instance_type_embed: nn.Embedding | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -129,6 +139,7 @@ class SegIC(RefSegMethod):
         self.mask_decoder = mask_decoder
         self.visual_instruction = visual_instruction
         self.meta_instruction = meta_instruction
+        self.instance_type_embed = instance_type_embed
         self.input_size = config.input_size
         self.feature_size = config.feature_size
         self.similarity_size = config.input_size // 4 if config.similarity_size is None else config.similarity_size
@@ -174,7 +185,9 @@ class SegIC(RefSegMethod):
             iou_head_hidden_dim=256,
         )
         meta = nn.Linear(config.text_dim, config.embed_dim) if config.use_meta_instruction else None
-        return cls(config, neck, prompt_encoder, mask_decoder, nn.Linear(config.in_channels, config.embed_dim), meta)
+        # the authors' inst_type_embed = nn.Embedding(2, 256) (model/segic.py lines 209-210)
+        types = nn.Embedding(2, config.embed_dim) if config.cross_instance_prompt else None
+        return cls(config, neck, prompt_encoder, mask_decoder, nn.Linear(config.in_channels, config.embed_dim), meta, types)
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(backbone=(self.feature_key,), target_boxes=True)
@@ -208,6 +221,7 @@ class SegIC(RefSegMethod):
         self,
         image_embedding: torch.Tensor,
         prototypes: torch.Tensor,
+        visual_tokens: torch.Tensor,
         target_features: torch.Tensor,
         box: torch.Tensor | None,
         meta_token: torch.Tensor | None,
@@ -217,6 +231,8 @@ class SegIC(RefSegMethod):
         Args:
             image_embedding: 1 x 256 x s x s neck output of the target.
             prototypes: n x k x C instance features (k shots per instruction).
+            visual_tokens: n x t x 256 visual instruction tokens (the projected prototypes, t = k,
+                or the cross-instance prompt).
             target_features: C x s x s raw target features (for the cosine map).
             box: 1 x 4 (shared) or n x 4 (per instruction) target boxes in input pixels, or None.
             meta_token: n x 1 x 256 projected meta instruction, or None.
@@ -229,7 +245,7 @@ class SegIC(RefSegMethod):
         boxes = box.expand(n, 4) if box is not None else None
         sparse, dense_embeddings = self.prompt_encoder(points=(points, labels), boxes=boxes, masks=dense)
         extra = [] if meta_token is None else [meta_token]
-        extra.append(self.visual_instruction(prototypes))  # n x k x 256
+        extra.append(visual_tokens)
         sparse = torch.cat([sparse, *extra], dim=1)
         low_res, iou = self.mask_decoder(
             image_embeddings=image_embedding,
@@ -387,7 +403,8 @@ class SegIC(RefSegMethod):
         self.queue.load_state_dict(state["negative_queue"])
 
     def loss(self, outputs: Mapping[str, Any], targets: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Point-sampled sigmoid-CE + Dice over positives (1) and negatives (0.1), both passes."""
+        """Point-sampled sigmoid-CE (positives 1, negatives 0.1) + Dice (every mask 1), both divided
+        by the summed weights as the authors' code does; the mean of both passes."""
         return self.criterion(outputs, targets, valid)
 
     def forward_tensors(
@@ -501,7 +518,16 @@ class SegIC(RefSegMethod):
                 if torch.rand((), generator=generator).item() < self.box_prob:
                     box = target_boxes[i, :count].to(target.dtype)
             meta = None if meta_tokens is None else meta_tokens[i : i + 1]
-            result = self._decode(embeddings[i : i + 1], prototypes[i, :count], target[i], box, meta)
+            visual = [self.visual_instruction(prototypes[i, :count])]  # count x k x 256
+            if has_negatives:
+                visual.append(self.visual_instruction(negatives[:, None].to(target.dtype)))  # n_b x 1 x 256
+            # the authors' `inference or random.random() > 0.5` (model/segic.py line 677)
+            cross = self.instance_type_embed is not None and (
+                not self.training or torch.rand((), generator=generator).item() >= 0.5
+            )
+            if cross:
+                visual = cross_instance_prompt(visual, self.instance_type_embed)
+            result = self._decode(embeddings[i : i + 1], prototypes[i, :count], visual[0], target[i], box, meta)
             for key in outputs:
                 outputs[key].append(result[key][:1])
             logits = result["mask_logits"][:, 0]  # count x 4s x 4s
@@ -512,7 +538,9 @@ class SegIC(RefSegMethod):
                 # A negative instruction carries no class name, so no meta token (the authors feed CLIP's
                 # empty prompt there; without a text encoder we leave the token out).
                 neg_meta = None
-                neg = self._decode(embeddings[i : i + 1], negatives[:, None].to(target.dtype), target[i], None, neg_meta)
+                neg = self._decode(
+                    embeddings[i : i + 1], negatives[:, None].to(target.dtype), visual[1], target[i], None, neg_meta
+                )
                 negatives_out.append(neg["mask_logits"])
             else:
                 negatives_out.append(target.new_zeros(0, 1, low_res, low_res))
@@ -522,6 +550,27 @@ class SegIC(RefSegMethod):
         result["instruction_prototypes"] = prototypes
         result["negative_mask_logits"] = negatives_out
         return result
+
+
+def cross_instance_prompt(groups: Sequence[torch.Tensor], type_embed: nn.Embedding) -> list[torch.Tensor]:
+    """SegIC's cross-instance prompt (the authors' ``--use_cross_inst_prompt``:
+    ``process_cross_inst_prompt``, model/segic.py lines 1029-1039, applied at lines 677 and 692-695).
+
+    Args:
+        groups: the visual tokens of one target's instructions, in decoding order (positives, then
+            negatives): tensors n_g x t_g x D (t_g tokens per instruction: k shots, or 1).
+        type_embed: Embedding(2, D): index 1 for an instruction's own tokens, 0 for the others'.
+    Returns:
+        the same groups, each instruction's tokens replaced by ALL T = sum n_g t_g tokens of the
+        target (instruction-major, as the authors' ``prompt.flatten(0, 1)``) plus the type
+        embedding: n_g x T x D per group.
+    """
+    tokens = torch.cat([group.flatten(0, 1) for group in groups])  # T x D
+    per_instruction = torch.cat([torch.full((group.shape[0],), group.shape[1]) for group in groups])
+    owner = torch.arange(len(per_instruction)).repeat_interleave(per_instruction).to(tokens.device)  # T
+    types = (owner[None, :] == torch.arange(len(per_instruction), device=tokens.device)[:, None]).long()  # N x T
+    prompts = tokens[None] + type_embed(types)
+    return list(prompts.split([group.shape[0] for group in groups]))
 
 
 def _instruction_features(reference: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
