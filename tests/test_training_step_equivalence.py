@@ -160,28 +160,30 @@ def test_bf16_autocast_step_stays_close_to_the_fp32_step(method):
     assert error < AUTOCAST_RELATIVE_ERROR and cosine > AUTOCAST_COSINE, (error, cosine)
 
 
-def test_fcp_bf16_autocast_losses_match_and_only_the_guide_gradient_is_ill_conditioned():
-    """FCP's guide loss goes through a min-max normalisation of near-uniform attention (random
-    init): its gradient selects the argmin / argmax key, so input changes far below bf16's rounding
-    flip it. Checked here in fp32 itself (1e-5 relative noise on the inputs changes it by more than
-    10 %); so under bf16 the loss VALUES must match (the attention weights run in fp32:
-    ``CrossAttentionLayer``), the gradients of the other terms must match, the guide's cannot."""
+# The guide's gradient passes through the bf16 backbone taps and both attentions: measured 17 %
+# here (the other terms 0.5-7 %); 1e-5 relative input noise in fp32 moves it by 0.2 %, so this is
+# bf16 rounding, not an ill-conditioned loss.
+FCP_GUIDE_RELATIVE_ERROR = 0.3
+
+
+def test_fcp_bf16_autocast_losses_and_gradients_stay_close_to_fp32():
+    """FCP under bf16 autocast: loss values within 1 % and every term's gradient within the bound.
+    The attention weights and the min-max pseudo masks run in fp32 (``CrossAttentionLayer``): in
+    bf16 they turned the guide loss 5.0 into 13.2. With the authors' guide loss (a sigmoid on the
+    pseudo-mask probabilities, ``guide_loss="authors"``) the guide's gradient is well conditioned;
+    the paper's form (plain BCE on min-max normalised near-uniform attention) selects the argmin /
+    argmax key at random init, so only its value is compared there."""
     model = _model("fcp")
     features, targets, valid = _batch("fcp")
-    smooth = ("loss_bce", "loss_dice", "loss_ortho")
-    reference = _step_gradients(model, features, targets, valid, "float32", (*smooth, "loss_guide"))
-    low = _step_gradients(model, features, targets, valid, "bfloat16", smooth)
-    for term in (*smooth, "loss_guide"):
+    terms = ("loss_bce", "loss_dice", "loss_ortho", "loss_guide")
+    reference = _step_gradients(model, features, targets, valid, "float32", terms)
+    low = _step_gradients(model, features, targets, valid, "bfloat16", terms)
+    for term in terms:
         value, expected = low["values"][term], reference["values"][term]
         assert abs(value - expected) <= 0.01 * abs(expected), (term, value, expected)
-    for term in smooth:
         error = _relative(low[term], reference[term])
         print(f"fcp {term}: bf16 autocast gradient relative error {error:.4f}")
-        assert error < AUTOCAST_RELATIVE_ERROR, (term, error)
-    noise = torch.Generator().manual_seed(3)
-    nudged = features._map(lambda x: x * (1 + 1e-5 * torch.randn(x.shape, generator=noise)) if x.is_floating_point() else x)
-    guide = _step_gradients(model, nudged, targets, valid, "float32", ("loss_guide",))["loss_guide"]
-    assert _relative(guide, reference["loss_guide"]) > 0.1
+        assert error < (FCP_GUIDE_RELATIVE_ERROR if term == "loss_guide" else AUTOCAST_RELATIVE_ERROR), (term, error)
 
 
 # ||fused update - plain update|| / ||plain update|| over three steps (see the test's output with -s).
