@@ -91,7 +91,7 @@ def ray_job_working_dir(cwd: Path | None = None) -> Path | None:
     return cwd if runtime_env.get("working_dir") else None
 
 
-ROOT_HINT = f"pass --root /shared/path (or s3://bucket/prefix), or set {ROOT_ENV}"
+ROOT_HINT = f"pass --root /shared/path (or s3://bucket/prefix), or set {ROOT_ENV} in the job's runtime env"
 
 
 def check_durable(locations: Mapping[str, str | None], hint: str = ROOT_HINT, cwd: Path | None = None) -> None:

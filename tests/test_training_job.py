@@ -321,7 +321,8 @@ def test_ray_job_submit_runs_the_readme_command(workspace: dict, vrp_run: dict, 
         at = command.index("--root")
         refused = submit(command[:at] + command[at + 2 :] + size)
         assert refused.returncode != 0
-        assert "train_coco20i: error: the root (--root / REFSEG_ROOT)" in refused.stdout, refused.stdout[-3000:]
+        assert "train_coco20i: error: the sam feature store " in refused.stdout, refused.stdout[-3000:]
+        assert "would be inside the temporary copy of the working directory" in refused.stdout
         assert "working_dir_files" in refused.stdout and "pass --root" in refused.stdout
         assert "training submitted" not in refused.stdout and "Traceback" not in refused.stdout
         result = submit(command + size)

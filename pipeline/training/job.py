@@ -98,15 +98,12 @@ def output_dir(options: JobOptions, run_name: str) -> str:
 
 def check_locations(configs: list[TrainConfig], options: JobOptions) -> None:
     """Every durable location of the run, refused in one line if a Ray job's temporary working dir
-    would hold it (before anything is read, extracted or started)."""
+    would hold it (before anything is read, extracted or started). The root itself only matters
+    through the defaults it gives."""
     first = configs[0]
-    locations = {"the root (--root / REFSEG_ROOT)": options.resolved_root.location,
-                 "the Ray Train storage (--storage-path)": first.storage_path,
-                 "the MLflow store (--tracking-uri)": tracking_uri(options),
-                 "the summary folder (--output-dir)": output_dir(options, first.run_name)}
-    for role in ("sam", "backbone"):
-        store = getattr(first, role).store
-        locations[f"the {role} feature store (--{role}-store)"] = store
+    locations = {f"the {role} feature store": getattr(first, role).store for role in ("sam", "backbone")}
+    locations.update({"the Ray Train checkpoints": first.storage_path, "the MLflow store": tracking_uri(options),
+                      "the summary folder": output_dir(options, first.run_name)})
     check_durable(locations)
 
 
