@@ -119,7 +119,8 @@ def ensure_experiment(uri: str, name: str, metric_keys: Iterable[str] = ()) -> s
 
 def _results_view(current: str | None, metric_keys: Iterable[str]) -> str | None:
     """The saved view's tag value (MLflow's envelope: name, createdAt, updatedAt and the runs-table
-    state as JSON text), or None when ``current`` shows every column already."""
+    state as JSON text: the columns shown, in this order), or None when ``current`` shows every
+    column already."""
     columns = [f"metrics.`{key}`" for key in metric_keys] + list(_VIEW_COLUMNS)
     created = now = int(time.time() * 1000)
     try:
@@ -130,10 +131,11 @@ def _results_view(current: str | None, metric_keys: Iterable[str]) -> str | None
     if envelope and state:
         shown = list(state.get("selectedColumns") or [])
         missing = [c for c in columns if c not in shown]
-        if not missing:
-            return None
+        if not missing and state.get("columnOrder"):
+            return None  # also keeps what a user saved over it in the UI
         columns, created = shown + missing, int(envelope.get("createdAt", now))
-    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns}
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
+             "columnOrder": columns}
     return json.dumps({"name": "refseg results", "createdAt": created, "updatedAt": now, "state": json.dumps(state)})
 
 
