@@ -338,12 +338,18 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _write_summary(summary: dict[str, Any], folder: str) -> None:
+    """``<folder>/summary.json``; a folder that cannot be written is one printed line, not a failed
+    job (the training is done and MLflow holds every result)."""
     from pipeline.store.fs import resolve_location
 
-    location = resolve_location(folder)
-    if location.is_local:
-        location.makedirs()
-    location.write_bytes("summary.json", json.dumps(summary, indent=1, default=str).encode())
+    try:
+        location = resolve_location(folder)
+        if location.is_local:
+            location.makedirs()
+        location.write_bytes("summary.json", json.dumps(summary, indent=1, default=str).encode())
+    except (DataError, ConfigError) as error:
+        print(f"the summary was not written: {error}", flush=True)
+        return
     summary["summary_file"] = location.join("summary.json") if location.is_local else f"{folder.rstrip('/')}/summary.json"
 
 
