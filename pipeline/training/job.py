@@ -36,6 +36,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.locations import Root, check_durable, resolve_root
+from pipeline.ray_session import init_ray
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import load_fold_data
 from pipeline.training.features import extraction_command, open_frozen_features, store_exists
@@ -219,8 +220,6 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
     tags = {"refseg.code_version": code_version(), "refseg.method": first.method, "refseg.dataset": first.dataset,
             "refseg.storage_path": first.storage_path, **{f"refseg.frozen.{k}": v for k, v in _identities(first).items()}}
     parent_id = tracking.parent_run(uri, experiment_id, first.run_name, params, tags)
-
-    from pipeline.ray_session import init_ray
 
     init_ray(options.ray_address, **options.ray_init_kwargs)
     summary: dict[str, Any] = {"run_name": first.run_name, "experiment": first.experiment, "tracking_uri": uri,
