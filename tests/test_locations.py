@@ -79,3 +79,34 @@ def test_training_in_a_job_copy_without_a_root_stops_in_one_line(
     assert len(lines) == 1 and "would be inside the temporary copy of the working directory" in lines[0], result.stderr
     assert "pass --root" in lines[0] and not (job / "stores").exists() and not (job / "mlflow.db").exists()
     assert result.stdout == ""  # nothing read, nothing started
+
+
+def test_every_default_location_of_the_training_job_derives_from_the_root(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from pipeline.training import tracking
+    from pipeline.training.commands import add_train_arguments, configs_from_args
+    from pipeline.training.job import fold_configs, output_dir, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser, "coco20i")
+    data = ["--annotations", "/data/coco/instances.json", "--images", "/data/coco/images", "--backbone-checkpoint",
+            "/data/weights/mobilenet_v2.pth", "--folds", "0", "--run-name", "r"]
+    base, options = configs_from_args(parser.parse_args([*data, "--root", str(tmp_path / "root")]), "coco20i")
+    cfg = fold_configs(base, options)[0]
+    root = tmp_path / "root"
+    assert (cfg.sam.store, cfg.backbone.store) == (str(root / "stores" / "coco-sam_proxy_mobilenet_v2"),
+                                                   str(root / "stores" / "coco-mobilenet_v2"))
+    assert cfg.storage_path == str(root / "outputs" / "ray")
+    assert tracking_uri(options) == f"sqlite:///{root / 'mlflow.db'}"
+    assert output_dir(options, cfg.run_name) == str(root / "outputs" / "r")
+    # an object-store root: the same layout, and the MLflow server must be named (no sqlite in a bucket)
+    base, options = configs_from_args(parser.parse_args([*data, "--root", "s3://bucket/refseg"]), "coco20i")
+    cfg = fold_configs(base, options)[0]
+    assert cfg.sam.store == "s3://bucket/refseg/stores/coco-sam_proxy_mobilenet_v2"
+    assert cfg.storage_path == "s3://bucket/refseg/outputs/ray"
+    with pytest.raises(ConfigError, match="give a tracking server"):
+        tracking_uri(options)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri(options) == "http://mlflow:5000" == tracking.default_tracking_uri(options.resolved_root)
