@@ -125,9 +125,15 @@ def _results_view(current: str | None, metric_keys: Iterable[str]) -> str | None
     created = now = int(time.time() * 1000)
     try:
         envelope = json.loads(current) if current else None
-        state = json.loads(envelope["state"]) if envelope else None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        envelope = state = None  # not ours, or edited in the UI into something else: rewrite it
+    except json.JSONDecodeError:
+        envelope = None  # not a view: rewrite it
+    if isinstance(envelope, dict) and envelope.get("state"):
+        try:
+            state = json.loads(envelope["state"])
+        except (json.JSONDecodeError, TypeError):
+            return None  # saved over in the UI (which may compress the state): the user's now
+    else:
+        envelope = state = None
     if envelope and state:
         shown = list(state.get("selectedColumns") or [])
         missing = [c for c in columns if c not in shown]
