@@ -142,6 +142,7 @@ def job(cfg, work: Path, workers: int, samples: int) -> dict:
 
     from mlflow.tracking import MlflowClient
 
+    from pipeline.locations import resolve_root
     from pipeline.training.job import JobOptions, run_training
 
     tracking = Path(tempfile.mkdtemp(prefix="segic-mlflow-", dir=work))
@@ -149,7 +150,8 @@ def job(cfg, work: Path, workers: int, samples: int) -> dict:
                           recipe_overrides=dict(batch_size=8, epochs=1), storage_path=str(tracking / "ray"),
                           run_name=f"bench-segic-{workers}w")
     uri = f"sqlite:///{tracking}/mlflow.db"
-    options = JobOptions(folds=(0,), tracking_uri=uri, ray_init_kwargs={"num_cpus": 2, "include_dashboard": False})
+    options = JobOptions(folds=(0,), tracking_uri=uri, ray_init_kwargs={"num_cpus": 2, "include_dashboard": False},
+                         root=resolve_root(str(tracking)))
     import ray
 
     try:

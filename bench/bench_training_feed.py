@@ -45,7 +45,7 @@ def run(shared: Path, work: Path, workers: int, episodes: int) -> dict:
         "--sam-store", str(work / "stores/sam"), "--backbone-store", str(work / "stores/backbone"),
         "--method", "vrp_sam", "--folds", "0", "--epochs", "1", "--episodes-per-epoch", str(episodes),
         "--num-workers", str(workers), "--val-episodes", "8", "--test-episodes", "8", "--log-every", "1",
-        "--tracking-uri", f"sqlite:///{tracking}/mlflow.db", "--storage-path", f"{tracking}/ray",
+        "--tracking-uri", f"sqlite:///{tracking}/mlflow.db", "--storage-path", f"{tracking}/ray", "--root", tracking,
         "--extract-missing", "--new-run",
     ])
     base, options = configs_from_args(args, "coco20i")

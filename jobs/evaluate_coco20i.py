@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.errors import run_cli  # noqa: E402
+from pipeline.locations import check_durable  # noqa: E402
 from pipeline.evaluation.job import EvaluateConfig, run  # noqa: E402
 
 
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
 
 
 def main() -> int:
-    run(parse_args())
+    config = parse_args()
+    check_durable({"the output folder (--output-dir)": config.output_dir}, hint="give --output-dir a shared absolute path")
+    run(config)
     return 0
 
 

@@ -98,6 +98,10 @@ class EncoderIdentity:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self, sha_chars: int = 64) -> str:
+        """``<encoder id> (weights sha256 <sha>, <preprocessing id>)``, the sha cut to ``sha_chars``."""
+        return f"{self.encoder_id} (weights sha256 {self.weights_sha256[:sha_chars]}, {self.preprocessing_id})"
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str) -> "EncoderIdentity":
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.locations import resolve_root  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.training.job import JobOptions, run_training  # noqa: E402
 
@@ -22,7 +23,7 @@ from pipeline.training.job import JobOptions, run_training  # noqa: E402
 def main() -> int:
     config_path, tracking_uri = sys.argv[1], sys.argv[2]
     cfg = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
-    options = JobOptions(folds=(cfg.fold,), tracking_uri=tracking_uri,
+    options = JobOptions(folds=(cfg.fold,), tracking_uri=tracking_uri, root=resolve_root(str(Path(config_path).parent)),
                          ray_init_kwargs={"num_cpus": 2, "include_dashboard": False})
     run_training(cfg, options)
     return 0

@@ -36,6 +36,25 @@ def test_all_80_classes_load_with_images(coco):
         assert set(np.unique(mask)) <= {0, 1, IGNORE_INDEX}
 
 
+def test_loading_prints_nothing_even_where_print_is_patched(coco_mini_dir, monkeypatch):
+    """Ray Train workers replace ``print`` by a logger call, so a redirected stdout does not silence
+    pycocotools' "creating index..." there: the index is built without it, and is pycocotools' own."""
+    import builtins
+
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
+    quiet = CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", verbose=False)
+    monkeypatch.undo()
+    assert printed == []
+    from pycocotools.coco import COCO
+
+    reference = COCO()
+    reference.dataset = quiet.coco.dataset
+    reference.createIndex()
+    for name in ("anns", "imgs", "cats", "imgToAnns", "catToImgs"):
+        assert getattr(quiet.coco, name) == getattr(reference, name), name
+
+
 def test_image_decodes_at_annotated_size(coco):
     image_id = coco.image_ids()[0]
     image = coco.load_image(image_id)

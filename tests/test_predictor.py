@@ -406,6 +406,20 @@ def test_cli_predict_writes_mask_and_overlay(tmp_path: Path, trained_segic, mobi
         assert not np.array_equal(written, predictor.predict(reference, transposed, target)), extra[0]
 
 
+def test_overlay_panels_are_captioned() -> None:
+    """The training job's overlays: every panel under its own caption (what it shows)."""
+    from pipeline.inference.overlay import CAPTION_HEIGHT, captioned_row
+
+    panels = [(np.full((40, 50, 3), 90, np.uint8), "reference + box (dog)"), (np.full((40, 60, 3), 90, np.uint8), "prediction")]
+    row = captioned_row(panels)
+    assert row.shape == (CAPTION_HEIGHT + 40, 110, 3) and row.dtype == np.uint8
+    assert (row[CAPTION_HEIGHT:] == 90).all()  # the images are untouched, below the captions
+    for left, right in ((0, 50), (50, 110)):
+        caption = row[:CAPTION_HEIGHT, left:right]
+        assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on a white bar
+    assert not np.array_equal(captioned_row(panels[:1])[:CAPTION_HEIGHT], captioned_row([(panels[0][0], "ground truth")])[:CAPTION_HEIGHT])
+
+
 def test_cli_missing_files_are_named(tmp_path: Path) -> None:
     from pipeline.errors import DataError
 

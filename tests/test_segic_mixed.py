@@ -471,13 +471,15 @@ def _short_run_config(workspace: dict, tmp_path: Path, run_name: str):
 @pytest.fixture(scope="module")
 def short_run(workspace: dict) -> dict:
     """SegIC through THE training job (Ray Train, 2 workers, MLflow, checkpoints), in this process."""
+    from pipeline.locations import resolve_root
     from pipeline.training.job import JobOptions, run_training
 
     tmp_path = workspace["root"] / "short_run"
     tmp_path.mkdir()
     cfg = _short_run_config(workspace, tmp_path, "segic-mix")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    options = JobOptions(folds=(0,), tracking_uri=uri, ray_init_kwargs={"num_cpus": 2, "include_dashboard": False})
+    options = JobOptions(folds=(0,), tracking_uri=uri, ray_init_kwargs={"num_cpus": 2, "include_dashboard": False},
+                         root=resolve_root(str(tmp_path)))
     import ray
 
     started_here = not ray.is_initialized()

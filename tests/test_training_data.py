@@ -167,3 +167,19 @@ def test_relative_paths_are_refused_before_ray_starts(fold_config: TrainConfig, 
     relative = fold_config.replace(images="images")
     with pytest.raises(ConfigError, match=r"--images: images is relative: give absolute paths"):
         validate([relative], JobOptions(folds=(0,), tracking_uri="sqlite:////nonexistent-folder/mlflow.db"))
+
+
+def test_the_fold_data_is_described_in_words(fold_data, fold_config: TrainConfig) -> None:
+    """What the driver prints per fold: validation episodes dropped for repeating a test episode are
+    counted, and the HSNet list entries a subset of COCO lacks are named as such (not "skipped")."""
+    from pipeline.data.splits import LIST_IMAGE_MISSING
+
+    lines = fold_data.describe("fold 0 data")
+    assert lines[0].startswith(f"fold 0 data: {fold_data.num_train_pairs} training pairs") and "validation 37 episodes" in lines[0]
+    assert fold_data.val_drawn == fold_config.val_episodes == 50 and fold_data.val.num_rows == 37
+    assert "  validation: 13 of the 50 episodes drawn repeat a test episode (same query and supports) and were dropped; " \
+           "37 remain (more: --val-episodes)" in lines
+    missing = fold_data.report.counts[LIST_IMAGE_MISSING]
+    assert missing > 100_000 and any(f"the official lists name {missing} (class, image) entries whose image is not in this "
+                                     "dataset" in line for line in lines)
+    assert not any("skipped" in line for line in lines)

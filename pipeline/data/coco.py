@@ -13,8 +13,6 @@ does not cover them, are
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections import defaultdict
 from collections.abc import Hashable
@@ -42,6 +40,23 @@ def _read_json(path: Path) -> dict:
         if required not in data:
             raise DataError(f"annotation file {path} has no {required!r} list (not a COCO-style instances json)")
     return data
+
+
+def _indexed_coco(dataset: dict) -> COCO:
+    """pycocotools' ``COCO`` over ``dataset`` with the index ``createIndex()`` builds, built here:
+    ``createIndex()`` prints "creating index... index created!", and in a Ray Train worker ``print``
+    is patched into a logger call, so redirecting stdout does not silence it (one pair per worker per
+    (re)start)."""
+    coco = COCO()
+    coco.dataset = dataset
+    coco.anns = {annotation["id"]: annotation for annotation in dataset["annotations"]}
+    coco.imgs = {image["id"]: image for image in dataset["images"]}
+    coco.cats = {category["id"]: category for category in dataset["categories"]}
+    coco.imgToAnns, coco.catToImgs = defaultdict(list), defaultdict(list)
+    for annotation in dataset["annotations"]:
+        coco.imgToAnns[annotation["image_id"]].append(annotation)
+        coco.catToImgs[annotation["category_id"]].append(annotation["image_id"])
+    return coco
 
 
 class CocoInstances(SegmentationSource):
@@ -96,10 +111,7 @@ class CocoInstances(SegmentationSource):
         if verbose:
             self.report.print()
 
-        self.coco = COCO()
-        self.coco.dataset = {**data, "annotations": kept}
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-            self.coco.createIndex()
+        self.coco = _indexed_coco({**data, "annotations": kept})
         self._images = images
         self._image_ids = sorted(images)
         self._classes_of_image: dict[int, list[int]] = defaultdict(list)

@@ -19,6 +19,10 @@ from pipeline.report import SkipReport
 _COCO_NAME = re.compile(r"^(train2014|val2014)/COCO_(train2014|val2014)_(\d{12})\.jpg$")
 LIST_SPLITS = ("trn", "val")
 
+# The skip reason of a list entry whose image the dataset at hand lacks (expected with a subset of
+# COCO or PASCAL, e.g. coco_mini: the official lists name every image of the full dataset).
+LIST_IMAGE_MISSING = "list entry's image not in the dataset"
+
 
 def _check_split(split: str) -> None:
     if split not in LIST_SPLITS:
@@ -81,7 +85,7 @@ def map_coco20i_list(
     """Map list entries to ``source``'s image ids (via the COCO image id), keeping list order.
 
     Entries whose image the user's dataset lacks are counted in ``report`` under
-    "image not in the dataset", never dropped silently.
+    :data:`LIST_IMAGE_MISSING`, never dropped silently.
     """
     mapped: dict[int, list[Hashable]] = {}
     for class_id, names in lists.items():
@@ -91,6 +95,6 @@ def map_coco20i_list(
             if source.has_image(image_id):  # type: ignore[attr-defined]
                 kept.append(image_id)
             elif report is not None:
-                report.skip("list entry's image not in the dataset", name)
+                report.skip(LIST_IMAGE_MISSING, name)
         mapped[class_id] = kept
     return mapped

@@ -187,7 +187,6 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def start_ray(address: str | None) -> None:
-    import ray
+    from pipeline.ray_session import init_ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    init_ray(address, include_dashboard=False, log_to_driver=True)

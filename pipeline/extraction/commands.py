@@ -8,6 +8,7 @@ import sys
 
 from pipeline.errors import ConfigError, run_cli
 from pipeline.extraction.config import ExtractionConfig
+from pipeline.locations import check_durable
 from pipeline.store.layout import DEFAULT_TARGET_SHARD_BYTES
 
 
@@ -70,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
         raise ConfigError(f"--encoder-options is not valid JSON: {error}") from error
     if not isinstance(options, dict):
         raise ConfigError("--encoder-options must be a JSON object")
+    check_durable({"the store (--output)": args.output}, hint="give --output a shared path or s3://bucket/prefix")
     return ExtractionConfig(
         output=args.output,
         dataset=args.dataset,

@@ -249,11 +249,10 @@ def _weightless(encoder: Any) -> tuple[Any | None, tuple[int, ...]]:
 
 
 def _ray_init(address: str | None) -> None:
-    import ray
+    from pipeline.ray_session import init_ray
 
-    if not ray.is_initialized():
-        # No address: connect to the cluster of `ray job submit` (RAY_ADDRESS) or start a local one.
-        ray.init(address=address)
+    # No address: connect to the cluster of `ray job submit` (RAY_ADDRESS) or start a local one.
+    init_ray(address)
 
 
 def extract_store(

@@ -4,7 +4,11 @@
         (--reference-mask M.png | --box X0 Y0 X1 Y1 | --points X,Y [X,Y ...] | --scribble S.png) \\
         --target-image T.jpg --out-dir DIR [--sam-checkpoint SAM.pth] [--backbone-checkpoint BB.pth]
 
-writes DIR/mask.png (0/255) and DIR/overlay.png. ``--persam`` runs the training-free PerSAM baseline
+writes DIR/mask.png (0/255) and DIR/overlay.png. CK is a checkpoint file or a model that a training
+run registered in MLflow (``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+``runs:/<run id>/<path>``; ``--tracking-uri``, default MLFLOW_TRACKING_URI or <root>/mlflow.db);
+either way the file is read with ``weights_only=True``. A checkpoint trained on the proxy SAM needs
+no ``--sam-checkpoint`` (the shipped one), only ``--backbone-checkpoint`` (its MobileNetV2). ``--persam`` runs the training-free PerSAM baseline
 from ``--sam-checkpoint`` alone (no method checkpoint). Clicked ``--points`` are drawn as small discs
 by default (single pixels mostly vanish on a 64 x 64 feature grid); ``--point-style pixel`` is the
 authors' single-pixel encoding.
@@ -13,6 +17,7 @@ authors' single-pixel encoding.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ import numpy as np
 
 from pipeline.data.images import load_rgb
 from pipeline.errors import DataError
+from pipeline.inference.mlflow_model import MODEL_URI_SCHEMES
 
 
 def _point(text: str) -> tuple[float, float]:
@@ -38,7 +44,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, help="method checkpoint (format refseg-model/2)")
+    model.add_argument("--checkpoint", help="method checkpoint (format refseg-model/2): a file or an MLflow models:/ URI")
     model.add_argument("--persam", action="store_true", help="training-free PerSAM from --sam-checkpoint")
     parser.add_argument("--reference-image", type=Path, required=True)
     annotation = parser.add_mutually_exclusive_group(required=True)
@@ -52,6 +58,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--backbone-checkpoint", type=Path, default=None, help="backbone weights")
     parser.add_argument("--sam-encoder", default="sam_vit_b", help="SAM encoder for --persam (default sam_vit_b)")
     parser.add_argument("--point-style", choices=("disc", "pixel"), default="disc", help="how --points are drawn")
+    parser.add_argument("--tracking-uri", help="MLflow of models:/ URIs (default MLFLOW_TRACKING_URI or <root>/mlflow.db)")
+    parser.add_argument("--root", help="refseg root whose mlflow.db holds models:/ URIs (default REFSEG_ROOT or the working dir)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--allow-random-init",
@@ -86,10 +94,12 @@ def _is_single_channel(path: Path) -> bool:
 
 def run_predict(args: argparse.Namespace) -> int:
     # Imported here so `refseg --help` stays fast (torch / segment-anything load on use).
+    from pipeline.inference.load import load_predictor
     from refseg_models.predictor import Box, Points, RefSegPredictor, Scribble
 
+    is_model_uri = args.checkpoint is not None and args.checkpoint.startswith(MODEL_URI_SCHEMES)
     for flag, path in (
-        ("--checkpoint", args.checkpoint),
+        ("--checkpoint", None if args.checkpoint is None or is_model_uri else Path(args.checkpoint)),
         ("--sam-checkpoint", args.sam_checkpoint),
         ("--backbone-checkpoint", args.backbone_checkpoint),
     ):
@@ -116,16 +126,22 @@ def run_predict(args: argparse.Namespace) -> int:
             allow_random_init=args.allow_random_init,
         )
     else:
-        predictor = RefSegPredictor.from_checkpoint(
-            args.checkpoint,
-            sam_checkpoint=args.sam_checkpoint,
-            backbone_checkpoint=args.backbone_checkpoint,
-            device=args.device,
-            allow_random_init=args.allow_random_init,
-        )
+        with tempfile.TemporaryDirectory(prefix="refseg-model-") as tmp:
+            checkpoint = _checkpoint_file(args, tmp) if is_model_uri else Path(args.checkpoint)
+            predictor = load_predictor(checkpoint, args.sam_checkpoint, args.backbone_checkpoint, device=args.device,
+                                       allow_random_init=args.allow_random_init)
     mask = predictor.predict(reference, annotation, target, point_style=args.point_style)
     from pipeline.inference.overlay import write_outputs
 
     mask_path, overlay_path = write_outputs(args.out_dir, target, mask)
     print(f"mask: {mask_path} ({int(mask.sum())} of {mask.size} pixels)\noverlay: {overlay_path}")
     return 0
+
+
+def _checkpoint_file(args: argparse.Namespace, folder: str) -> Path:
+    """The checkpoint file of an MLflow model URI, downloaded into ``folder``."""
+    from pipeline.locations import resolve_root
+    from pipeline.training import tracking
+
+    uri = args.tracking_uri or tracking.default_tracking_uri(resolve_root(args.root))
+    return tracking.model_checkpoint(args.checkpoint, uri, folder)

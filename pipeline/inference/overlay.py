@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 OVERLAY_COLOR = (255, 0, 0)
 
@@ -35,3 +35,18 @@ def write_outputs(out_dir: str | Path, image: np.ndarray, mask: np.ndarray) -> t
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_path)
     Image.fromarray(overlay_image(image, mask)).save(overlay_path)
     return mask_path, overlay_path
+
+
+CAPTION_HEIGHT = 22
+
+
+def captioned_row(panels: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    """Images of the same height side by side, each under a white caption bar with its text (black):
+    H x W_i x 3 uint8 -> (CAPTION_HEIGHT + H) x sum(W_i) x 3 uint8."""
+    font = ImageFont.load_default(size=14)
+    tiles = []
+    for image, caption in panels:
+        bar = Image.new("RGB", (image.shape[1], CAPTION_HEIGHT), (255, 255, 255))
+        ImageDraw.Draw(bar).text((4, 3), caption, fill=(0, 0, 0), font=font)
+        tiles.append(np.concatenate([np.asarray(bar), image], axis=0))
+    return np.concatenate(tiles, axis=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.locations import resolve_root
 from refseg_models.errors import ModelError
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.job import JobOptions
@@ -79,10 +80,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     frozen.add_argument("--feature-dataset", help="dataset name in the stores' keys (default: from --images)")
     frozen.add_argument("--sam-encoder", default=DEFAULT_SAM_ENCODER, choices=available_encoders())
     frozen.add_argument("--sam-checkpoint", help="SAM weights (default: the shipped proxy SAM)")
-    frozen.add_argument("--sam-store", help="default: stores/<feature dataset>-<sam encoder>")
+    frozen.add_argument("--sam-store", help="default: <root>/stores/<feature dataset>-<sam encoder>")
     frozen.add_argument("--backbone", default="mobilenet_v2", choices=available_encoders())
     frozen.add_argument("--backbone-checkpoint", required=True, help="backbone weights file")
-    frozen.add_argument("--backbone-store", help="default: stores/<feature dataset>-<backbone>")
+    frozen.add_argument("--backbone-store", help="default: <root>/stores/<feature dataset>-<backbone>")
     frozen.add_argument("--extract-missing", action="store_true", help="extract missing stores first")
 
     scale = parser.add_argument_group("scaling")
@@ -93,17 +94,20 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     scale.add_argument("--ray-address", help="default: RAY_ADDRESS (ray job submit) or an embedded local Ray")
 
     run = parser.add_argument_group("the run")
+    run.add_argument("--root", help="where the run's stores, checkpoints, MLflow store and summary go by default: a "
+                                    "shared path or s3://bucket/prefix (default REFSEG_ROOT, else the working directory; "
+                                    "required under `ray job submit --working-dir`)")
     run.add_argument("--run-name", help="default: derived from the configuration (re-running resumes it)")
     run.add_argument("--new-run", action="store_true", help="start anew under a new, timestamped name")
-    run.add_argument("--storage-path", help="Ray Train checkpoints (default outputs/ray; s3://... on a cluster)")
+    run.add_argument("--storage-path", help="Ray Train checkpoints (default <root>/outputs/ray)")
     run.add_argument("--experiment", default=dataset, help="MLflow experiment")
-    run.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    run.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db")
     run.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint")
     run.add_argument("--checkpoints-per-epoch", type=int, default=1)
     run.add_argument("--log-every", type=int, default=10, help="log training metrics every N steps")
     run.add_argument("--evaluate-untrained", action="store_true", help="also test the model before training")
     run.add_argument("--baseline", action="append", default=[], choices=available_models(), help="training-free rows")
-    run.add_argument("--output-dir", help="write summary.json there")
+    run.add_argument("--output-dir", help="where summary.json goes (default <root>/outputs/<run name>)")
 
 
 def _feature_dataset(images: str) -> str:
@@ -153,6 +157,7 @@ def _mix_config(args: argparse.Namespace) -> MixConfig:
 
 
 def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConfig, JobOptions]:
+    root = resolve_root(args.root)
     feature_dataset = args.feature_dataset or _feature_dataset(args.images)
     if args.sampler == "episodes" and (args.mix or args.samples_per_epoch is not None or args.coco_excluded):
         raise ConfigError("--mix / --samples-per-epoch / --coco-excluded configure --sampler segic_mixed")
@@ -164,7 +169,7 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         # Builder options that are paths (the proxy SAM's MobileNetV2 weights) stay out of the config record.
         sam_paths = {"backbone_checkpoint": args.backbone_checkpoint} if "backbone_checkpoint" in encoder_options(args.sam_encoder) else {}
         sam = StoreSpec(args.sam_encoder, str(Path(sam_checkpoint).resolve()),
-                        args.sam_store or str(Path("stores", f"{feature_dataset}-{args.sam_encoder}").resolve()),
+                        _location(args.sam_store) or root.store(feature_dataset, args.sam_encoder),
                         path_options={k: str(Path(v).resolve()) for k, v in sam_paths.items()})
     recipe = dict(args.recipe_options)
     for key in ("epochs", "batch_size", "lr"):
@@ -181,7 +186,7 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         test_seed=args.test_seed, feature_dataset=feature_dataset,
         sam=sam, sampler=args.sampler, mix=_mix_config(args) if args.sampler != "episodes" else MixConfig(),
         backbone=StoreSpec(args.backbone, str(Path(args.backbone_checkpoint).resolve()),
-                           args.backbone_store or str(Path("stores", f"{feature_dataset}-{args.backbone}").resolve())),
+                           _location(args.backbone_store) or root.store(feature_dataset, args.backbone)),
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         loader_workers=args.loader_workers, run_name=args.run_name or "", storage_path=args.storage_path or "",
         experiment=args.experiment, max_failures=args.max_failures, checkpoints_per_epoch=args.checkpoints_per_epoch,
@@ -191,9 +196,16 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
     )
     options = JobOptions(
         folds=tuple(args.folds), tracking_uri=args.tracking_uri, ray_address=args.ray_address,
-        extract_missing=args.extract_missing, new_run=args.new_run, output_dir=args.output_dir,
+        extract_missing=args.extract_missing, new_run=args.new_run, output_dir=_location(args.output_dir), root=root,
     )
     return base, options
+
+
+def _location(value: str | None) -> str | None:
+    """A location given on the command line: a URI as is, a path made absolute (the workers run elsewhere)."""
+    if not value or "://" in value:
+        return value
+    return str(Path(value).resolve())
 
 
 def train_main(dataset: str, argv: list[str] | None = None, description: str = "", defaults: dict[str, Any] | None = None) -> int:
@@ -210,10 +222,14 @@ def train_main(dataset: str, argv: list[str] | None = None, description: str = "
     args = parser.parse_args(argv)
 
     def main() -> int:
+        import ray
+
         from pipeline.training.job import format_summary, run_training
 
         base, options = configs_from_args(args, dataset)
         summary = run_training(base, options)
+        if ray.is_initialized():
+            ray.shutdown()  # no worker log line arrives after the summary
         print(format_summary(summary), flush=True)
         return 0
 

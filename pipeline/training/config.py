@@ -193,6 +193,11 @@ class TrainConfig(FrozenConfig):
         return f"{self.method}-{self.dataset}-{self.shot}shot-{self.annotation_type}-s{self.seed}-{self.fingerprint()}"
 
     @property
+    def registered_model_name(self) -> str:
+        """The MLflow registered model of this method and protocol (one version per fold and seed)."""
+        return f"refseg-{self.method}-{self.dataset}-{self.shot}shot-{self.annotation_type}"
+
+    @property
     def fold_run_name(self) -> str:
         """The Ray Train run name of this fold (its folder under ``storage_path``)."""
         return f"{self.run_name}-fold{self.fold}"

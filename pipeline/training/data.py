@@ -17,7 +17,7 @@ from pipeline.data.coco import Coco2014Instances, CocoInstances
 from pipeline.data.folds import base_classes, novel_classes
 from pipeline.data.mask_cache import MaskCache
 from pipeline.data.semantic import PascalVocAug
-from pipeline.data.splits import coco_image_id, map_coco20i_list, read_coco20i_list, read_pascal5i_list
+from pipeline.data.splits import LIST_IMAGE_MISSING, coco_image_id, map_coco20i_list, read_coco20i_list, read_pascal5i_list
 from pipeline.episodes.hsnet import hsnet_pascal_test_episodes, hsnet_test_episodes
 from pipeline.episodes.manifest import build_episode_manifest, manifest_from_hsnet
 from pipeline.episodes.training import training_pairs
@@ -47,7 +47,7 @@ def _list_pairs(cfg: TrainConfig, source: SegmentationSource, split: str, report
         if name in known:
             pairs.setdefault(class_id, []).append(name)
         else:
-            report.skip("list entry's image not in the dataset", name)
+            report.skip(LIST_IMAGE_MISSING, name)
     return pairs
 
 
@@ -62,10 +62,32 @@ class FoldData:
     test: pa.Table
     test_protocol: str
     report: SkipReport = field(repr=False)
+    # validation episodes drawn before those repeating a test episode were dropped
+    val_drawn: int = 0
 
     @property
     def num_train_pairs(self) -> int:
         return sum(len(images) for images in self.train_pairs.values())
+
+    def describe(self, context: str) -> list[str]:
+        """What the fold trains, validates and tests on, and what was left out, in words."""
+        lines = [f"{context}: {self.num_train_pairs} training pairs over {len(self.train_pairs)} base classes; "
+                 f"test {self.test.num_rows} episodes ({self.test_protocol}); validation {self.val.num_rows} episodes"]
+        dropped = self.val_drawn - self.val.num_rows
+        if dropped:
+            lines.append(f"  validation: {dropped} of the {self.val_drawn} episodes drawn repeat a test episode (same query "
+                         f"and supports) and were dropped; {self.val.num_rows} remain (more: --val-episodes)")
+        other = SkipReport(context)
+        for reason, count in self.report.counts.items():
+            if reason == LIST_IMAGE_MISSING:
+                lines.append(f"  the official lists name {count} (class, image) entries whose image is not in this dataset "
+                             "(expected with a subset such as coco_mini): left out")
+            else:
+                other.counts[reason] = count
+                other.examples[reason] = list(self.report.examples[reason])
+        if other:
+            lines += ["  " + line.strip() for line in other.summary().splitlines()[1:]]
+        return lines
 
     def image_ids(self) -> set[str]:
         """Every image id any episode of this fold may read (training pairs, val and test)."""
@@ -104,8 +126,8 @@ def load_fold_data(cfg: TrainConfig, report: SkipReport | None = None) -> FoldDa
         raise DataError(f"{cfg.dataset} fold {cfg.fold}: no base class has {cfg.shot + 1} training images at hand")
     test_pairs = {c: test_pairs.get(c, []) for c in novel}
     test, protocol = _test_manifest(cfg, test_pairs, complete, report)
-    val = _validation_manifest(cfg, test_pairs, test)
-    return FoldData(source, MaskCache(source), train, val, test, protocol, report)
+    val, drawn = _validation_manifest(cfg, test_pairs, test)
+    return FoldData(source, MaskCache(source), train, val, test, protocol, report, drawn)
 
 
 def _merge(report: SkipReport, other: SkipReport) -> None:
@@ -129,7 +151,8 @@ def _test_manifest(cfg: TrainConfig, test_pairs, lists_complete: bool, report: S
     return table, f"test episodes drawn (seed {cfg.test_seed}) from {how}; not HSNet-identical"
 
 
-def _validation_manifest(cfg, test_pairs, test: pa.Table) -> pa.Table:
+def _validation_manifest(cfg, test_pairs, test: pa.Table) -> tuple[pa.Table, int]:
+    """Validation episodes (another seed) minus those that repeat a test episode; and how many were drawn."""
     seed = cfg.test_seed + VALIDATION_SEED_OFFSET
     table = build_episode_manifest(
         test_pairs, dataset=cfg.dataset, fold=cfg.fold, split="val", n_episodes=cfg.val_episodes, shot=cfg.shot,
@@ -140,7 +163,7 @@ def _validation_manifest(cfg, test_pairs, test: pa.Table) -> pa.Table:
         (q, tuple(s)) not in reported
         for q, s in zip(table.column("query_id").to_pylist(), table.column("support_ids").to_pylist())
     ]
-    return table.filter(pa.array(keep))
+    return table.filter(pa.array(keep)), table.num_rows
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -16,6 +16,7 @@ per-class table, a few qualitative overlays and the inference checkpoint.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ import torch
 from pipeline.data.folds import COCO_CLASS_NAMES, PASCAL_CLASS_NAMES, novel_classes
 from pipeline.errors import DataError
 from pipeline.evaluation.resolution import EvalResolution
+from pipeline.inference.mlflow_model import CHECKPOINT_NAME
 from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import load_fold_data, rank_share
@@ -70,6 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_report_lines()
     cfg = TrainConfig.from_dict(config["train"])
     tracking = config["tracking"]
     context = ray.train.get_context()
@@ -227,10 +230,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  batch_size=cfg.batch_per_worker, device=device, report=report)
         baseline_rows[baseline] = all_reduce_meter(meter, device).compute()
         results[f"test_{baseline}_miou"] = baseline_rows[baseline]["miou"]
-    if "untrained_test" in extra:
-        results["test_untrained_miou"] = extra["untrained_test"]["miou"]
     if logger is not None:
-        logger.log_now({k: v for k, v in results.items()}, progress["global_step"])
+        # test_untrained_* were logged once, at step 0, when they were measured
+        logger.log_now(results, progress["global_step"])
         logger.log_now({f"test_iou/{names[c]}": v for c, v in computed["per_class_iou"].items()}, progress["global_step"])
         logger.log_dict(
             {"protocol": data.test_protocol, "resolution": resolution.describe(), "episodes": computed["episodes"],
@@ -245,15 +247,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _log_overlays(logger, data, kept, cfg)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_inference_checkpoint(
-                Path(tmp) / "refseg_model.pt", model, frozen.identities,
+                Path(tmp) / CHECKPOINT_NAME, model, frozen.identities,
                 {"run_name": cfg.run_name, "fold": cfg.fold, "dataset": cfg.dataset, "best_step": best["step"],
                  "val_miou": best["val_miou"], "test_miou": computed["miou"], "annotation_type": cfg.annotation_type,
                  "shot": cfg.shot, "point_style": cfg.point_style},
             )
             logger.log_file(path, "model")
+            logger.log_model(
+                path, name=cfg.fold_run_name, registered_name=cfg.registered_model_name, step=progress["global_step"],
+                tags={"refseg.run_name": cfg.run_name, "refseg.fold": str(cfg.fold), "refseg.seed": str(cfg.seed),
+                      "refseg.method": cfg.method, "refseg.test_protocol": data.test_protocol,
+                      **{f"refseg.frozen.{role}": identity.describe() for role, identity in frozen.identities.items()}},
+                description=(f"refseg {cfg.method} on {cfg.dataset} ({cfg.shot}-shot, {cfg.annotation_type} references): "
+                             "one version per fold and seed (tags refseg.fold, refseg.seed); the frozen encoders it needs "
+                             "are named in the refseg.frozen.* tags. Use: refseg predict --checkpoint models:/<name>/<version>"),
+            )
         logger.end("FINISHED")
+    if "untrained_test" in extra:
+        results["test_untrained_miou"] = extra["untrained_test"]["miou"]
     model.load_trainable_state_dict(trained, "last weights")
     ray.train.report({**results, "done": 1})
+
+
+def _quiet_report_lines() -> None:
+    """Ray 2.60 logs every ``ray.train.report`` at INFO ("Reporting training result N: ...", once per
+    rank and checkpoint) through a logger named after its source file, not ``ray.train.*``, so
+    ``RunConfig(logging_config=LoggingConfig("WARNING"))`` does not reach it: set that logger to WARNING."""
+    suffix = "/train/v2/_internal/execution/context.py"
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(suffix):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _peak_rss_mb() -> float:
@@ -264,13 +287,15 @@ def _peak_rss_mb() -> float:
 
 
 def _log_overlays(logger: Any, data: Any, kept: list[dict], cfg: TrainConfig) -> None:
-    """A few test episodes as one image each: reference + annotation | target + prediction | ground truth."""
+    """A few test episodes as one image each, each panel captioned: reference + annotation |
+    prediction (on the target) | ground truth (on the target)."""
     from PIL import Image
 
     from pipeline.episodes.annotations import reference_annotation
-    from pipeline.inference.overlay import overlay_image
+    from pipeline.inference.overlay import captioned_row, overlay_image
 
     size = 256
+    names = COCO_CLASS_NAMES if cfg.dataset == "coco20i" else PASCAL_CLASS_NAMES
     for item in kept:
         row = item["row"]
         support = row["support_ids"][0]
@@ -284,8 +309,8 @@ def _log_overlays(logger: Any, data: Any, kept: list[dict], cfg: TrainConfig) ->
             return overlay_image(img, m, color=color)
 
         tiles = [
-            panel(reference, annotation > 0, (0, 200, 0)),
-            panel(target, item["prediction"], (255, 0, 0)),
-            panel(target, item["gt"] == 1, (0, 120, 255)),
+            (panel(reference, annotation > 0, (0, 200, 0)), f"reference + {row['annotation_type']} ({names[row['class_id']]})"),
+            (panel(target, item["prediction"], (255, 0, 0)), "prediction"),
+            (panel(target, item["gt"] == 1, (0, 120, 255)), "ground truth"),
         ]
-        logger.log_image(np.concatenate(tiles, axis=1), f"overlays/episode_{row['episode_id']:05d}.png")
+        logger.log_image(captioned_row(tiles), f"overlays/episode_{row['episode_id']:05d}.png")

@@ -8,31 +8,60 @@ re-run driver logs into the same run. Training metrics are buffered and flushed 
 checkpoint that covers them is reported, with ``step=`` the global step: a restart from that
 checkpoint never logs a step twice.
 
-Local default: ``sqlite:///<cwd>/mlflow.db`` with artifacts under ``<cwd>/mlruns`` (absolute, so Ray
-workers, whose working directory differs, write to the same places). On a cluster set
-``MLFLOW_TRACKING_URI`` to a tracking server; workers receive it through the runtime environment.
+Local default: ``sqlite:///<root>/mlflow.db`` with artifacts under ``<root>/mlruns`` (``--root`` /
+``REFSEG_ROOT`` / the working directory, absolute: Ray workers, whose working directory differs,
+write to the same places; :mod:`pipeline.locations`). On a cluster set ``MLFLOW_TRACKING_URI`` to a
+tracking server; workers receive it through the runtime environment.
+
+Experiments are classic ML experiments (``mlflow.experimentKind``) with a saved runs-table view,
+"refseg results", that shows the test metrics as columns (:func:`results_view_url` opens it).
+Each fold's inference checkpoint is logged as an MLflow model and registered
+(:meth:`RunLogger.log_model`; :mod:`pipeline.inference.mlflow_model` is its loader).
+Run statuses: RUNNING while a driver works on them (again on resume), FINISHED, FAILED when training
+fails, KILLED when the driver is interrupted (:func:`end_unfinished`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
+from pipeline.inference.mlflow_model import CHECKPOINT_NAME, LOAD_CONFIG, LOADER_MODULE
+from pipeline.locations import Root, resolve_root
 
 PARENT, CHILD = "parent", "fold"
 TAG_KIND, TAG_RUN, TAG_FOLD, TAG_RAY = "refseg.kind", "refseg.run_name", "refseg.fold", "refseg.ray_run"
+TAG_MODEL = "refseg.model_uri"  # the registered model version of a fold run's inference checkpoint
+# MLflow 3's UI opens an experiment as a GenAI one unless told it is "custom model development"
+# (the value the UI itself writes when a user picks "Model training" for an experiment).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# A saved runs-table view (MLflow's "Views" menu; the UI reads experiment tags with this prefix).
+SAVED_VIEW_PREFIX, RESULTS_VIEW = "mlflow.sharedViewState.", "refseg-results"
+# What the saved view shows besides the per-run metrics it is given.
+_VIEW_COLUMNS = ("tags.`refseg.fold`", "params.`method`", "params.`shot`", "params.`annotation_type`")
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a sqlite file in the working directory (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+def default_tracking_uri(root: Root | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db`` (root: ``REFSEG_ROOT`` or
+    the working directory when not given)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = root or resolve_root()
+    if root.mlflow_uri is None:
+        raise ConfigError(
+            f"the root {root.location} is not a local folder, so there is no default MLflow store in it: give a "
+            "tracking server (--tracking-uri http://... or MLFLOW_TRACKING_URI)"
+        )
+    return root.mlflow_uri
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -69,13 +98,62 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"MLflow tracking URI {uri} cannot be used: {error}") from error
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment ``name`` (created with an absolute artifact location if new)."""
+def ensure_experiment(uri: str, name: str, metric_keys: Iterable[str] = ()) -> str:
+    """The id of experiment ``name`` (created with an absolute artifact location if new), marked as a
+    classic ML experiment, with the saved view "refseg results" showing ``metric_keys`` (added to the
+    columns it shows already)."""
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=default_artifact_location(uri))
+        tags: dict[str, str] = {}
+    else:
+        experiment_id, tags = experiment.experiment_id, dict(experiment.tags)
+    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    view = _results_view(tags.get(SAVED_VIEW_PREFIX + RESULTS_VIEW), metric_keys)
+    if view is not None:
+        client.set_experiment_tag(experiment_id, SAVED_VIEW_PREFIX + RESULTS_VIEW, view)
+    return experiment_id
+
+
+def _results_view(current: str | None, metric_keys: Iterable[str]) -> str | None:
+    """The saved view's tag value (MLflow's envelope: name, createdAt, updatedAt and the runs-table
+    state as JSON text: the columns shown, in this order), or None when ``current`` shows every
+    column already."""
+    columns = [f"metrics.`{key}`" for key in metric_keys] + list(_VIEW_COLUMNS)
+    created = now = int(time.time() * 1000)
+    try:
+        envelope = json.loads(current) if current else None
+    except json.JSONDecodeError:
+        envelope = None  # not a view: rewrite it
+    if isinstance(envelope, dict) and envelope.get("state"):
+        try:
+            state = json.loads(envelope["state"])
+        except (json.JSONDecodeError, TypeError):
+            return None  # saved over in the UI (which may compress the state): the user's now
+    else:
+        envelope = state = None
+    if envelope and state:
+        shown = list(state.get("selectedColumns") or [])
+        missing = [c for c in columns if c not in shown]
+        if not missing and state.get("columnOrder"):
+            return None  # also keeps what a user saved over it in the UI
+        columns, created = shown + missing, int(envelope.get("createdAt", now))
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
+             "columnOrder": columns}
+    return json.dumps({"name": "refseg results", "createdAt": created, "updatedAt": now, "state": json.dumps(state)})
+
+
+def ui_base_url(uri: str) -> str:
+    """Where the UI of ``uri`` is: the tracking server itself, or ``mlflow ui``'s default address."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def results_view_url(uri: str, experiment_id: str) -> str:
+    """The runs table of an experiment in "Model training" mode, with the saved view's columns."""
+    return (f"{ui_base_url(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULTS_VIEW}"
+            "&workflowType=machine_learning")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -97,7 +175,8 @@ def _find(uri: str, experiment_id: str, tags: Mapping[str, str]) -> list:
 
 
 def parent_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]) -> str:
-    """The parent run of configuration ``run_name``: re-used if it exists, else created."""
+    """The parent run of configuration ``run_name``: re-used if it exists (its status unchanged), else
+    created (RUNNING)."""
     found = _find(uri, experiment_id, {TAG_KIND: PARENT, TAG_RUN: run_name})
     if found:
         return found[0].info.run_id
@@ -132,8 +211,54 @@ def run_metrics(uri: str, run_id: str) -> dict[str, float]:
     return dict(_client(uri).get_run(run_id).data.metrics)
 
 
+def run_model_uri(uri: str, run_id: str) -> str | None:
+    """The ``models:/`` URI a fold run registered its inference checkpoint under, if any."""
+    return _client(uri).get_run(run_id).data.tags.get(TAG_MODEL)
+
+
 def finish(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status)
+
+
+def set_running(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed run that an interrupted or failed driver ended)."""
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
+@contextlib.contextmanager
+def ended_with_the_driver(uri: str, run_ids: list[str]) -> Iterator[None]:
+    """Run the body; the runs in ``run_ids`` (read when the body ends: the runs being worked on) that
+    are still RUNNING end KILLED when it is interrupted (KeyboardInterrupt, or SystemExit: Ray Train's
+    SIGINT handler exits with code 0), then KeyboardInterrupt is raised; they end FAILED when it
+    raises anything else, which is re-raised."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        ended = end_unfinished(uri, run_ids, "KILLED")
+        print(f"interrupted: MLflow run(s) {', '.join(ended) or '-'} marked KILLED; the same command resumes from the "
+              "last checkpoint", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt from None
+    except BaseException:
+        end_unfinished(uri, run_ids, "FAILED")
+        raise
+
+
+def end_unfinished(uri: str, run_ids: Iterable[str], status: str) -> list[str]:
+    """End those of ``run_ids`` that are still RUNNING with ``status`` (KILLED, FAILED); returns them.
+
+    Best effort: it runs while another error (or an interrupt) is being handled, which a failing
+    tracking server must not replace; a failure here is printed as one line.
+    """
+    ended = []
+    try:
+        client = _client(uri)
+        for run_id in run_ids:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+                ended.append(run_id)
+    except Exception as error:  # noqa: BLE001 - reported, and the original error goes on
+        print(f"could not mark the MLflow runs {status} at {uri}: {error}", file=sys.stderr, flush=True)
+    return ended
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -195,6 +320,36 @@ class RunLogger:
     def log_image(self, image: Any, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
+    def log_model(self, checkpoint: str | Path, name: str, registered_name: str, tags: Mapping[str, str], step: int,
+                  description: str) -> str:
+        """Log an inference checkpoint file as an MLflow model of this run and register it.
+
+        The model is the weights-only checkpoint (copied as is, never pickled by MLflow) and an
+        ``MLmodel`` whose ``python_function`` flavour is loaded by :mod:`pipeline.inference.mlflow_model`;
+        MLflow links the run's metrics at ``step`` (the test metrics) to it. It becomes a new version of
+        the registered model ``registered_name`` (created with ``description`` if new), with ``tags``
+        on the logged model and the version. MLflow also logs the model's load-time settings
+        (``LOAD_CONFIG``: sam_checkpoint, backbone_checkpoint, device) as params of the run. Returns the
+        version's ``models:/<name>/<version>`` URI (also the run's ``refseg.model_uri`` tag).
+        """
+        import mlflow
+        from mlflow.models import Model
+
+        # Model.log works on MLflow's global tracking URI and active experiment (else "Default")
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
+        info = Model.log(
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id, loader_module=LOADER_MODULE, data_path=str(checkpoint),
+            pip_requirements=_pip_requirements(), registered_model_name=registered_name, tags=dict(tags), step=step,
+            metadata={"refseg_checkpoint": CHECKPOINT_NAME}, model_config=dict(LOAD_CONFIG),
+        )
+        registered = self.client.get_registered_model(registered_name)
+        if not registered.description:
+            self.client.update_registered_model(registered_name, description=description)
+        uri = f"models:/{registered_name}/{info.registered_model_version}"
+        self.client.set_tag(self.run_id, TAG_MODEL, uri)
+        return uri
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
@@ -204,8 +359,45 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
 
 
+def _pip_requirements() -> list[str]:
+    """What loading the model needs (given, so MLflow does not load the model to infer it); refseg
+    itself comes from its repository (``pip install -e .``), not from an index."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("torch", "torchvision", "numpy", "pillow", "mlflow"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def model_checkpoint(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """The checkpoint file of a refseg MLflow model (``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``, ``runs:/<run id>/<path>``), downloaded into ``dst``.
+
+    Only files are read (the ``MLmodel`` YAML and the checkpoint): no code from the model runs and
+    nothing is unpickled here; the caller loads the checkpoint with ``weights_only=True``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:
+        mlflow.set_registry_uri(tracking_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri))
+        flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function") or {}
+    except (MlflowException, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read the MLflow model {model_uri} from {tracking_uri}: {message}") from error
+    if flavor.get("loader_module") != LOADER_MODULE or not flavor.get("data"):
+        raise DataError(f"{model_uri} is not a refseg model (its MLmodel has no python_function flavour loaded by {LOADER_MODULE})")
+    return local / flavor["data"]
+
+
 def search_fold_runs(uri: str, experiment: str, run_names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Every finished fold run of ``experiment`` as {run_name, method, fold, seed, metrics, params}."""
+    """Every fold run of ``experiment`` as {run_name, run_id, status, fold, params, metrics, tags}."""
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -224,6 +416,7 @@ def search_fold_runs(uri: str, experiment: str, run_names: Iterable[str] | None 
                 "fold": int(run.data.tags.get(TAG_FOLD, -1)),
                 "params": dict(run.data.params),
                 "metrics": dict(run.data.metrics),
+                "tags": dict(run.data.tags),
             }
         )
     return rows

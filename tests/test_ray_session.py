@@ -1,0 +1,61 @@
+"""The driver's Ray connection: every process of the job knows its cluster's address, so Ray code that
+finds "the" cluster by itself (Ray Train's PlacementGroupCleaner queries the state API) works while
+another Ray runs on the same machine, instead of failing with "Found multiple active Ray instances"."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+BLOCKER = "import ray, time; ray.init(num_cpus=0, include_dashboard=False); print('up', flush=True); time.sleep(600)"
+
+
+@pytest.mark.slow
+def test_a_detached_actor_of_the_job_finds_its_cluster_beside_another_ray() -> None:
+    import ray
+
+    from pipeline.ray_session import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen([sys.executable, "-c", BLOCKER], env=env, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == "up", "the other Ray did not start"
+        previous = os.environ.pop("RAY_ADDRESS", None)
+        init_ray(num_cpus=1)
+        try:
+            assert "RAY_GCS_SERVER_PORT" not in os.environ  # only the head's start read it
+            gcs = ray.get_runtime_context().gcs_address
+
+            @ray.remote(num_cpus=0)
+            class Cleaner:  # what Ray Train's PlacementGroupCleaner does: a detached actor, started by an actor
+                def check(self) -> tuple[str | None, str]:
+                    from ray.util.state import get_actor
+
+                    me = ray.get_runtime_context().get_actor_id()
+                    return os.environ.get("RAY_ADDRESS"), get_actor(me, timeout=60).state
+
+            @ray.remote(num_cpus=0)
+            class Controller:
+                def start(self) -> tuple[str | None, str]:
+                    cleaner = Cleaner.options(lifetime="detached").remote()
+                    try:
+                        return ray.get(cleaner.check.remote())
+                    finally:
+                        ray.kill(cleaner)
+
+            address, state = ray.get(Controller.remote().start.remote(), timeout=240)
+            assert address == gcs and state == "ALIVE"
+        finally:
+            ray.shutdown()
+            if previous is not None:
+                os.environ["RAY_ADDRESS"] = previous
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.wait(timeout=60)
