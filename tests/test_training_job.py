@@ -58,6 +58,9 @@ def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path)
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", REFSEG_CODE_VERSION="refseg-test")
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "REFSEG_ROOT"):
         env.pop(name, None)
+    # a registry URI left in the environment (mlflow.set_registry_uri exports it to child processes)
+    # must not divert the runs' models from the run's own store
+    env["MLFLOW_REGISTRY_URI"] = f"sqlite:///{root / 'elsewhere.db'}"
     data = ["--annotations", str(root / "subset.json"), "--images", str(coco_mini_dir / "images"),
             "--backbone-checkpoint", str(mobilenet_v2_weights)]
     # the test's size: not a location (those all come from --root)
@@ -74,7 +77,8 @@ def _train(workspace: dict, *extra: str, timeout: int = 600, **popen) -> subproc
 def _client(workspace: dict):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{workspace['root'] / 'mlflow.db'}")
+    uri = f"sqlite:///{workspace['root'] / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def _child_runs(workspace: dict, run_name: str) -> list:

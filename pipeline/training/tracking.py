@@ -74,7 +74,8 @@ def default_artifact_location(uri: str) -> str | None:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    # the registry is the tracking store, whatever MLFLOW_REGISTRY_URI the environment holds
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -335,8 +336,11 @@ class RunLogger:
         import mlflow
         from mlflow.models import Model
 
-        # Model.log works on MLflow's global tracking URI and active experiment (else "Default")
+        # Model.log works on MLflow's global tracking URI and active experiment (else "Default"), and
+        # registers in the global registry: refseg's registry is the tracking store, whatever
+        # MLFLOW_REGISTRY_URI a parent process left in the environment (mlflow.set_registry_uri sets it)
         mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
         mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
         info = Model.log(
             artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id, loader_module=LOADER_MODULE, data_path=str(checkpoint),
@@ -385,6 +389,9 @@ def model_checkpoint(model_uri: str, tracking_uri: str, dst: str | Path) -> Path
     from mlflow.models import Model
 
     try:
+        # models:/ resolution builds its registry client on MLflow's process-wide tracking URI: both
+        # globals name this store (an earlier caller's URI found no such model)
+        mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri))
         flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function") or {}
