@@ -13,6 +13,7 @@ It runs as a Ray task (the driver only logs the result), reserving the cell's CP
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
@@ -37,6 +38,7 @@ def noise_curve(train: dict[str, Any], model_uri: str, tracking_uri: str, scales
     from refseg_models.checkpoint import load_inference_checkpoint, model_from_checkpoint
     from refseg_models.modeling.robustness import prompt_robustness_curve
 
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # this task's process only
     cfg = TrainConfig.from_dict(train)
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.model_checkpoint(model_uri, tracking_uri, tmp)

@@ -82,6 +82,7 @@ class Table:
     finished_cells: int
     total_cells: int
     folds: tuple[int, ...]
+    noise_relative: bool = True
 
 
 def cell_text(values: list[float]) -> str:
@@ -198,10 +199,16 @@ def build_table(bench: Any, experiment_id: str, stores: list[Any]) -> Table:
 
     uri = bench.uri
     cell_records: list[CellRecord] = []
+    trained: dict[str, CellRecord] = {}
     for cell in bench.cells.training:
-        cell_records += training_records(uri, experiment_id, cell)
-    for cell in bench.cells.evaluation:
-        cell_records.append(evaluation_record(uri, experiment_id, cell))
+        found = training_records(uri, experiment_id, cell)
+        trained[cell.key] = found[0]
+        cell_records += found
+    evaluated = [evaluation_record(uri, experiment_id, cell) for cell in bench.cells.evaluation]
+    cell_records += evaluated
+    scales = set(bench.spec.noise_scales())
+    finished = (sum(r.finished for r in trained.values()) + sum(r.finished for r in evaluated)
+                + sum(scales <= {s for s, _ in trained[c.trained.key].curve} for c in bench.cells.curves))
     rows = rows_from_records(cell_records, bench)
     spec = bench.spec
     methods = set(spec.methods) | set(spec.baselines)
@@ -220,8 +227,8 @@ def build_table(bench: Any, experiment_id: str, stores: list[Any]) -> Table:
         for role, text in record.frozen.items():
             frozen.setdefault(role, text)
     models = tracking.model_versions(uri, models_query(spec.name))
-    finished = sum(r.finished for r in cell_records if r.kind != "training-free" and r.kind != "untrained")
-    return Table(spec.name, spec.experiment, rows, context, store_rows, frozen, models, finished, len(bench.cells), spec.folds)
+    return Table(spec.name, spec.experiment, rows, context, store_rows, frozen, models, finished, len(bench.cells), spec.folds,
+                 bool(spec.robustness.get("relative", True)))
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -257,6 +264,17 @@ def to_markdown(table: Table) -> str:
             str(row.shot), row.reference, seeds, cell_text(row.values), paper, _num(row.diff), episodes, wall,
             _num(row.cost.get("cpu_hours"), 4), _num(row.cost.get("gpu_hours") or None, 4), _num(row.cost.get("train_episodes_per_s"), 1),
             _num(row.cost.get("peak_rss_mb"), 0), row.comparability]) + " |")
+    curves = [row for row in table.rows if row.curve and row.fold is not None]
+    if curves:
+        scales = sorted({s for row in curves for s in row.curve})
+        lines += ["", "Prompt-noise robustness (ProSAM's measurement): mean mask IoU (%) of the test episodes with N(0, s^2) "
+                  f"noise{' x the episode' + chr(39) + 's prompt-token RMS' if table.noise_relative else ''} added to every prompt token, mean over the seeds "
+                  "(MLflow metric `robustness/prompt_noise_iou` of each cell's run, step = 100 s; robustness.png).", "",
+                  "| method | reference | fold | seeds | " + " | ".join(f"s = {x:g}" for x in scales) + " |",
+                  "|" + "---|" * (4 + len(scales))]
+        for row in curves:
+            lines.append(f"| {row.method} | {row.reference} | {row.fold} | {len(row.values)} | "
+                         + " | ".join(_num(row.curve.get(x)) for x in scales) + " |")
     lines += ["", *notes(table, sources)]
     return "\n".join(lines)
 
@@ -368,7 +386,7 @@ def _plot_curves(table: Table, path: Path) -> None:
             scales = sorted(row.curve)
             axis.plot(scales, [row.curve[s] for s in scales], marker="o",
                       label=f"{row.method} {row.reference} fold {row.fold} ({len(row.values)} seed(s))")
-    axis.set_xlabel("prompt-token noise scale s (N(0, s^2) x token RMS)")
+    axis.set_xlabel("prompt-token noise scale s (N(0, s^2)" + (" x token RMS)" if table.noise_relative else ")"))
     axis.set_ylabel("mean mask IoU (%)")
     axis.set_title(f"refseg benchmark {table.name}: prompt-noise robustness (ProSAM's measurement)", fontsize=9)
     axis.legend(fontsize=7)
