@@ -55,14 +55,16 @@ def run_evaluation_cell(cell: EvaluationCell, uri: str, experiment_id: str, benc
     from pipeline.benchmark.coco2pascal import run as run_coco2pascal
     from pipeline.evaluation.fss1000 import run as run_fss1000
 
-    tags = {tracking.TAG_KIND: KIND_EVALUATION, TAG_CELL: cell.identity, TAG_BENCHMARK: cell.spec.name,
-            TAG_PROTOCOL: cell.protocol, "mlflow.parentRunId": benchmark_run, "refseg.method": cell.method}
+    identity = {tracking.TAG_KIND: KIND_EVALUATION, TAG_CELL: cell.identity}
+    tags = {TAG_BENCHMARK: cell.spec.name, TAG_PROTOCOL: cell.protocol, "mlflow.parentRunId": benchmark_run,
+            "refseg.method": cell.method}
     params = {"protocol": cell.protocol, "fold": str(cell.fold), "shot": str(cell.shot), "annotation_type": cell.reference,
               "method": cell.method, "predictor": "trained" if cell.trained else "training-free"}
     if trained_run is not None:
         tags["refseg.trained_run"] = trained_run["run_id"]
         tags.update({k: v for k, v in trained_run["tags"].items() if k.startswith("refseg.frozen.")})
-    run_id, _ = tracking.find_or_create_run(uri, experiment_id, f"{cell.protocol}-{cell.method}", tags, params)
+    run_id, _ = tracking.find_or_create_run(uri, experiment_id, f"{cell.protocol}-{cell.method}", identity, params)
+    tracking.set_tags(uri, run_id, tags)  # also on a re-run: the benchmark run it belongs to now
     tracking.set_running(uri, run_id)
     started = time.perf_counter()
     try:

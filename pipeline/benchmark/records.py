@@ -25,6 +25,7 @@ TAG_BENCHMARK, TAG_CELL, TAG_PROTOCOL = "refseg.benchmark", "refseg.cell", "refs
 KIND_BENCHMARK, KIND_EVALUATION = "benchmark", "evaluation"
 NOISE_METRIC = "robustness/prompt_noise_iou"
 NOISE_STEP_SCALE = 100  # a noise scale s is logged at step round(100 * s): MLflow steps are integers
+NO_FOLD = -1  # the fold of a record that has none (a training-free method on FSS-1000's test split)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def training_records(uri: str, experiment_id: str, cell: TrainingCell) -> list[C
 def evaluation_record(uri: str, experiment_id: str, cell: EvaluationCell) -> CellRecord:
     dataset = "fss1000" if cell.protocol == "fss1000" else "pascal5i"
     record = CellRecord(cell.key, "trained" if cell.trained else "training-free", cell.method, cell.protocol, dataset,
-                        cell.fold, cell.shot, cell.reference, cell.seed, episode_set=cell.identity.rsplit("|", 1)[0])
+                        NO_FOLD if cell.fold is None else cell.fold, cell.shot, cell.reference, cell.seed, episode_set=cell.identity.rsplit("|", 1)[0])
     run = evaluation_run(uri, experiment_id, cell)
     if run is None:
         return record

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.benchmark.published import Published
-from pipeline.benchmark.records import CellRecord, evaluation_record, training_records
+from pipeline.benchmark.records import NO_FOLD, CellRecord, evaluation_record, training_records
 from refseg_models.encoders.sam_proxy import PROXY_ENCODER
 
 PAPER_EPISODES = 1000
@@ -38,7 +38,7 @@ class Row:
     kind: str
     shot: int
     reference: str
-    fold: int | None  # None: the mean over the table's folds
+    fold: int | None  # None: the mean over the table's folds; NO_FOLD: a split without folds (FSS-1000)
     values: list[float]
     seeds: list[int | None]
     episodes: int | None = None
@@ -231,6 +231,10 @@ def build_table(bench: Any, experiment_id: str, stores: list[Any]) -> Table:
                  bool(spec.robustness.get("relative", True)))
 
 
+def _fold_text(fold: int | None) -> str:
+    return "mean" if fold is None else "-" if fold == NO_FOLD else str(fold)
+
+
 def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -260,7 +264,7 @@ def to_markdown(table: Table) -> str:
         episodes = "-" if row.episodes is None else f"{row.episodes} ({row.failed if row.failed is not None else '?'})"
         wall = "-" if "wall_s" not in row.cost else f"{row.cost['wall_s'] / 60:.1f} min"
         lines.append("| " + " | ".join([
-            row.method, row.kind, f"{row.protocol} ({row.dataset})", "mean" if row.fold is None else str(row.fold),
+            row.method, row.kind, f"{row.protocol} ({row.dataset})", _fold_text(row.fold),
             str(row.shot), row.reference, seeds, cell_text(row.values), paper, _num(row.diff), episodes, wall,
             _num(row.cost.get("cpu_hours"), 4), _num(row.cost.get("gpu_hours") or None, 4), _num(row.cost.get("train_episodes_per_s"), 1),
             _num(row.cost.get("peak_rss_mb"), 0), row.comparability]) + " |")
@@ -326,7 +330,7 @@ def write_outputs(table: Table, out_dir: str | Path) -> dict[str, Path]:
                          "values", "paper", "paper_source", "diff", "episodes", "failed", *[f"cost_{k}" for k in _COST_KEYS],
                          "setting", "run_ids"])
         for row in table.rows:
-            writer.writerow([row.method, row.kind, row.protocol, row.dataset, "mean" if row.fold is None else row.fold, row.shot,
+            writer.writerow([row.method, row.kind, row.protocol, row.dataset, _fold_text(row.fold), row.shot,
                              row.reference, len(row.values), row.mean, "" if row.std is None else row.std,
                              " ".join(f"{v:.6f}" for v in row.values), "" if row.paper is None else row.paper,
                              "" if row.published is None else f"[{sources[row.published.id]}] {row.published.id}",
@@ -362,7 +366,7 @@ def _plot(table: Table, path: Path) -> None:
                  color=f"C{sorted({r.method for r in rows}).index(row.method) % 10}")
         if row.paper is not None:
             axis.plot(index, row.paper, marker="_", markersize=18, color="black")
-        labels.append(f"{row.method}\n{row.reference} f{'m' if row.fold is None else row.fold}")
+        labels.append(f"{row.method}\n{row.protocol} {row.reference} fold {_fold_text(row.fold)}")
     axis.set_xticks(range(len(rows)), labels, fontsize=7)
     axis.set_ylabel("test mIoU (%)")
     axis.set_title(f"refseg benchmark {table.name}: bars = ours (error bar: std over seeds, 2+ seeds), "

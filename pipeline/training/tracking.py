@@ -437,16 +437,16 @@ def find_runs(uri: str, experiment_id: str, tags: Mapping[str, str]) -> list[dic
 
 
 def find_or_create_run(uri: str, experiment_id: str, name: str, tags: Mapping[str, str],
-                       params: Mapping[str, str] | None = None) -> tuple[str, bool]:
-    """(run id, created) of the run carrying all of ``tags``; created (RUNNING, named ``name``, with
-    ``params``) when there is none."""
+                       params: Mapping[str, str] | None = None, extra_tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, created) of the run carrying all of ``tags`` (its identity); created (RUNNING, named
+    ``name``, with ``tags``, ``extra_tags`` and ``params``) when there is none."""
     found = _find(uri, experiment_id, tags)
     if found:
         return found[0].info.run_id, False
     from mlflow.entities import Param
 
     client = _client(uri)
-    run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
+    run = client.create_run(experiment_id, run_name=name, tags={**dict(extra_tags or {}), **dict(tags)})
     if params:
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id, True
