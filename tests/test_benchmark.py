@@ -273,3 +273,44 @@ def test_plan_lists_cells_stores_and_an_estimate_from_measured_rates(data: dict,
     assert item.train_episodes == 1600 and abs(item.hours_per_cell - 1600 * 0.0297963505 / 2 / 3600) < 1e-6
     assert "gpu_step_time_h200.json" in item.source
     assert not (tmp_path / "root" / "mlflow.db").exists()  # planning creates nothing
+
+
+READY = {"coco20i_sam_prompt": (36, 0, 0), "pascal5i_sam_prompt": (36, 0, 0), "coco2pascal": (36, 36 + 2 * 4, 0),
+         "segic_one_shot": (12, 12 + 2, 0), "robustness": (48, 0, 48)}
+
+
+def _ready_environment(tmp_path: Path) -> dict[str, str]:
+    """Every variable the ready tables read, pointing at stand-ins that exist."""
+    env = {}
+    for name in ("REFSEG_COCO_ANNOTATIONS", "REFSEG_SAM_VIT_H", "REFSEG_RESNET50_V2", "REFSEG_DINOV2_L"):
+        (tmp_path / name).write_text("x")
+        env[name] = str(tmp_path / name)
+    for name in ("REFSEG_COCO_IMAGES", "REFSEG_COCO_LISTS", "REFSEG_PASCAL_LISTS", "REFSEG_FSS1000_ROOT", "REFSEG_FSS1000_LISTS"):
+        (tmp_path / name).mkdir()
+        env[name] = str(tmp_path / name)
+    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
+    env["REFSEG_PASCAL_ROOT"] = str(tmp_path / "voc")
+    return env
+
+
+@pytest.mark.parametrize("name", sorted(READY))
+def test_ready_tables_expand_and_refuse_missing_data_in_one_line(name: str, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.benchmark.runner import prepare
+
+    env = _ready_environment(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bench = prepare(REPO / "benchmarks" / f"{name}.yaml", str(tmp_path / "root"))
+    assert (len(bench.cells.training), len(bench.cells.evaluation), len(bench.cells.curves)) == READY[name]
+    assert bench.cells.training[0].config.use_gpu
+    # data that is not there: one line naming it, before anything runs
+    key = {"pascal5i_sam_prompt": "REFSEG_PASCAL_ROOT", "coco2pascal": "REFSEG_PASCAL_ROOT",
+           "segic_one_shot": "REFSEG_FSS1000_ROOT"}.get(name, "REFSEG_COCO_IMAGES")
+    monkeypatch.setenv(key, str(tmp_path / "absent"))
+    with pytest.raises(ConfigError) as error:
+        prepare(REPO / "benchmarks" / f"{name}.yaml", str(tmp_path / "root"))
+    assert f"= {tmp_path / 'absent'}) does not exist; nothing was run" in str(error.value) and "\n" not in str(error.value)
+    monkeypatch.delenv(key)
+    with pytest.raises(ConfigError, match=rf"uses \$\{{{key}\}}, which is not set: set the environment variable {key}"):
+        prepare(REPO / "benchmarks" / f"{name}.yaml", str(tmp_path / "root"))
+    assert not (tmp_path / "root").exists()  # nothing was written

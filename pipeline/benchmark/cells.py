@@ -93,7 +93,8 @@ class TrainingCell:
         args += ["--num-workers", str(scaling.num_workers), "--cpus-per-worker", str(scaling.cpus_per_worker)]
         if scaling.use_gpu:
             args.append("--use-gpu")
-        args += ["--experiment", spec.experiment]
+        # stores a sampler reads besides the method's (SegIC's mix): extracted by the training job itself
+        args += ["--experiment", spec.experiment, "--extract-missing"]
         if self.root:
             args += ["--root", self.root]
         for baseline in spec.baselines:

@@ -33,7 +33,7 @@ def _job_config(cell: EvaluationCell, checkpoint: str | None, out: str) -> Any:
     sam, backbone = spec.encoders["sam"], spec.encoders["backbone"]
     common = dict(backbone_checkpoint=backbone.checkpoint, shot=cell.shot, seed=int(spec.evaluation.get("seed", 0)),
                   annotation_type=cell.reference, checkpoint=checkpoint, method=None if checkpoint else cell.baseline,
-                  method_options=dict(spec.training.get("method_options", {}).get(cell.method, {})) if not checkpoint else {},
+                  method_options={},  # a baseline with its defaults, as the training job's test rows run it
                   backbone=backbone.encoder, sam_encoder=sam.encoder, sam_checkpoint=sam.checkpoint,
                   resolution_size=int(spec.evaluation.get("resolution_size", 512)),
                   num_workers=int(spec.evaluation.get("num_workers", spec.scaling.num_workers)), output_dir=out)
@@ -41,7 +41,7 @@ def _job_config(cell: EvaluationCell, checkpoint: str | None, out: str) -> Any:
         from pipeline.evaluation.fss1000 import Fss1000EvaluateConfig
 
         return Fss1000EvaluateConfig(root=spec.data["fss1000_root"], lists_dir=spec.data.get("fss1000_lists"),
-                                     backbone_options=dict(backbone.options), **common)
+                                     **common)
     from pipeline.benchmark.coco2pascal import Coco2PascalEvaluateConfig
 
     return Coco2PascalEvaluateConfig(root=spec.data["pascal_root"], lists_dir=spec.data["pascal_lists"], fold=int(cell.fold),

@@ -47,7 +47,7 @@ _TOP = ("name", "description", "experiment", "tracks", "dataset", "methods", "ba
         "evaluation", "robustness", "scaling")
 _DATA_PATHS = ("annotations", "images", "lists_dir", "pascal_root", "pascal_lists", "fss1000_root", "fss1000_lists")
 _DATA = (*_DATA_PATHS, "layout", "feature_dataset")
-_ENCODER = ("encoder", "checkpoint", "store", "options")
+_ENCODER = ("encoder", "checkpoint", "store")  # builder options: the encoders' defaults (the training job takes none)
 _TRAINING = ("recipe", "method_options", "episodes_per_epoch", "val_episodes", "test_episodes", "test_seed",
              "point_style", "novel_policy", "crowd", "sampler", "mix", "checkpoints_per_epoch", "log_every")
 _EVALUATION = ("episodes", "seed", "num_workers", "resolution_size")
@@ -58,12 +58,11 @@ _SCALING = ("num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "con
 @dataclass(frozen=True)
 class EncoderSpec:
     """A frozen encoder of the table: registry name, weights file (None: the proxy SAM's shipped
-    file), store location (None: ``<root>/stores/<feature dataset>-<encoder>``), builder options."""
+    file), store location (None: ``<root>/stores/<feature dataset>-<encoder>``)."""
 
     encoder: str
     checkpoint: str | None = None
     store: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -281,9 +280,10 @@ def parse_table(raw: Any, path: str, folder: Path, environ: dict[str, str] | Non
             raise ConfigError(f"{path}: training.{key} must be a mapping")
     if "seed" in training.get("recipe", {}):
         raise ConfigError(f"{path}: training.recipe.seed: the seeds are the table's 'seeds' (one cell per seed)")
-    unknown_options = sorted(set(training.get("method_options", {})) - set(methods) - set(baselines))
+    unknown_options = sorted(set(training.get("method_options", {})) - set(methods))
     if unknown_options:
-        raise ConfigError(f"{path}: training.method_options names {unknown_options[0]!r}, which is not in methods or baselines")
+        raise ConfigError(f"{path}: training.method_options names {unknown_options[0]!r}, which is not in methods (baselines "
+                          "run with their defaults, as the training job runs them)")
     evaluation = dict(raw.get("evaluation") or {})
     _known(evaluation, _EVALUATION, f"{path}: evaluation")
     robustness = dict(raw.get("robustness") or {})
@@ -327,10 +327,7 @@ def _encoders(raw: dict[str, Any], path: str, folder: Path) -> dict[str, Encoder
         if entry["encoder"] not in available_encoders():
             raise ConfigError(f"{path}: encoders.{role}: unknown encoder {entry['encoder']!r}; "
                               f"available: {', '.join(available_encoders())}")
-        if not isinstance(entry.get("options", {}), dict):
-            raise ConfigError(f"{path}: encoders.{role}.options must be a mapping")
-        out[role] = EncoderSpec(entry["encoder"], _resolve(folder, entry.get("checkpoint")),
-                                _resolve(folder, entry.get("store")), dict(entry.get("options") or {}))
+        out[role] = EncoderSpec(entry["encoder"], _resolve(folder, entry.get("checkpoint")), _resolve(folder, entry.get("store")))
     if out["backbone"].checkpoint is None:
         raise ConfigError(f"{path}: encoders.backbone.checkpoint is required (the backbone's weights file)")
     if out["sam"].encoder != PROXY_ENCODER and out["sam"].checkpoint is None:
