@@ -316,10 +316,14 @@ def _ensure_stores(bench: Benchmark, benchmark_run: str) -> list[StoreNeed]:
     """Extract the missing stores (once per encoder), then log every store's extraction cost."""
     from pipeline.training.job import prepare_stores
 
+    from pipeline.training.features import store_exists
+
     needs = stores_needed(bench.cells.training)
-    for need in needs:
-        if not need.finished:
-            print(f"store {need.uri} ({need.role}, {need.encoder}) {need.state}: extracting it once for every cell", flush=True)
+    missing = [need for need in needs if not need.finished]
+    for need in missing:
+        print(f"store {need.uri} ({need.role}, {need.encoder}) {need.state}: extracted once, for every cell", flush=True)
+    for need in missing:
+        if not store_exists(need.uri):  # one call extracts every missing store of that cell's configuration
             prepare_stores(need.example.config, True, bench.spec.scaling.extraction_workers)
     needs = stores_needed(bench.cells.training)
     for need in needs:
