@@ -83,11 +83,11 @@ def _mlflow_exists(uri: str) -> bool:
     return True
 
 
-def _experiment_id(uri: str, name: str) -> str | None:
+def existing_experiment(uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` if the record exists and has it (never creates a store)."""
     if not _mlflow_exists(uri):
         return None
-    found = tracking.find_experiment(uri, name)
-    return found
+    return tracking.find_experiment(uri, name)
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def plan(bench: Benchmark) -> tuple[str, Estimate]:
     """The printed plan: cells (done / to do), the stores they need (and which exist), and an
     estimate of device-hours and disk from measured rates only."""
     spec, cells, uri = bench.spec, bench.cells, bench.uri
-    experiment_id = _experiment_id(uri, spec.experiment)
+    experiment_id = existing_experiment(uri, spec.experiment)
     stores = stores_needed(cells.training)
     done: dict[str, dict[str, Any]] = {}
     walls: dict[str, list[float]] = {}
