@@ -314,3 +314,26 @@ def test_ready_tables_expand_and_refuse_missing_data_in_one_line(name: str, tmp_
     with pytest.raises(ConfigError, match=rf"uses \$\{{{key}\}}, which is not set: set the environment variable {key}"):
         prepare(REPO / "benchmarks" / f"{name}.yaml", str(tmp_path / "root"))
     assert not (tmp_path / "root").exists()  # nothing was written
+
+
+def test_plan_scales_a_stored_table_run_on_the_same_device(data: dict, tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from pipeline.benchmark import estimates
+    from pipeline.benchmark.runner import plan, prepare
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "benchmark_x_cpu.json").write_text(json.dumps({
+        "table": "x", "commit": "abcdef0123", "device": "CPU",
+        "cells": [{"method": "vrp_sam", "train_episodes": 100, "wall_s": 50.0},
+                  {"method": "vrp_sam", "train_episodes": 100, "wall_s": 70.0}]}))
+    (tmp_path / "m" / "benchmark_y_gpu.json").write_text(json.dumps({
+        "table": "y", "device": "GPU", "cells": [{"method": "vrp_sam", "train_episodes": 100, "wall_s": 1.0}]}))
+    monkeypatch.setattr(estimates, "MEASUREMENTS", tmp_path / "m")
+    path = write_table(data["root"], methods=["vrp_sam", "fcp"], folds=[0], seeds=[0], reference_types=["mask"],
+                       training={"recipe": {"epochs": 2}, "episodes_per_epoch": 400})
+    text, result = plan(prepare(path, str(tmp_path / "root")))
+    by = {c.method: c for c in result.cells}
+    assert abs(by["vrp_sam"].hours_per_cell - 800 * 0.6 / 3600) < 1e-9  # CPU only: 0.6 s per training episode
+    assert "docs/measurements/benchmark_x_cpu.json (table x, commit abcdef0)" in by["vrp_sam"].source
+    assert by["fcp"].hours_per_cell is None and "no measured rate" in by["fcp"].source  # no rate: no guess

@@ -4,6 +4,9 @@ Sources, in order of preference:
 
 * **this table's finished cells** (their ``cost/wall_s`` in MLflow): the wall time per cell of each
   method on the machine that ran them: the estimate for the remaining cells of that method;
+* **a stored table run on the same device** (``docs/measurements/benchmark_*.json``, written by
+  ``bench/benchmark_cell_rates.py``): its cells' wall seconds per training episode (validation, test
+  and start-up included, so a rough guide for another schedule), times this cell's training episodes;
 * **GPU**: ``docs/measurements/gpu_step_time_h200.json`` (``bench/bench_step_time.py`` on one H200,
   fp32, batch 2): seconds per training episode of each method from the stores (``store_arm_s`` / 2)
   and seconds per image of the SAM encoders (``sam_vit_*_encoder_s`` / 2); validation, test and
@@ -31,7 +34,8 @@ from pipeline.store.layout import bytes_per_sample
 from refseg_models.encoders import build_encoder
 
 REPO = Path(__file__).resolve().parents[2]
-GPU_MEASUREMENT = REPO / "docs" / "measurements" / "gpu_step_time_h200.json"
+MEASUREMENTS = REPO / "docs" / "measurements"
+GPU_MEASUREMENT = MEASUREMENTS / "gpu_step_time_h200.json"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -80,6 +84,25 @@ def _gpu_rates() -> dict:
         return {}
 
 
+def _table_rates(device: str) -> dict[str, tuple[float, str]]:
+    """{method: (wall seconds per training episode, source)} from the stored table runs on ``device``."""
+    per_method: dict[str, list[float]] = {}
+    sources: dict[str, str] = {}
+    for path in sorted(MEASUREMENTS.glob("benchmark_*.json")):
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if stored.get("device") != device:
+            continue
+        for cell in stored.get("cells", []):
+            if cell.get("train_episodes"):
+                per_method.setdefault(cell["method"], []).append(cell["wall_s"] / cell["train_episodes"])
+                sources.setdefault(cell["method"], f"docs/measurements/{path.name} (table {stored.get('table')}, commit "
+                                                   f"{str(stored.get('commit', '?'))[:7]})")
+    return {m: (sum(v) / len(v), sources[m]) for m, v in per_method.items()}
+
+
 def train_episodes(cell: TrainingCell) -> int | None:
     """Training episodes of one cell (epochs x episodes per epoch), None when it cannot be known
     without reading the dataset (no official lists and no ``episodes_per_epoch``)."""
@@ -120,6 +143,7 @@ def estimate(cells: tuple[TrainingCell, ...], stores: list[StoreNeed], finished_
     """The estimate of ``cells`` (those not finished) and ``stores``; ``finished_wall_s``: {method:
     wall seconds of this table's finished cells} (measured here, preferred)."""
     rates = _gpu_rates()
+    stored = {device: _table_rates(device) for device in ("CPU", "GPU")}
     out = Estimate()
     by_method: dict[str, list[TrainingCell]] = {}
     for cell in cells:
@@ -132,6 +156,11 @@ def estimate(cells: tuple[TrainingCell, ...], stores: list[StoreNeed], finished_
             walls = finished_wall_s[method]
             hours = sum(walls) / len(walls) / 3600
             source = f"the mean wall time of this table's {len(walls)} finished {method} cell(s)"
+        elif method in stored[device] and episodes is not None:
+            per_episode, where = stored[device][method]
+            hours = episodes * per_episode / 3600
+            source = (f"{where}: {per_episode:.2f} s of cell wall time per training episode (with its validation, test "
+                      "and start-up: a rough guide for another schedule)")
         elif cfg.use_gpu and method in rates and episodes is not None:
             hours = episodes * rates[method]["store_arm_s"] / rates.get("batch", 2) / 3600
             source = (f"{GPU_MEASUREMENT.relative_to(REPO)} ({rates.get('gpu', 'GPU')}, fp32, training steps only: "
