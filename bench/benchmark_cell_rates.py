@@ -2,8 +2,8 @@
 
 Reads a table's finished training cells from MLflow (``cost/wall_s`` and the rest, logged by the
 benchmark) and prints one JSON object: per cell the method, training / validation / test episodes,
-wall seconds, CPU- and GPU-hours, train episodes/s and peak RSS, with the command, commit and machine
-(``bench_output.provenance``). Committed as ``docs/measurements/benchmark_<table>_<device>.json``, it
+wall seconds, CPU- and GPU-hours, train episodes/s and peak RSS; per store its images, bytes and
+extraction seconds (its shards' stats); with the command, commit and machine (``bench_output.provenance``). Committed as ``docs/measurements/benchmark_<table>_<device>.json``, it
 is the rate ``--plan`` scales by training episodes for a method that has no finished cell yet on that
 device (``pipeline/benchmark/estimates.py``).
 
@@ -23,6 +23,7 @@ from bench_output import emit, provenance  # noqa: E402
 from pipeline.benchmark import records  # noqa: E402
 from pipeline.benchmark.estimates import train_episodes  # noqa: E402
 from pipeline.benchmark.runner import existing_experiment, prepare  # noqa: E402
+from pipeline.benchmark.stores import stores_needed  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
 
@@ -47,8 +48,15 @@ def main() -> int:
                       "val_episodes": int(metrics.get("data/val_episodes", 0)), "test_episodes": int(metrics.get("data/test_episodes", 0)),
                       "baselines": list(cfg.baselines), "num_workers": cfg.num_workers, "cpus_per_worker": cfg.cpus_per_worker,
                       "wall_s": metrics["cost/wall_s"], **{k[len("cost/"):]: v for k, v in metrics.items() if k.startswith("cost/") and k != "cost/wall_s"}})
+    stores = []
+    for need in stores_needed(bench.cells.training):
+        cost = need.cost()
+        if cost is not None:
+            stores.append({"role": need.role, "encoder": need.encoder, "images": cost.images, "bytes": cost.bytes,
+                           "extract_s": cost.extract_s, "workers": bench.spec.scaling.extraction_workers})
     device = "GPU" if bench.spec.scaling.use_gpu else "CPU"
-    return emit({**provenance(), "table": bench.spec.name, "table_file": bench.spec.path, "device": device, "cells": cells}, args.json)
+    return emit({**provenance(), "table": bench.spec.name, "table_file": bench.spec.path, "device": device, "cells": cells,
+                 "stores": stores}, args.json)
 
 
 if __name__ == "__main__":

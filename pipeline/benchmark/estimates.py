@@ -11,8 +11,10 @@ Sources, in order of preference:
   fp32, batch 2): seconds per training episode of each method from the stores (``store_arm_s`` / 2)
   and seconds per image of the SAM encoders (``sam_vit_*_encoder_s`` / 2); validation, test and
   start-up are not in it;
-* **disk**: a finished store's bytes per image (its shards' stats), else the exact tar layout of the
-  encoder's output shapes (``pipeline.store.layout.bytes_per_sample``, fp16) times the images found.
+* **stores**: a finished store's own stats (bytes, extraction seconds); else a stored table run's store
+  of the same encoder on the same device (bytes and seconds per image); else, for SAM ViT-H / ViT-B on
+  GPU, the encoder's measured seconds per image; bytes from the exact tar layout of the encoder's
+  output shapes (``pipeline.store.layout.bytes_per_sample``, fp16) when nothing was measured.
 
 Training episodes per cell = epochs x episodes per epoch (the table's, else one per training pair
 of the fold: counted in the official ``trn`` list, an upper bound when the images are a subset).
@@ -84,22 +86,41 @@ def _gpu_rates() -> dict:
         return {}
 
 
-def _table_rates(device: str) -> dict[str, tuple[float, str]]:
-    """{method: (wall seconds per training episode, source)} from the stored table runs on ``device``."""
-    per_method: dict[str, list[float]] = {}
-    sources: dict[str, str] = {}
+def _stored_runs(device: str) -> list[tuple[Path, dict]]:
+    out = []
     for path in sorted(MEASUREMENTS.glob("benchmark_*.json")):
         try:
             stored = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if stored.get("device") != device:
-            continue
+        if stored.get("device") == device:
+            out.append((path, stored))
+    return out
+
+
+def _source(path: Path, stored: dict) -> str:
+    return f"docs/measurements/{path.name} (table {stored.get('table')}, commit {str(stored.get('commit', '?'))[:7]})"
+
+
+def _store_rates(device: str) -> dict[str, tuple[float, float, str]]:
+    """{encoder: (bytes per image, extraction seconds per image, source)} of stored table runs."""
+    out: dict[str, tuple[float, float, str]] = {}
+    for path, stored in _stored_runs(device):
+        for store in stored.get("stores", []):
+            if store.get("images") and store["encoder"] not in out:
+                out[store["encoder"]] = (store["bytes"] / store["images"], store["extract_s"] / store["images"], _source(path, stored))
+    return out
+
+
+def _table_rates(device: str) -> dict[str, tuple[float, str]]:
+    """{method: (wall seconds per training episode, source)} from the stored table runs on ``device``."""
+    per_method: dict[str, list[float]] = {}
+    sources: dict[str, str] = {}
+    for path, stored in _stored_runs(device):
         for cell in stored.get("cells", []):
             if cell.get("train_episodes"):
                 per_method.setdefault(cell["method"], []).append(cell["wall_s"] / cell["train_episodes"])
-                sources.setdefault(cell["method"], f"docs/measurements/{path.name} (table {stored.get('table')}, commit "
-                                                   f"{str(stored.get('commit', '?'))[:7]})")
+                sources.setdefault(cell["method"], _source(path, stored))
     return {m: (sum(v) / len(v), sources[m]) for m, v in per_method.items()}
 
 
@@ -125,14 +146,12 @@ def train_episodes(cell: TrainingCell) -> int | None:
 def count_images(folder: str | None) -> int | None:
     if not folder or not Path(folder).is_dir():
         return None
+    if (Path(folder) / "JPEGImages").is_dir():  # a PASCAL VOC root
+        folder = str(Path(folder) / "JPEGImages")
     return sum(1 for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def _bytes_per_image(need: StoreNeed) -> tuple[int | None, str]:
-    if need.finished:
-        cost = need.cost()
-        if cost is not None:
-            return cost.bytes // max(cost.images, 1), "its shards' stats"
+def _bytes_per_image(need: StoreNeed) -> tuple[int, str]:
     spec = getattr(need.example.config, need.role)
     with torch.device("meta"):
         encoder = build_encoder(spec.encoder, None, allow_random_init=True, **spec.options)
@@ -170,20 +189,28 @@ def estimate(cells: tuple[TrainingCell, ...], stores: list[StoreNeed], finished_
             source = ("no measured rate for this method on this device yet (run the table once: its finished cells "
                       "become the rate)")
         out.cells.append(CellEstimate(method, len(group), episodes, hours, device, source))
-    images = count_images(cells[0].config.images) if cells else None
+    images = count_images(stores[0].example.config.images) if stores else None
+    device = "GPU" if stores and stores[0].example.config.use_gpu else "CPU"
+    measured = _store_rates(device)
     for need in stores:
-        per_image, how = _bytes_per_image(need)
         cost = need.cost() if need.finished else None
         n = cost.images if cost is not None else images
-        size = cost.bytes if cost is not None else (None if n is None or per_image is None else n * per_image)
         if cost is not None:
-            extract_hours, source = cost.extract_s / 3600, "measured: its shards' stats (sum of shard times)"
-        elif need.encoder in ("sam_vit_h", "sam_vit_b") and f"{need.encoder}_encoder_s" in rates and n is not None:
-            per = rates[f"{need.encoder}_encoder_s"] / rates.get("batch", 2)
-            extract_hours = n * per / 3600
-            source = f"{GPU_MEASUREMENT.relative_to(REPO)}: the encoder alone, {per * 1000:.0f} ms per image (decode and writes not included)"
+            size, extract_hours, source = cost.bytes, cost.extract_s / 3600, "measured: its shards' stats (sum of shard times)"
+        elif need.encoder in measured:
+            per_byte, per_second, where = measured[need.encoder]
+            size = None if n is None else int(n * per_byte)
+            extract_hours = None if n is None else n * per_second / 3600
+            source = f"{where}: {per_second:.2f} s and {per_byte / 1e6:.2f} MB per image"
         else:
-            extract_hours, source = None, "no measured rate for this encoder"
-        out.stores.append(StoreEstimate(need.role, need.encoder, need.uri, need.finished, n, size, extract_hours,
-                                        f"{source}; bytes from {how}"))
+            per_image, how = _bytes_per_image(need)
+            size = None if n is None else n * per_image
+            if need.encoder in ("sam_vit_h", "sam_vit_b") and f"{need.encoder}_encoder_s" in rates and n is not None and device == "GPU":
+                per = rates[f"{need.encoder}_encoder_s"] / rates.get("batch", 2)
+                extract_hours = n * per / 3600
+                source = (f"{GPU_MEASUREMENT.relative_to(REPO)}: the encoder alone, {per * 1000:.0f} ms per image (decode and "
+                          f"writes not included); bytes from {how}")
+            else:
+                extract_hours, source = None, f"no measured extraction rate for this encoder; bytes from {how}"
+        out.stores.append(StoreEstimate(need.role, need.encoder, need.uri, need.finished, n, size, extract_hours, source))
     return out
