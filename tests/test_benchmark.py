@@ -334,6 +334,6 @@ def test_plan_scales_a_stored_table_run_on_the_same_device(data: dict, tmp_path:
                        training={"recipe": {"epochs": 2}, "episodes_per_epoch": 400})
     text, result = plan(prepare(path, str(tmp_path / "root")))
     by = {c.method: c for c in result.cells}
-    assert abs(by["vrp_sam"].hours_per_cell - 800 * 0.6 / 3600) < 1e-9  # CPU only: 0.6 s per training episode
+    assert abs(by["vrp_sam"].hours_per_cell - 800 * 0.6 / 3600) < 1e-9  # CPU only: 0.6 s per training episode, 1 worker x 1 CPU
     assert "docs/measurements/benchmark_x_cpu.json (table x, commit abcdef0)" in by["vrp_sam"].source
     assert by["fcp"].hours_per_cell is None and "no measured rate" in by["fcp"].source  # no rate: no guess

@@ -45,8 +45,8 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 class CellEstimate:
     method: str
     cells: int
-    train_episodes: int | None  # per cell; None: unknown (no lists, no episodes_per_epoch)
-    hours_per_cell: float | None
+    train_episodes: int | None  # per cell (mean over the cells); None: unknown (no lists, no episodes_per_epoch)
+    hours_per_cell: float | None  # device-hours (mean over the cells)
     device: str  # "GPU" or "CPU"
     source: str
 
@@ -169,17 +169,21 @@ def estimate(cells: tuple[TrainingCell, ...], stores: list[StoreNeed], finished_
         by_method.setdefault(cell.method, []).append(cell)
     for method, group in by_method.items():
         cfg = group[0].config
-        episodes = train_episodes(group[0])
+        counts = [train_episodes(cell) for cell in group]  # per cell: folds have different training lists
+        episodes = None if None in counts else round(sum(counts) / len(counts))
         device = "GPU" if cfg.use_gpu else "CPU"
+        # device-hours reserved per wall hour of one cell: its workers x the CPUs / GPUs each reserves
+        scaling = group[0].spec.scaling
+        reserved = cfg.num_workers * ((scaling.gpus_per_worker or 1.0) if cfg.use_gpu else cfg.cpus_per_worker)
         if finished_wall_s.get(method):
             walls = finished_wall_s[method]
-            hours = sum(walls) / len(walls) / 3600
-            source = f"the mean wall time of this table's {len(walls)} finished {method} cell(s)"
+            hours = sum(walls) / len(walls) / 3600 * reserved
+            source = f"the mean wall time of this table's {len(walls)} finished {method} cell(s) x {reserved:g} {device}(s) reserved"
         elif method in stored[device] and episodes is not None:
             per_episode, where = stored[device][method]
-            hours = episodes * per_episode / 3600
+            hours = episodes * per_episode / 3600 * reserved
             source = (f"{where}: {per_episode:.2f} s of cell wall time per training episode (with its validation, test "
-                      "and start-up: a rough guide for another schedule)")
+                      f"and start-up: a rough guide for another schedule) x {reserved:g} {device}(s) reserved")
         elif cfg.use_gpu and method in rates and episodes is not None:
             hours = episodes * rates[method]["store_arm_s"] / rates.get("batch", 2) / 3600
             source = (f"{GPU_MEASUREMENT.relative_to(REPO)} ({rates.get('gpu', 'GPU')}, fp32, training steps only: "

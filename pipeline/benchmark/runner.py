@@ -141,7 +141,8 @@ def plan(bench: Benchmark) -> tuple[str, Estimate]:
         lines.append(f"  [ ] {curve.key}")
     lines.append("estimate (measured rates only; each names its source):")
     for item in result.cells:
-        episodes = f"{item.train_episodes:,} training episodes each" if item.train_episodes is not None else "training episodes unknown"
+        episodes = (f"{item.train_episodes:,} training episodes each (mean)" if item.train_episodes is not None
+                    else "training episodes unknown")
         hours = f"~{item.hours_per_cell:.3f} {item.device}-h each, ~{item.hours_per_cell * item.cells:.2f} {item.device}-h" \
             if item.hours_per_cell is not None else "no estimate"
         lines.append(f"  {item.method}: {item.cells} cell(s) to run, {episodes}: {hours} ({item.source})")

@@ -177,8 +177,9 @@ def expand(value: Any, where: str, environ: dict[str, str] | None = None) -> Any
             raise ConfigError(f"{where} uses ${{{name}}}, which is not set: set the environment variable {name}")
 
         return _VARIABLE.sub(substitute, value)
+    join = " " if where.endswith(":") else "."
     if isinstance(value, dict):
-        return {k: expand(v, f"{where}.{k}", environ) for k, v in value.items()}
+        return {k: expand(v, f"{where}{join}{k}", environ) for k, v in value.items()}
     if isinstance(value, list):
         return [expand(v, f"{where}[{i}]", environ) for i, v in enumerate(value)]
     return value
@@ -220,7 +221,7 @@ def parse_table(raw: Any, path: str, folder: Path, environ: dict[str, str] | Non
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a table file holds a mapping (name, methods, folds, ...), got {type(raw).__name__}")
     _known(raw, _TOP, path)
-    raw = expand(raw, path, environ)
+    raw = expand(raw, f"{path}:", environ)
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{path}: name must be lower-case letters, digits, '-', '_' or '.' (<= 64), got {name!r}")
