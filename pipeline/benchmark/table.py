@@ -358,7 +358,7 @@ def _plot(table: Table, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in table.rows if r.values]
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 3), 4.8))
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 2), 5.2))
     labels = []
     for index, row in enumerate(rows):
         hatch = {"trained": "", "untrained": "//", "training-free": ".."}[row.kind]
@@ -367,10 +367,10 @@ def _plot(table: Table, path: Path) -> None:
         if row.paper is not None:
             axis.plot(index, row.paper, marker="_", markersize=18, color="black")
         labels.append(f"{row.method}\n{row.protocol} {row.reference} fold {_fold_text(row.fold)}")
-    axis.set_xticks(range(len(rows)), labels, fontsize=7)
+    axis.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
     axis.set_ylabel("test mIoU (%)")
-    axis.set_title(f"refseg benchmark {table.name}: bars = ours (error bar: std over seeds, 2+ seeds), "
-                   "black tick = paper", fontsize=9)
+    axis.set_title(f"refseg benchmark {table.name}\nbars: ours (error bar: std over seeds, 2+ seeds; hatched: training-free / "
+                   "untrained); black tick: the paper", fontsize=9)
     if any(r.comparability.startswith("not comparable: proxy SAM") for r in rows):
         figure.text(0.01, 0.01, "proxy SAM (docs/proxy_sam.md): not comparable to the papers' numbers", fontsize=7)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
