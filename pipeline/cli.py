@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "pipeline.inference.commands",
     "pipeline.proxy_sam.commands",
     "pipeline.training.compare",
+    "pipeline.benchmark.commands",
 )
 
 

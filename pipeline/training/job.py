@@ -57,7 +57,9 @@ class JobOptions:
     """What the driver does besides the per-fold TrainConfig.
 
     ``root``: where durable outputs go by default (None: ``REFSEG_ROOT`` or the working directory);
-    ``output_dir``: the summary's folder (default ``<root>/outputs/<run name>``)."""
+    ``output_dir``: the summary's folder (default ``<root>/outputs/<run name>``); ``gpus_per_worker``:
+    GPUs each Ray Train worker reserves with ``use_gpu`` (None: one; a fraction lets several runs
+    share a GPU, ``refseg benchmark``'s ``scaling.gpus_per_worker``)."""
 
     folds: tuple[int, ...] = (0, 1, 2, 3)
     tracking_uri: str | None = None
@@ -68,6 +70,7 @@ class JobOptions:
     extraction_workers: int = 1
     ray_init_kwargs: dict[str, Any] = field(default_factory=dict)
     root: Root | None = None
+    gpus_per_worker: float | None = None
 
     @property
     def resolved_root(self) -> Root:
@@ -229,7 +232,7 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
     working = [parent_id]  # the runs this driver works on now: ended KILLED / FAILED if it stops
     with _sigterm_interrupts(), tracking.ended_with_the_driver(uri, working):
         for cfg in configs:
-            summary["folds"][cfg.fold] = _run_fold(cfg, uri, experiment_id, parent_id, tags, working)
+            summary["folds"][cfg.fold] = _run_fold(cfg, uri, experiment_id, parent_id, tags, working, options.gpus_per_worker)
     folds = summary["folds"]
     finished = [f for f in folds.values() if "test_miou" in f]
     if finished:
@@ -250,7 +253,7 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
 
 
 def _run_fold(cfg: TrainConfig, uri: str, experiment_id: str, parent_id: str, tags: dict[str, str],
-              working: list[str]) -> dict[str, Any]:
+              working: list[str], gpus_per_worker: float | None = None) -> dict[str, Any]:
     """Train and test one fold (or report it finished already); its row of the summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -282,7 +285,8 @@ def _run_fold(cfg: TrainConfig, uri: str, experiment_id: str, parent_id: str, ta
             train_loop_per_worker,
             train_loop_config={"train": cfg.to_dict(), "tracking": {"uri": uri, "run_id": run_id}},
             scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if cfg.use_gpu and gpus_per_worker else {})},
             ),
             run_config=RunConfig(
                 name=cfg.fold_run_name,

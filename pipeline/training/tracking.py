@@ -427,3 +427,93 @@ def search_fold_runs(uri: str, experiment: str, run_names: Iterable[str] | None 
             }
         )
     return rows
+
+
+# -- run records read and written by ``refseg benchmark`` (pipeline/benchmark): plain functions of
+# explicit run ids, so that a benchmark's cells stay ordinary training runs and MLflow the record.
+
+def find_runs(uri: str, experiment_id: str, tags: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Every run of the experiment with all of ``tags``, oldest first, as {run_id, status, params,
+    metrics, tags, start_time, end_time} (times in ms since the epoch; end_time None while running)."""
+    return [
+        {"run_id": run.info.run_id, "status": run.info.status, "params": dict(run.data.params),
+         "metrics": dict(run.data.metrics), "tags": dict(run.data.tags), "start_time": run.info.start_time,
+         "end_time": run.info.end_time}
+        for run in _find(uri, experiment_id, tags)
+    ]
+
+
+def find_or_create_run(uri: str, experiment_id: str, name: str, tags: Mapping[str, str],
+                       params: Mapping[str, str] | None = None, extra_tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, created) of the run carrying all of ``tags`` (its identity); created (RUNNING, named
+    ``name``, with ``tags``, ``extra_tags`` and ``params``) when there is none."""
+    found = _find(uri, experiment_id, tags)
+    if found:
+        return found[0].info.run_id, False
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    run = client.create_run(experiment_id, run_name=name, tags={**dict(extra_tags or {}), **dict(tags)})
+    if params:
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    return run.info.run_id, True
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value)] of a metric, by step (empty when never logged)."""
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def log_artifacts(uri: str, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifacts(run_id, str(folder), artifact_path)
+
+
+def read_artifact_json(uri: str, run_id: str, path: str) -> dict[str, Any] | None:
+    """A JSON artifact of a run, or None when the run has no such file."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a progress bar per small file is noise
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = _client(uri).download_artifacts(run_id, path, tmp)
+            except (MlflowException, OSError):
+                return None
+            return json.loads(Path(local).read_text())
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+
+
+def model_versions(uri: str, filter_string: str) -> list[dict[str, Any]]:
+    """Registered model versions matching ``filter_string`` (MLflow's ``search_model_versions``
+    syntax, e.g. ``tags.`refseg.benchmark` = 'cpu-small'``) as {name, version, run_id, tags, uri}."""
+    return [
+        {"name": v.name, "version": v.version, "run_id": v.run_id, "tags": dict(v.tags), "uri": f"models:/{v.name}/{v.version}"}
+        for v in _client(uri).search_model_versions(filter_string)
+    ]
+
+
+def set_model_version_tags(uri: str, model_uri: str, tags: Mapping[str, str]) -> None:
+    """Tag a registered model version given as ``models:/<name>/<version>``."""
+    name, version = model_uri[len("models:/") :].rsplit("/", 1)
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def find_experiment(uri: str, name: str) -> str | None:
+    """The id of experiment ``name``, or None when it does not exist."""
+    experiment = _client(uri).get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
