@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from refseg_models.build import METHODS
 from refseg_models.config import MethodConfig
 from refseg_models.errors import ModelError
 from refseg_models.modeling.inputs import EpisodeFeatures
@@ -97,10 +98,18 @@ def split_target(mask: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Ten
     return (mask == 1).float(), valid.float()
 
 
+class _RegisteredName:
+    """A method's name: its key in the method registry (:data:`refseg_models.build.METHODS`), where
+    it is written once; a subclass of a registered method answers with that method's name."""
+
+    def __get__(self, instance: object, owner: type) -> str:
+        return METHODS.name_of(owner)
+
+
 class RefSegMethod(nn.Module):
     """Base class of every method (see the module docstring for the contract)."""
 
-    name: ClassVar[str]
+    name: ClassVar[str] = _RegisteredName()  # type: ignore[assignment]
     config_class: ClassVar[type[MethodConfig]]
     # Whether the method decodes through a frozen SAM prompt encoder + mask decoder.
     uses_sam_decoder: ClassVar[bool] = False

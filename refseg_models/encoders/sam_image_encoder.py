@@ -176,3 +176,10 @@ def build_sam_image_encoder(
         source = str(checkpoint)
         load_state_dict_strict(encoder, image_encoder_state_dict(read_state_dict(checkpoint), source), source)
     return SamImageEncoder(variant, encoder, preprocessing)
+
+
+# The registry's builders (refseg_models.encoders.ENCODERS), one per variant.
+build_sam_vit_h = partial(build_sam_image_encoder, "vit_h")
+build_sam_vit_l = partial(build_sam_image_encoder, "vit_l")
+build_sam_vit_b = partial(build_sam_image_encoder, "vit_b")
+build_sam_vit_tiny = partial(build_sam_image_encoder, "vit_tiny")

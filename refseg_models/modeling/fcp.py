@@ -272,7 +272,6 @@ class FCPConfig(MethodConfig):
 class FCP(RefSegMethod):
     """FCP on features: ``FCPPromptEncoder`` (trainable) + frozen SAM decoding."""
 
-    name = "fcp"
     config_class = FCPConfig
     uses_sam_decoder = True
     logits_frame = "backbone"

@@ -128,7 +128,6 @@ class PerSamConfig(MethodConfig):
 
 
 class PerSAM(RefSegMethod):
-    name = "persam"
     config_class = PerSamConfig
     uses_sam_decoder = True
     logits_frame = "sam"

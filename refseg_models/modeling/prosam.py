@@ -103,7 +103,6 @@ class ProSamConfig(VRPSamConfig):
 class ProSam(RefSegMethod):
     """ProSAM on features: VRP-SAM's prompt encoder + mu / sigma heads; frozen SAM decoding."""
 
-    name = "prosam"
     config_class = ProSamConfig
     uses_sam_decoder = True
     logits_frame = "backbone"

@@ -30,7 +30,6 @@ class PrototypeMatchingConfig(MethodConfig):
 
 
 class PrototypeMatching(RefSegMethod):
-    name = "prototype_matching"
     config_class = PrototypeMatchingConfig
     uses_sam_decoder = False
     logits_frame = "backbone"

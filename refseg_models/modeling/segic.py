@@ -113,7 +113,6 @@ class SegICConfig(MethodConfig):
 
 
 class SegIC(RefSegMethod):
-    name = "segic"
     config_class = SegICConfig
     uses_sam_decoder = False
     logits_frame = "backbone"

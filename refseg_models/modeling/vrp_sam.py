@@ -171,7 +171,6 @@ def build_prompt_encoder(config: Any) -> VisualReferencePromptEncoder:
 class VRPSam(RefSegMethod):
     """VRP-SAM on features: prompt encoder (trainable) + SAM prompt encoder / mask decoder (frozen)."""
 
-    name = "vrp_sam"
     config_class = VRPSamConfig
     uses_sam_decoder = True
     logits_frame = "backbone"
