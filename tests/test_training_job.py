@@ -368,7 +368,7 @@ def test_the_trained_model_beats_the_untrained_one_on_its_training_episodes(work
     from pipeline.training.features import open_frozen_features
     from pipeline.training.loop import build_method
     from pipeline.training.samplers import sampler_class
-    from refseg_models.build import build_model
+    from refseg_models.build import method_config
     from refseg_models.checkpoint import load_inference_checkpoint
 
     client = _client(workspace)
@@ -376,7 +376,7 @@ def test_the_trained_model_beats_the_untrained_one_on_its_training_episodes(work
     cfg = TrainConfig.from_dict(json.loads(Path(client.download_artifacts(child.info.run_id, "config.json", str(tmp_path))).read_text()))
     checkpoint = load_inference_checkpoint(client.download_artifacts(child.info.run_id, "model/refseg_model.pt", str(tmp_path)))
     data = load_fold_data(cfg)
-    frozen = open_frozen_features(cfg, build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec(), data.image_ids())
+    frozen = open_frozen_features(cfg, method_config(cfg.method, cfg.method_overrides).feature_spec(), data.image_ids())
     torch.manual_seed(cfg.recipe.seed)  # as the job initialises the model: the run's start
     untrained = build_method(cfg, frozen.shapes, cfg.sam.checkpoint)
     torch.manual_seed(cfg.recipe.seed)

@@ -84,9 +84,9 @@ def sam_checkpoint_for(config) -> str | None:
 
         uses_sam = "sam" in load_inference_checkpoint(config.checkpoint).encoders
     else:
-        from refseg_models.build import build_model
+        from refseg_models.build import method_config
 
-        uses_sam = "sam" in build_model(config.method, config.method_options, allow_random_init=True).feature_spec().encoders
+        uses_sam = "sam" in method_config(config.method, config.method_options).feature_spec().encoders
     return str(default_proxy_sam_checkpoint()) if uses_sam else None
 
 

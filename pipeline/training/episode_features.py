@@ -29,7 +29,7 @@ from pipeline.data.mask_cache import MaskCache
 from pipeline.episodes.annotations import reference_annotation
 from pipeline.errors import ConfigError
 from refseg_models.frames import Frame, frame_size_of
-from refseg_models.method import FeatureSpec
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4
 from refseg_models.modeling.segic_instructions import masks_to_boxes

@@ -17,7 +17,7 @@ from pipeline.store.status import store_status
 from pipeline.training.config import StoreSpec, TrainConfig
 from refseg_models.checkpoint import RANDOM_INIT, EncoderIdentity
 from refseg_models.encoders import build_encoder
-from refseg_models.method import FeatureSpec
+from refseg_models.feature_spec import FeatureSpec
 
 STORE_DTYPE = "float16"
 

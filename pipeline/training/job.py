@@ -42,7 +42,7 @@ from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import load_fold_data
 from pipeline.training.features import missing_store_error, open_frozen_features, store_exists
 from pipeline.training.samplers import sampler_class
-from refseg_models.build import build_model
+from refseg_models.build import method_config
 
 # Ray Train's preemption watcher (one actor per worker group) only logs node drains for
 # `ray.train.get_preemption_info()`, which refseg does not use (a lost node restarts the worker group
@@ -130,7 +130,7 @@ def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) ->
     from pipeline.extraction.config import ExtractionConfig
     from pipeline.extraction.run import run_extraction
 
-    spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
+    spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
     how = {}
     for role in spec.encoders:
         store: StoreSpec = getattr(cfg, role)
@@ -173,7 +173,7 @@ def validate(configs: list[TrainConfig], options: JobOptions) -> str:
         # the sampler's own stores first (SegIC's mix extracts plain images and cached views together)
         sampler_class(cfg.sampler).prepare(cfg, data, options.extract_missing, options.extraction_workers)
         how = prepare_stores(cfg, options.extract_missing, options.extraction_workers)
-        spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
+        spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
         frozen = open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False)
         note = frozen.unchecksummed_note()
         if note:

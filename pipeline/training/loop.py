@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     report = SkipReport(f"fold {cfg.fold} rank {rank}")
     data = load_fold_data(cfg, report)
-    spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
+    spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
     frozen = open_frozen_features(cfg, spec, data.image_ids())
     torch.manual_seed(recipe.seed)  # the same initial weights in every run of this configuration, on any cluster
     model = build_method(cfg, frozen.shapes, cfg.sam.checkpoint).to(device)

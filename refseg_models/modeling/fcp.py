@@ -43,8 +43,9 @@ from torch import nn
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import FCPCriterion
 from refseg_models.errors import ModelError
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.losses import GUIDE_LOSSES, GUIDE_WEIGHTINGS
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
+from refseg_models.method import RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
 from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
@@ -268,6 +269,9 @@ class FCPConfig(MethodConfig):
     guide_weighting: str = "authors"
     guide_loss: str = "authors"
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, reference_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
+
 
 class FCP(RefSegMethod):
     """FCP on features: ``FCPPromptEncoder`` (trainable) + frozen SAM decoding."""
@@ -306,9 +310,6 @@ class FCP(RefSegMethod):
             config.feature_size,
         )
         return cls(config, encoder, sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, reference_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
     @classmethod
     def config_for_features(cls, config: FCPConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> FCPConfig:

@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from refseg_models.criterion import PromptMaskCriterion
 from refseg_models.errors import ModelError
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
-from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
+from refseg_models.method import RefSegMethod, check_sam_decoder_grid
+from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
 from refseg_models.modeling.vrp_sam import (
     VisualReferencePromptEncoder,
@@ -145,9 +145,6 @@ class ProSam(RefSegMethod):
     def from_config(cls, config: ProSamConfig, sam_decoder: SamDecoder | None = None) -> "ProSam":
         check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
         return cls(config, build_prompt_encoder(config), sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
     @classmethod
     def config_for_features(cls, config: ProSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> ProSamConfig:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import PromptMaskCriterion
-from refseg_models.method import FeatureSpec, RefSegMethod
+from refseg_models.feature_spec import FeatureSpec
+from refseg_models.method import RefSegMethod
 from refseg_models.modeling.inputs import EpisodeFeatures
 
 
@@ -27,6 +28,9 @@ class PrototypeMatchingConfig(MethodConfig):
     threshold: float = 0.5
     scale: float = 10.0
     eps: float = 1e-6
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(backbone=(self.feature,))
 
 
 class PrototypeMatching(RefSegMethod):
@@ -48,9 +52,6 @@ class PrototypeMatching(RefSegMethod):
     @classmethod
     def from_config(cls, config: PrototypeMatchingConfig, sam_decoder: Any = None) -> "PrototypeMatching":
         return cls(config)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(backbone=(self.feature,))
 
     def forward(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """

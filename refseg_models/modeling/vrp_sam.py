@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from refseg_models.errors import ModelError
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import PromptMaskCriterion
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
+from refseg_models.method import RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
@@ -144,6 +145,9 @@ class VRPSamConfig(MethodConfig):
     bce_weight: float = 1.0
     dice_weight: float = 1.0
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
+
 
 def config_for_sam_and_backbone(config: Any, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Any:
     """VRP-SAM / ProSAM / FCP configs on given features: the SAM grid G (``feature_size``) from the
@@ -187,9 +191,6 @@ class VRPSam(RefSegMethod):
     def from_config(cls, config: VRPSamConfig, sam_decoder: SamDecoder | None = None) -> "VRPSam":
         check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
         return cls(config, build_prompt_encoder(config), sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
     @classmethod
     def config_for_features(cls, config: VRPSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> VRPSamConfig:
