@@ -40,3 +40,15 @@ def test_a_methods_name_is_its_registry_key_written_once() -> None:
     with pytest.raises(ModelError, match="is not a registered method"):
         METHODS.name_of(type("Lone", (object,), {}))
 
+
+
+def test_the_three_registries_share_the_helper() -> None:
+    from pipeline.training.sampler_registry import SAMPLERS, check_sampler, recipe_dataset
+
+    assert all(isinstance(r, Registry) for r in (METHODS, ENCODERS, SAMPLERS))
+    assert {r.error for r in (METHODS, ENCODERS)} == {ModelError} and SAMPLERS.error is ConfigError
+    with pytest.raises(ConfigError, match=r"^unknown training sampler 'mixed'; available: episodes, segic_mixed$"):
+        check_sampler("mixed", "segic")
+    with pytest.raises(ConfigError, match="feeds segic only, not vrp_sam"):
+        check_sampler("segic_mixed", "vrp_sam")
+    assert (recipe_dataset("segic_mixed", "coco20i"), recipe_dataset("episodes", "pascal5i")) == ("mixed", "pascal5i")

@@ -568,10 +568,6 @@ class Side:
 class SegICMixedSampler:
     """The ``segic_mixed`` sampler (module docstring)."""
 
-    name = "segic_mixed"
-    recipe_dataset = "mixed"
-    methods = ("segic",)
-
     def __init__(self, cfg: TrainConfig, data: Any, model: Any, frozen: Any, parts: list[MixPart] | None = None) -> None:
         from pipeline.training.features import expected_key
 
