@@ -211,7 +211,7 @@ def test_no_novel_class_pixel_reaches_a_target_or_a_reference(workspace: dict, f
 
 # ---------------------------------------------------------------------------------------------- streams
 def test_tables_are_seeded_rank_shares_disjoint_and_batches_depend_on_their_rows_only(workspace: dict) -> None:
-    from pipeline.training.data import rank_share
+    from pipeline.training.epochs import rank_share
 
     sampler, _ = make_sampler(workspace)
     table = sampler.epoch_table(3, 64)

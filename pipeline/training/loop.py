@@ -30,13 +30,13 @@ from pipeline.data.folds import COCO_CLASS_NAMES, PASCAL_CLASS_NAMES, novel_clas
 from pipeline.errors import DataError
 from pipeline.evaluation.resolution import EvalResolution
 from pipeline.inference.mlflow_model import CHECKPOINT_NAME
-from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
-from pipeline.training.data import load_fold_data, rank_share
+from pipeline.training.epochs import rank_share
 from pipeline.training.episode_features import EpisodeFeatureBuilder
 from pipeline.training.evaluate import all_reduce_meter, chunks, evaluate_rows
 from pipeline.training.failures import keeps_traceback
 from pipeline.training.features import open_frozen_features
+from pipeline.training.prepared import open_prepared
 from pipeline.training.samplers import sampler_class
 from pipeline.training.state import gather_extra_state, load_state, save_state, step_seed
 from refseg_models.build import build_model, method_class, method_config
@@ -81,8 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     recipe = cfg.recipe
 
-    report = SkipReport(f"fold {cfg.fold} rank {rank}")
-    data = load_fold_data(cfg, report)
+    data = open_prepared(config["prepared"])
+    report = data.report(f"fold {cfg.fold} rank {rank}")
     spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
     frozen = open_frozen_features(cfg, spec, data.image_ids())
     torch.manual_seed(recipe.seed)  # the same initial weights in every run of this configuration, on any cluster
@@ -299,9 +299,9 @@ def _log_overlays(logger: Any, data: Any, kept: list[dict], cfg: TrainConfig) ->
     for item in kept:
         row = item["row"]
         support = row["support_ids"][0]
-        reference = data.source.load_image(support)
+        reference = data.load_image(support)
         annotation = reference_annotation(data.masks.get(support, row["class_id"]), row["annotation_type"], row["annotation_seed"])
-        target = data.source.load_image(row["query_id"])
+        target = data.load_image(row["query_id"])
 
         def panel(image: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
             img = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))

@@ -1,4 +1,5 @@
-"""The training samplers by name, what each can feed and whose recipe it trains with: data only.
+"""The training samplers by name, what each can feed, whose recipe it trains with and what it
+prepares on the driver: data only.
 
 The configuration (:class:`~pipeline.training.config.TrainConfig`) checks its sampler and picks its
 recipe from these tables without importing a sampler (this module imports the registry helper and
@@ -8,6 +9,8 @@ the error type only, so nothing here can close an import circle). The samplers t
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from pipeline.errors import ConfigError
 from refseg_models.registry import Registry
@@ -21,6 +24,11 @@ SAMPLERS = Registry("training sampler", {
 _FEEDS_ONLY: dict[str, tuple[str, ...]] = {"segic_mixed": ("segic",)}
 # The recipe's dataset key (refseg_models.recipes.recipe_for) of a sampler's data; not listed: the fold's dataset.
 _RECIPE_DATASET: dict[str, str] = {"segic_mixed": "mixed"}
+# What a sampler prepares on the driver besides the fold (its stores, its data in the fold's prepared
+# artifact): ``prepare(cfg, data, writer, extract_missing, workers)``; not listed: nothing.
+PREPARATIONS = Registry("sampler preparation", {
+    "segic_mixed": "pipeline.training.segic_mixed:prepare_mix",
+}, error=ConfigError)
 
 
 def check_sampler(name: str, method: str) -> None:
@@ -34,3 +42,9 @@ def check_sampler(name: str, method: str) -> None:
 def recipe_dataset(sampler: str, dataset: str) -> str:
     """The dataset key of the recipe a run with ``sampler`` on ``dataset`` trains with."""
     return _RECIPE_DATASET.get(sampler, dataset)
+
+
+def sampler_preparation(sampler: str) -> Callable[..., None] | None:
+    """The driver-side preparation of ``sampler`` (kept out of the sampler's class, which the workers
+    import without any raw-dataset module), or None."""
+    return PREPARATIONS.get(sampler) if sampler in PREPARATIONS else None

@@ -7,13 +7,15 @@ is the same for all of them:
 
 * ``epoch_table(epoch, num_samples)``: the epoch's samples as a table (rows are data), a function of
   the configuration's seed and the epoch only: every rank draws the same table and takes its
-  disjoint share ``episode_id % world == rank`` (:func:`pipeline.training.data.rank_share`), and a
+  disjoint share ``episode_id % world == rank`` (:func:`pipeline.training.epochs.rank_share`), and a
   resumed run draws the same table again and skips the rows it already trained on;
 * ``build(rows) -> EpisodeBatch``: features + target label masks {0, 1, 255} (B x S x S, or
   B x n x S x S for several instructions per target); any randomness in it is seeded by the rows;
-* ``samples_per_epoch()``, ``summary()`` (logged once) and, on the driver before Ray starts,
-  ``prepare(cfg, data, extract_missing, workers)``: make sure the stores it reads exist and hold
-  what it reads (extracting them with ``--extract-missing``).
+* ``samples_per_epoch()``, ``summary()`` (logged once).
+
+A sampler reads the fold the driver prepared (:class:`~pipeline.training.prepared.PreparedFold`),
+never the raw dataset; what it needs beyond the fold (its stores, its own tables) its driver-side
+preparation makes (:func:`~pipeline.training.sampler_registry.sampler_preparation`).
 
 Samplers:
 
@@ -29,16 +31,14 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from pipeline.training.config import TrainConfig
-from pipeline.training.data import FoldData, episodes_per_epoch, epoch_episodes
+from pipeline.training.epochs import episodes_per_epoch, epoch_episodes
 from pipeline.training.episode_features import EpisodeBatch, EpisodeFeatureBuilder
+from pipeline.training.prepared import PreparedFold
 from pipeline.training.sampler_registry import SAMPLERS
 
 
 class TrainingSampler(Protocol):
-    def __init__(self, cfg: TrainConfig, data: FoldData, model: Any, frozen: Any) -> None: ...
-
-    @classmethod
-    def prepare(cls, cfg: TrainConfig, data: FoldData, extract_missing: bool, workers: int = 1) -> None: ...
+    def __init__(self, cfg: TrainConfig, data: PreparedFold, model: Any, frozen: Any) -> None: ...
 
     def samples_per_epoch(self) -> int: ...
 
@@ -57,16 +57,12 @@ def sampler_class(name: str) -> type[TrainingSampler]:
 class EpisodeSampler:
     """The fold's base-class episodes: exactly the training data of every method before samplers."""
 
-    def __init__(self, cfg: TrainConfig, data: FoldData, model: Any, frozen: Any) -> None:
+    def __init__(self, cfg: TrainConfig, data: PreparedFold, model: Any, frozen: Any) -> None:
         self.cfg, self.data = cfg, data
         providers = dict(sam=frozen.stores.get("sam"), backbone_features=frozen.stores.get("backbone"), backbone=frozen.backbone)
         self.builder = EpisodeFeatureBuilder.for_method(
             model, data.masks, training=True, point_style=cfg.point_style, **providers
         )
-
-    @classmethod
-    def prepare(cls, cfg: TrainConfig, data: FoldData, extract_missing: bool, workers: int = 1) -> None:
-        """Nothing beyond the method's stores (the job prepares those)."""
 
     def samples_per_epoch(self) -> int:
         return episodes_per_epoch(self.cfg, self.data)

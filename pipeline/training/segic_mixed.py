@@ -61,7 +61,9 @@ from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
 from pipeline.training.episode_features import EpisodeBatch
 from pipeline.store.status import store_status
+from pipeline.training.data import load_fold_data
 from pipeline.training.mix_config import MixSource
+from pipeline.training.prepared import PreparedFold
 from pipeline.training.views import (
     AugmentationConfig,
     ViewParams,
@@ -389,6 +391,11 @@ def needed_ids(part: MixPart) -> tuple[set[str], set[str]]:
     return plain, views
 
 
+def prepare_mix(cfg: TrainConfig, data: Any, writer: Any, extract_missing: bool, workers: int = 1) -> None:
+    """The mix's driver-side preparation (the job calls it before Ray starts): its stores."""
+    prepare_stores(cfg, data, extract_missing, workers)
+
+
 def prepare_stores(
     cfg: TrainConfig, data: Any, extract_missing: bool, workers: int = 1, extract: Any = None
 ) -> list[MixPart]:
@@ -571,6 +578,8 @@ class SegICMixedSampler:
     def __init__(self, cfg: TrainConfig, data: Any, model: Any, frozen: Any, parts: list[MixPart] | None = None) -> None:
         from pipeline.training.features import expected_key
 
+        if isinstance(data, PreparedFold):  # the raw fold, until the mix is prepared by the driver too
+            data = load_fold_data(cfg)
         self.cfg, self.data, self.mix = cfg, data, cfg.mix
         self.key = model.feature_key
         self.frame_size = int(model.frame_size() or 0)
@@ -603,10 +612,6 @@ class SegICMixedSampler:
                 )
         weights = np.array([part.spec.weight for part in parts], dtype=np.float64)
         self.weights = weights / weights.sum()
-
-    @classmethod
-    def prepare(cls, cfg: TrainConfig, data: Any, extract_missing: bool, workers: int = 1) -> None:
-        prepare_stores(cfg, data, extract_missing, workers)
 
     # -- the epoch table ----------------------------------------------------------------------------
     def samples_per_epoch(self) -> int:
