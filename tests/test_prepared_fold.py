@@ -23,9 +23,10 @@ from pipeline.training.prepared import FOLD_FILE, PreparedRef, open_prepared
 
 pytestmark = [pytest.mark.real_data]
 REPO = Path(__file__).resolve().parents[1]
-# What a training worker must never import: the raw datasets' readers and the driver's preparation.
+# What a training worker must never import: the raw datasets' readers and the driver's preparation
+# (pipeline.data.base, the sources' interface and the ignore label, is allowed: it reads no dataset).
 RAW_DATASET_MODULES = (
-    "pycocotools", "pipeline.data.base", "pipeline.data.coco", "pipeline.data.semantic", "pipeline.data.splits",
+    "pycocotools", "pipeline.data.coco", "pipeline.data.semantic", "pipeline.data.splits",
     "pipeline.data.mask_cache", "pipeline.episodes.hsnet", "pipeline.episodes.training", "pipeline.training.data",
     "pipeline.training.prepare",
 )
@@ -109,9 +110,8 @@ WORKER_WALK = """
 import json, sys
 import pipeline.training.loop  # the worker's entry point and everything it imports
 from pipeline.training.sampler_registry import SAMPLERS
-for name in SAMPLERS.names():
-    if name != "segic_mixed":
-        SAMPLERS.get(name)
+for name in SAMPLERS.names():  # every sampler the loop may resolve (SegIC's mix reads its prepared parts)
+    SAMPLERS.get(name)
 from pipeline.data.folds import novel_classes
 from pipeline.evaluation.resolution import EvalResolution
 from pipeline.store.online import OnlineFeatures
@@ -149,3 +149,21 @@ def test_the_training_workers_walk_imports_no_raw_dataset_module(fold: dict) -> 
     result = subprocess.run([sys.executable, "-c", WORKER_WALK, argument], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_instances_decode_to_exactly_what_pycocotools_draws(coco_mini_dir: Path) -> None:
+    """The RLE strings the driver stores for SegIC's instance data decode, without pycocotools, to
+    pycocotools' own masks: polygons (merged), and crowd regions (uncompressed RLE in the json)."""
+    from pipeline.data.coco import CocoInstances
+    from pipeline.store.rle import decode_rle
+
+    coco = CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", verbose=False).coco
+    crowd = [a for a in coco.dataset["annotations"] if a.get("iscrowd")]
+    polygons = [a for a in coco.dataset["annotations"] if not a.get("iscrowd")][:300]
+    assert crowd and polygons
+    for annotation in crowd + polygons:
+        rle = coco.annToRLE(annotation)
+        counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+        np.testing.assert_array_equal(decode_rle(counts, *rle["size"]), coco.annToMask(annotation))
+    with pytest.raises(DataError, match="covers"):
+        decode_rle(counts, rle["size"][0] + 1, rle["size"][1])

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pipeline.data.base import IGNORE_INDEX
 from pipeline.episodes.annotations import reference_annotation
 from pipeline.errors import ConfigError
 from refseg_models.frames import Frame, frame_size_of
@@ -35,7 +36,6 @@ from refseg_models.modeling.pseudo_mask import masked_reference_layer4
 from refseg_models.modeling.segic_instructions import masks_to_boxes
 
 SAM_FEATURE = "image_embedding"
-IGNORE = 255
 
 
 class LabelMasks(Protocol):
@@ -150,7 +150,7 @@ class EpisodeFeatureBuilder:
         target_labels = [self.masks.get(row["query_id"], row["class_id"]) for row in rows]
         frames = [self._frame(label.shape) for label in target_labels]
         target_masks = torch.stack(
-            [frame.mask_to_frame(label, pad_value=IGNORE) for frame, label in zip(frames, target_labels)]
+            [frame.mask_to_frame(label, pad_value=IGNORE_INDEX) for frame, label in zip(frames, target_labels)]
         ).to(torch.uint8)
         # (reference image size, annotation): the frame is the reference's, whatever the resolution the
         # annotation was drawn at (points and scribbles: the authors' 512 x 512 frame)

@@ -123,7 +123,7 @@ def _check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f"{what}: {path} is relative: give absolute paths (the Ray Train workers do not run "
                               "in this process's working directory)")
     if cfg.sampler == "segic_mixed":  # the mix's other datasets (ADE20k, LVIS, FSS-1000) too
-        from pipeline.training.segic_mixed import check_source_paths
+        from pipeline.training.segic_mixed.sources import check_source_paths
 
         check_source_paths(cfg.mix.active_sources())
 

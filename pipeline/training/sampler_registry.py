@@ -27,7 +27,7 @@ _RECIPE_DATASET: dict[str, str] = {"segic_mixed": "mixed"}
 # What a sampler prepares on the driver besides the fold (its stores, its data in the fold's prepared
 # artifact): ``prepare(cfg, data, writer, extract_missing, workers)``; not listed: nothing.
 PREPARATIONS = Registry("sampler preparation", {
-    "segic_mixed": "pipeline.training.segic_mixed:prepare_mix",
+    "segic_mixed": "pipeline.training.segic_mixed.preparation:prepare_mix",
 }, error=ConfigError)
 
 

@@ -35,14 +35,15 @@ variant (view, flip, warp) and a per-sample seed; everything ``build`` draws (fr
 instances) comes from that seed, so a batch is a function of its rows alone: ranks take disjoint
 shares of the same table and a resumed run rebuilds the same batches.
 
-Modules by concept: :mod:`.sources` (the sources resolved against a fold, driver side),
-:mod:`.stores` (their stores, extracted on the driver), :mod:`.rendering` (label masks through a
-view into the model's frame) and :mod:`.sampler` (the epoch table and the batches).
+Modules by concept. Driver side (before Ray starts): :mod:`.sources` (the sources resolved against
+a fold), :mod:`.stores` (their stores, extracted) and :mod:`.preparation` (the parts written into
+the fold's prepared artifact). Worker side (no raw dataset read): :mod:`.part` (a source as data),
+:mod:`.rendering` (label masks through a view into the model's frame) and :mod:`.sampler` (the
+epoch table and the batches).
 """
 
+from pipeline.training.segic_mixed.part import MixPart
 from pipeline.training.segic_mixed.rendering import render_masks
 from pipeline.training.segic_mixed.sampler import SegICMixedSampler
-from pipeline.training.segic_mixed.sources import MixPart, build_parts, check_source_paths
-from pipeline.training.segic_mixed.stores import prepare_mix, prepare_stores
 
-__all__ = ["MixPart", "SegICMixedSampler", "build_parts", "check_source_paths", "prepare_mix", "prepare_stores", "render_masks"]
+__all__ = ["MixPart", "SegICMixedSampler", "render_masks"]

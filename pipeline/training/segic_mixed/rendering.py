@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.training.segic_mixed.sources import MixPart
+from pipeline.training.segic_mixed.part import MixPart
 from pipeline.training.views import ViewParams, warp_features
 from refseg_models.frames import Frame
 

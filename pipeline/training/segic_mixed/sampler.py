@@ -14,16 +14,13 @@ import torch.nn.functional as F
 
 from pipeline.data.base import IGNORE_INDEX
 from pipeline.errors import ConfigError
-from pipeline.report import SkipReport
 from pipeline.store.reader import open_store
 from pipeline.training.config import TrainConfig
-from pipeline.training.data import load_fold_data
 from pipeline.training.episode_features import EpisodeBatch
 from pipeline.training.features import expected_key
 from pipeline.training.prepared import PreparedFold
 from pipeline.training.segic_mixed.rendering import Side, _to_frame, render_masks
-from pipeline.training.segic_mixed.sources import MixPart, _backbone_preprocessing, build_parts
-from pipeline.training.segic_mixed.stores import _load_plans
+from pipeline.training.segic_mixed.part import MixPart, backbone_preprocessing, load_plans, read_parts
 from pipeline.training.views import base_view, draw_view, nearest_view
 from refseg_models.frames import Frame, frame_size_of, is_padded
 from refseg_models.modeling.inputs import EpisodeFeatures, InstructionSet
@@ -36,29 +33,25 @@ _TABLE_SALT = 0x5E61C
 class SegICMixedSampler:
     """The ``segic_mixed`` sampler (module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, data: Any, model: Any, frozen: Any, parts: list[MixPart] | None = None) -> None:
-        if isinstance(data, PreparedFold):  # the raw fold, until the mix is prepared by the driver too
-            data = load_fold_data(cfg)
+    def __init__(self, cfg: TrainConfig, data: PreparedFold, model: Any, frozen: Any) -> None:
         self.cfg, self.data, self.mix = cfg, data, cfg.mix
         self.key = model.feature_key
         self.frame_size = int(model.frame_size() or 0)
-        self.preprocessing = _backbone_preprocessing(cfg)
+        self.preprocessing = backbone_preprocessing(cfg)
         if not self.frame_size:
             self.frame_size = frame_size_of(self.preprocessing)
-        self.report = SkipReport("segic mix")
-        if parts is None:
-            parts = build_parts(cfg, data, self.report)
-            stores: dict[str, Any] = {}
-            fold_store = None if frozen is None else frozen.stores.get("backbone")
-            for part in parts:
-                if part.store_uri not in stores:
-                    if fold_store is not None and part.store_uri == cfg.backbone.store:
-                        stores[part.store_uri] = fold_store
-                    else:
-                        expect = replace(expected_key(cfg, "backbone"), dataset=part.feature_dataset)
-                        stores[part.store_uri] = open_store(part.store_uri, expect=expect)
-                part.store = stores[part.store_uri]
-            _load_plans(parts)
+        parts = read_parts(cfg, data.artifact)
+        stores: dict[str, Any] = {}
+        fold_store = None if frozen is None else frozen.stores.get("backbone")
+        for part in parts:
+            if part.store_uri not in stores:
+                if fold_store is not None and part.store_uri == cfg.backbone.store:
+                    stores[part.store_uri] = fold_store
+                else:
+                    expect = replace(expected_key(cfg, "backbone"), dataset=part.feature_dataset)
+                    stores[part.store_uri] = open_store(part.store_uri, expect=expect)
+            part.store = stores[part.store_uri]
+        load_plans(parts)
         self.parts = parts
         self.part_index = {part.name: index for index, part in enumerate(parts)}
         for part in parts:
@@ -241,7 +234,7 @@ class SegICMixedSampler:
         class_id = int(row["class_id"])
         label = torch.from_numpy(np.array(part.masks.get(row["image_id"], class_id), dtype=np.uint8))[None]
         ref = torch.from_numpy(np.array(part.masks.get(row["reference_id"], class_id) == 1, dtype=np.uint8))[None]
-        present = {int(part.class_keys[c]) for c in part.source.classes_in_image(part.source.key(row["image_id"]))}
+        present = {int(part.class_keys[c]) for c in part.present[row["image_id"]]}
         negatives = tuple(sorted(part.candidate_keys() - present)) if part.labels_every_class else ()
         sample.update(
             class_ids=[class_id], keys=[int(part.class_keys[class_id])],
@@ -253,17 +246,11 @@ class SegICMixedSampler:
 
     def _instances(self, sample, part, row, rng, target, reference, t_valid, r_valid) -> None:
         mix = self.mix
-        source = part.source
-        key = source.key(row["image_id"])
-        category_class = {cid: index for index, cid in enumerate(source.category_ids)}
-        annotations = [
-            a for a in source.coco.loadAnns(source.coco.getAnnIds(imgIds=[key], iscrowd=False))
-            if category_class[a["category_id"]] in part.usable_classes
-        ]
-        # bounded work per sample: rasterise at most 2 x instances_drawn random instances
-        order = rng.permutation(len(annotations))[: 2 * mix.instances_drawn]
-        chosen_annotations = [annotations[i] for i in order.tolist()]
-        masks = torch.from_numpy(np.stack([source.coco.annToMask(a).astype(np.uint8) for a in chosen_annotations]))
+        instances = part.instances[row["image_id"]]  # its usable instances, in the annotation file's order
+        # bounded work per sample: decode at most 2 x instances_drawn random instances
+        order = rng.permutation(len(instances))[: 2 * mix.instances_drawn]
+        chosen = [instances[i] for i in order.tolist()]
+        masks = torch.from_numpy(np.stack([instance.mask() for instance in chosen]))
         t_frame = self._render(target, masks, IGNORE_INDEX, t_valid)
         r_frame = self._render(reference, masks, 0, r_valid)
         usable = ((t_frame == 1).flatten(1).sum(1) >= mix.min_instance_pixels) & (
@@ -272,7 +259,7 @@ class SegICMixedSampler:
         count = min(max(1, int(rng.integers(0, mix.instances_drawn))), mix.max_instances)
         picked = [candidates[i] for i in rng.permutation(len(candidates))[:count].tolist()] if candidates else [0]
         sample.update(
-            class_ids=[category_class[chosen_annotations[i]["category_id"]] for i in picked],
+            class_ids=[chosen[i].class_id for i in picked],
             keys=[-1] * len(picked),  # the authors queue semantic samples only
             target_labels=masks[picked], reference_labels=masks[picked],
             target_frame=t_frame[picked], reference_frame=r_frame[picked],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,82 +21,25 @@ from pipeline.data.semantic import Ade20k, Fss1000
 from pipeline.errors import ConfigError, DataError
 from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
-from pipeline.training.features import encoder_identity
 from pipeline.training.mix_config import MixSource
-from pipeline.training.views import AugmentationConfig, ViewParams, segic_instance_config, segic_semantic_config, view_id
+from pipeline.training.segic_mixed.part import Instance, MixPart, backbone_preprocessing
+from pipeline.training.views import AugmentationConfig, segic_instance_config, segic_semantic_config
 from refseg_models.frames import frame_size_of
 
 
-# --------------------------------------------------------------------------------------------------
-# Sources of the mix, resolved against a fold
-# --------------------------------------------------------------------------------------------------
 @dataclass
-class MixPart:
-    """One source of the mix with everything the sampler reads: the data source, its label masks,
-    its store and cached-view plan, and which classes / images / instances it may draw."""
+class ResolvedPart:
+    """A part of the mix (what the workers read) with the raw source it was resolved from (driver side)."""
 
-    spec: MixSource
+    part: MixPart
     source: SegmentationSource
-    masks: MaskCache
-    store_uri: str
-    feature_dataset: str
-    plan_path: str
-    augmentation: AugmentationConfig
+    masks: MaskCache  # the source's label masks, rendered from its annotations
     synonyms: list[set[str]]  # per source class: normalised names
-    class_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # class id -> key (-1: never used)
-    # semantic: eligible class -> its images (>= 2); ADE20k / FSS-1000: eligible classes per image
-    class_images: dict[int, list[str]] = field(default_factory=dict)
-    image_classes: dict[str, list[int]] = field(default_factory=dict)
-    # instance: eligible images (at least one usable instance)
-    images: list[str] = field(default_factory=list)
-    usable_classes: set[int] = field(default_factory=set)
-    store: Any = None
-    plan: dict[str, list[ViewParams]] = field(default_factory=dict)
-    has_plain: bool = True
-    _positions: dict[int, dict[str, int]] = field(default_factory=dict, repr=False)
-    _sizes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    class_index: dict[str, list[int]] | None = None  # ADE20k / FSS-1000: the classes labelled in each image
 
     @property
     def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def semantic(self) -> bool:
-        return self.spec.semantic
-
-    @property
-    def views(self) -> int:
-        return self.spec.views
-
-    @property
-    def labels_every_class(self) -> bool:
-        """Whether a class missing from an image's labels is absent from it (so it can be a queue
-        negative): not for FSS-1000, whose images label their folder's class only."""
-        return self.spec.kind != "fss1000_semantic"
-
-    def position(self, class_id: int, image_id: str) -> int:
-        """Index of ``image_id`` in ``class_images[class_id]`` (memoised per class)."""
-        positions = self._positions.get(class_id)
-        if positions is None:
-            positions = self._positions[class_id] = {i: k for k, i in enumerate(self.class_images[class_id])}
-        return positions[image_id]
-
-    def size(self, image_id: str) -> tuple[int, int]:
-        """(height, width) of an image (memoised)."""
-        if image_id not in self._sizes:
-            self._sizes[image_id] = _image_size(self, image_id)
-        return self._sizes[image_id]
-
-    def candidate_keys(self) -> set[int]:
-        """Keys of the classes this source may use (negatives of a target are drawn from these)."""
-        return {int(self.class_keys[c]) for c in self.usable_classes if self.class_keys[c] >= 0}
-
-    def sampled_images(self) -> list[str]:
-        if self.semantic:
-            if self.spec.kind == "coco_semantic":
-                return sorted({i for images in self.class_images.values() for i in images}, key=str)
-            return list(self.images)
-        return list(self.images)
+        return self.part.name
 
 
 def _coco_synonyms(source: SegmentationSource) -> list[set[str]]:
@@ -151,13 +94,9 @@ def _resolve_spec(cfg: TrainConfig, spec: MixSource) -> tuple[str, str, str, Aug
     plan = spec.view_plan or (f"{store.rstrip('/')}.views.parquet" if spec.views else "")
     if spec.views and "://" in plan:
         raise ConfigError(f"mix source {spec.name!r}: the view plan must be a local file, got {plan}")
-    canvas = spec.view_canvas or frame_size_of(_backbone_preprocessing(cfg))
+    canvas = spec.view_canvas or frame_size_of(backbone_preprocessing(cfg))
     augmentation = segic_semantic_config(canvas) if spec.semantic else segic_instance_config(canvas)
     return store, dataset, plan, augmentation
-
-
-def _backbone_preprocessing(cfg: TrainConfig) -> str:
-    return encoder_identity(cfg.backbone).preprocessing_id
 
 
 def _check_shared_stores(parts: Sequence[MixPart]) -> None:
@@ -178,15 +117,16 @@ def _check_shared_stores(parts: Sequence[MixPart]) -> None:
             )
 
 
-def build_parts(cfg: TrainConfig, data: Any, report: SkipReport | None = None) -> list[MixPart]:
+def build_parts(cfg: TrainConfig, data: Any, report: SkipReport | None = None) -> list[ResolvedPart]:
     """The active sources of ``cfg.mix`` resolved against the fold's data (``load_fold_data``):
     usable classes (base classes only for COCO; novel names kept out of the others when
-    ``novel_by_name``), their images, and the global class keys (shared by normalised name)."""
+    ``novel_by_name``), their images and instances, the images' sizes and labelled classes, and the
+    global class keys (shared by normalised name)."""
     report = report if report is not None else SkipReport("segic mix")
     mix = cfg.mix
     novel = set(novel_classes(cfg.dataset, cfg.fold)) if cfg.dataset == "coco20i" else set()
     novel_names = {normalise_name(COCO_CLASS_NAMES[c]) for c in novel}
-    parts: list[MixPart] = []
+    parts: list[ResolvedPart] = []
     check_source_paths(mix.active_sources())
     for spec in mix.active_sources():
         store, dataset, plan, augmentation = _resolve_spec(cfg, spec)
@@ -207,28 +147,32 @@ def build_parts(cfg: TrainConfig, data: Any, report: SkipReport | None = None) -
             source = Ade20k(spec.images, spec.split)
             masks = MaskCache(source)
             synonyms = _ade_synonyms(source)
-        parts.append(MixPart(spec, source, masks, store, dataset, plan, augmentation, synonyms))
-    _check_shared_stores(parts)
+        part = MixPart(spec, store, dataset, plan, augmentation, list(source.class_names))
+        parts.append(ResolvedPart(part, source, masks, synonyms))
+    _check_shared_stores([resolved.part for resolved in parts])
 
     # global class keys: one per normalised primary name, over every active source
-    vocabulary = sorted({normalise_name(name) for part in parts for name in part.source.class_names})
+    vocabulary = sorted({normalise_name(name) for resolved in parts for name in resolved.source.class_names})
     key_of = {name: key for key, name in enumerate(vocabulary)}
-    for part in parts:
-        keys = np.array([key_of[normalise_name(name)] for name in part.source.class_names], dtype=np.int64)
+    for resolved in parts:
+        part, source = resolved.part, resolved.source
+        keys = np.array([key_of[normalise_name(name)] for name in source.class_names], dtype=np.int64)
         for class_id in range(len(keys)):
             if part.spec.coco and class_id in novel:
                 keys[class_id] = -1
-            elif not part.spec.coco and mix.novel_by_name and part.synonyms[class_id] & novel_names:
+            elif not part.spec.coco and mix.novel_by_name and resolved.synonyms[class_id] & novel_names:
                 keys[class_id] = -1
-                report.skip(f"{part.name}: class named like a novel COCO class (novel_by_name)", part.source.class_names[class_id])
+                report.skip(f"{part.name}: class named like a novel COCO class (novel_by_name)", source.class_names[class_id])
         part.class_keys = keys
-        _select(part, cfg, data, novel, report)
+        _select(resolved, cfg, data, novel, report)
+        _read_images(resolved)
     return parts
 
 
-def _select(part: MixPart, cfg: TrainConfig, data: Any, novel: set[int], report: SkipReport) -> None:
+def _select(resolved: ResolvedPart, cfg: TrainConfig, data: Any, novel: set[int], report: SkipReport) -> None:
     """Usable classes and images of one source."""
-    usable = {c for c in range(part.source.num_classes) if part.class_keys[c] >= 0}
+    part, source = resolved.part, resolved.source
+    usable = {c for c in range(source.num_classes) if part.class_keys[c] >= 0}
     kind = part.spec.kind
     if kind == "coco_semantic":
         # the fold's base-class training pairs (official lists or the pixel rule; novel_policy applied)
@@ -237,7 +181,8 @@ def _select(part: MixPart, cfg: TrainConfig, data: Any, novel: set[int], report:
         }
         part.usable_classes = set(part.class_images)
     elif kind in ("ade20k_semantic", "fss1000_semantic"):
-        index = _ade_class_index(part) if kind == "ade20k_semantic" else _fss_class_index(part)
+        index = _ade_class_index(resolved) if kind == "ade20k_semantic" else _fss_class_index(resolved)
+        resolved.class_index = index
         per_class: dict[int, list[str]] = {}
         for image_id, classes in index.items():
             for c in classes:
@@ -252,10 +197,10 @@ def _select(part: MixPart, cfg: TrainConfig, data: Any, novel: set[int], report:
                 part.image_classes[image_id] = mine
         part.images = sorted(part.image_classes)
     else:
-        coco = part.source.coco
-        category_class = {cid: index for index, cid in enumerate(part.source.category_ids)}
+        coco = source.coco
+        category_class = {cid: index for index, cid in enumerate(source.category_ids)}
         images = []
-        for image_id in part.source.image_ids():
+        for image_id in source.image_ids():
             annotations = [a for a in coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
             classes = {category_class[a["category_id"]] for a in annotations}
             if kind == "coco_instances" and cfg.novel_policy == "drop" and classes & novel:
@@ -269,15 +214,16 @@ def _select(part: MixPart, cfg: TrainConfig, data: Any, novel: set[int], report:
         raise DataError(f"mix source {part.name!r} has no usable image (classes / instances) for fold {cfg.fold}")
 
 
-def _ade_class_index(part: MixPart) -> dict[str, list[int]]:
+def _ade_class_index(resolved: ResolvedPart) -> dict[str, list[int]]:
     """{image id: classes with a labelled pixel} of an ADE20k source (every label PNG read once; cached
-    next to the store as ``<store>.<source>.classes.json``, written by the driver)."""
-    cache = _class_index_path(part)
+    next to the store as ``<store>.<source>.classes.json``)."""
+    cache = _class_index_path(resolved.part)
+    source = resolved.source
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored.get("images") == len(part.source.image_ids()):
+        if stored.get("images") == len(source.image_ids()):
             return {k: list(v) for k, v in stored["classes"].items()}
-    index = {str(i): part.source.classes_in_image(i) for i in part.source.image_ids()}
+    index = {str(i): source.classes_in_image(i) for i in source.image_ids()}
     if cache is not None:
         try:
             cache.write_text(json.dumps({"images": len(index), "classes": index}))
@@ -286,9 +232,9 @@ def _ade_class_index(part: MixPart) -> dict[str, list[int]]:
     return index
 
 
-def _fss_class_index(part: MixPart) -> dict[str, list[int]]:
+def _fss_class_index(resolved: ResolvedPart) -> dict[str, list[int]]:
     """{image id: [its folder's class]} of an FSS-1000 source (from the folder names, no file read)."""
-    return {image_id: part.source.classes_in_image(image_id) for image_id in part.source.image_ids()}
+    return {image_id: resolved.source.classes_in_image(image_id) for image_id in resolved.source.image_ids()}
 
 
 def _class_index_path(part: MixPart) -> Path | None:
@@ -300,28 +246,48 @@ def _class_index_path(part: MixPart) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 # Stores: what each source reads, checks, and extraction of missing stores (driver)
 # --------------------------------------------------------------------------------------------------
-def _all_images(part: MixPart) -> list[str]:
+def all_images(resolved: ResolvedPart) -> list[str]:
     """Images to cache views of: every image of the source that has annotations / labels (fold
     independent, so one extraction serves all four folds)."""
-    if part.spec.kind == "ade20k_semantic":
-        return sorted(i for i, classes in _ade_class_index(part).items() if classes)
-    if part.spec.kind == "fss1000_semantic":
-        return part.source.image_ids()  # the split's every image (fold independent as well)
-    coco = part.source.coco
-    return [str(i) for i in part.source.image_ids() if any(not a.get("iscrowd", 0) for a in coco.imgToAnns.get(i, []))]
+    source = resolved.source
+    if resolved.part.spec.kind == "ade20k_semantic":
+        return sorted(i for i, classes in _ade_class_index(resolved).items() if classes)
+    if resolved.part.spec.kind == "fss1000_semantic":
+        return source.image_ids()  # the split's every image (fold independent as well)
+    coco = source.coco
+    return [str(i) for i in source.image_ids() if any(not a.get("iscrowd", 0) for a in coco.imgToAnns.get(i, []))]
 
 
-def _image_size(part: MixPart, image_id: str) -> tuple[int, int]:
-    if hasattr(part.source, "image_info"):
-        info = part.source.image_info(image_id)
+def image_size(source: SegmentationSource, image_id: str) -> tuple[int, int]:
+    """(height, width) of an image: from the annotations when they hold it, else the file's header."""
+    if hasattr(source, "image_info"):
+        info = source.image_info(image_id)
         return int(info["height"]), int(info["width"])
-    with Image.open(part.source.image_path(part.source.key(image_id))) as image:
+    with Image.open(source.image_path(source.key(image_id))) as image:
         return image.height, image.width
 
 
-def needed_ids(part: MixPart) -> tuple[set[str], set[str]]:
-    """(plain image ids, view ids) this source reads from its store for the fold."""
-    images = part.sampled_images()
-    views = {view_id(i, k) for i in images for k in range(part.views)}
-    plain = set(images) if (part.semantic or not part.views) else set()
-    return plain, views
+def _read_images(resolved: ResolvedPart) -> None:
+    """What the workers read of the source's images instead of the source: sizes, the labelled classes
+    of semantic targets (queue negatives), the usable instances of instance data (COCO RLE)."""
+    part, source = resolved.part, resolved.source
+    for image_id in part.sampled_images():
+        part.sizes[image_id] = image_size(source, image_id)
+        if part.semantic:  # what source.classes_in_image says (ADE20k's label PNGs were read once for the index)
+            present = resolved.class_index[image_id] if resolved.class_index is not None else source.classes_in_image(image_id)
+            part.present[image_id] = [int(c) for c in present]
+    if part.semantic:
+        return
+    category_class = {cid: index for index, cid in enumerate(source.category_ids)}
+    for image_id in part.images:
+        key = source.key(image_id)
+        annotations = [a for a in source.coco.loadAnns(source.coco.getAnnIds(imgIds=[key], iscrowd=False))
+                       if category_class[a["category_id"]] in part.usable_classes]
+        part.instances[image_id] = [_instance(source, a, category_class) for a in annotations]
+
+
+def _instance(source: SegmentationSource, annotation: dict, category_class: dict[int, int]) -> Instance:
+    rle = source.coco.annToRLE(annotation)  # polygons merged, uncompressed RLE compressed (pycocotools)
+    counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+    height, width = rle["size"]
+    return Instance(category_class[annotation["category_id"]], counts, int(height), int(width))

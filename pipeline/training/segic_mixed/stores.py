@@ -6,7 +6,6 @@ first) with ``--extract-missing``.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,28 +20,24 @@ from pipeline.store.reader import open_store
 from pipeline.store.status import store_status
 from pipeline.training.config import TrainConfig
 from pipeline.training.features import expected_key, store_exists
-from pipeline.training.segic_mixed.sources import MixPart, _all_images, _image_size, build_parts, needed_ids
-from pipeline.training.views import ViewParams, plan_views, read_plan, render_view_items, write_plan
-
-
-def prepare_mix(cfg: TrainConfig, data: Any, writer: Any, extract_missing: bool, workers: int = 1) -> None:
-    """The mix's driver-side preparation (the job calls it before Ray starts): its stores."""
-    prepare_stores(cfg, data, extract_missing, workers)
+from pipeline.training.segic_mixed.part import load_plans, needed_ids
+from pipeline.training.segic_mixed.sources import ResolvedPart, all_images, build_parts, image_size
+from pipeline.training.views import plan_views, read_plan, render_view_items, write_plan
 
 
 def prepare_stores(
     cfg: TrainConfig, data: Any, extract_missing: bool, workers: int = 1, extract: Any = None
-) -> list[MixPart]:
+) -> list[ResolvedPart]:
     """Driver side, before Ray: make sure every source's store exists (with ``extract_missing``:
     write the view plan, render the views, extract plain images + views in one run) and holds what
-    the fold's sampler reads. Returns the parts (stores opened). ``extract``: the extraction function
+    the fold's sampler reads. Returns the resolved parts. ``extract``: the extraction function
     (default :func:`pipeline.extraction.stage.extract_store`, the Ray stage)."""
     report = SkipReport(f"segic mix, fold {cfg.fold}")
-    parts = build_parts(cfg, data, report)
+    resolved = build_parts(cfg, data, report)
     report.print()
-    by_store: dict[str, list[MixPart]] = {}
-    for part in parts:
-        by_store.setdefault(part.store_uri, []).append(part)
+    by_store: dict[str, list[ResolvedPart]] = {}
+    for one in resolved:
+        by_store.setdefault(one.part.store_uri, []).append(one)
     for uri, group in by_store.items():
         if not store_exists(uri):
             if not extract_missing:
@@ -53,13 +48,11 @@ def prepare_stores(
                     "resumed)"
                 )
             _extract(cfg, data, uri, group, workers, extract)
-        expect = replace(expected_key(cfg, "backbone"), dataset=group[0].feature_dataset)
-        store = open_store(uri, expect=expect)
-        for part in group:
-            part.store = store
-        _load_plans(group)
+        parts = [one.part for one in group]
+        store = open_store(uri, expect=replace(expected_key(cfg, "backbone"), dataset=parts[0].feature_dataset))
+        load_plans(parts)
         have = set(store.image_ids)
-        for part in group:
+        for part in parts:
             plain, views = needed_ids(part)
             missing = sorted((plain | views) - have)
             if missing:
@@ -67,28 +60,28 @@ def prepare_stores(
                     f"the store {uri} lacks {len(missing)} image(s) / view(s) mix source {part.name!r} reads "
                     f"(e.g. {missing[:5]}); a finished store cannot grow: extract a new one (--extract-missing)"
                 )
-    return parts
+    return resolved
 
 
-def _extract(cfg: TrainConfig, data: Any, uri: str, group: list[MixPart], workers: int, extract: Any = None) -> None:
+def _extract(cfg: TrainConfig, data: Any, uri: str, group: list[ResolvedPart], workers: int, extract: Any = None) -> None:
     extract = extract or extract_store
     items: dict[str, str] = {}
     if uri == cfg.backbone.store and cfg.dataset == "coco20i":
         for image_id in data.source.image_ids():  # everything the fold's evaluation reads, too
             items[str(image_id)] = str(data.source.image_path(image_id))
-    viewed = [part for part in group if part.views]
-    for part in group:
-        if part.semantic or not part.views:
-            for image_id in _all_images(part):
-                items.setdefault(image_id, str(part.source.image_path(part.source.key(image_id))))
+    viewed = [one for one in group if one.part.views]
+    for one in group:
+        if one.part.semantic or not one.part.views:
+            for image_id in all_images(one):
+                items.setdefault(image_id, str(one.source.image_path(one.source.key(image_id))))
     render_dir = None
     if viewed:
-        first = viewed[0]
-        images: dict[str, MixPart] = {}
-        for part in viewed:
-            for image_id in _all_images(part):
-                images.setdefault(image_id, part)
-        sizes = {image_id: _image_size(part, image_id) for image_id, part in images.items()}
+        first = viewed[0].part
+        images: dict[str, ResolvedPart] = {}
+        for one in viewed:
+            for image_id in all_images(one):
+                images.setdefault(image_id, one)
+        sizes = {image_id: image_size(one.source, image_id) for image_id, one in images.items()}
         plan = plan_views(sizes, first.views, first.spec.view_seed, first.augmentation)
         plan_path = Path(first.plan_path)
         if plan_path.is_file():
@@ -101,8 +94,8 @@ def _extract(cfg: TrainConfig, data: Any, uri: str, group: list[MixPart], worker
         print(f"rendering {len(plan)} cached views of {len(images)} images into {render_dir} ...", flush=True)
 
         def load(image_id: str) -> np.ndarray:
-            part = images[image_id]
-            return part.source.load_image(part.source.key(image_id))
+            source = images[image_id].source
+            return source.load_image(source.key(image_id))
 
         for key, path in render_view_items(plan, load, render_dir):
             items[key] = path
@@ -110,28 +103,11 @@ def _extract(cfg: TrainConfig, data: Any, uri: str, group: list[MixPart], worker
     encoder = RegistryEncoder(b.encoder, b.checkpoint, b.checkpoint is None, {**b.options, **b.path_options})
     print(f"extracting {len(items)} images / views into {uri} ({b.encoder}) ...", flush=True)
     summary = extract(
-        sorted(items.items()), uri, encoder, group[0].feature_dataset, num_actors=workers, progress=False,
-        config={"segic_mix": [p.spec.to_dict() for p in group]},
+        sorted(items.items()), uri, encoder, group[0].part.feature_dataset, num_actors=workers, progress=False,
+        config={"segic_mix": [one.part.spec.to_dict() for one in group]},
     )
     print(summary.text(), flush=True)
     if summary.failed:
         raise DataError(f"extraction of {uri}: {summary.failed} image(s) failed")
     if render_dir is not None:
         shutil.rmtree(render_dir, ignore_errors=True)  # rendered PNGs are only extraction input
-
-
-def _load_plans(group: Sequence[MixPart]) -> None:
-    for part in group:
-        part.has_plain = True
-        if not part.views:
-            continue
-        plan: dict[str, list[ViewParams]] = {}
-        for view in read_plan(part.plan_path):
-            plan.setdefault(view.image_id, []).append(view)
-        for image_id in part.sampled_images():
-            views = sorted(plan.get(image_id, []), key=lambda v: v.view)[: part.views]
-            if len(views) < part.views:
-                raise DataError(f"view plan {part.plan_path} has {len(views)} view(s) of image {image_id}, {part.spec.name} reads {part.views}")
-            if views[0].canvas != part.augmentation.canvas:
-                raise DataError(f"view plan {part.plan_path}: canvas {views[0].canvas}, the mix expects {part.augmentation.canvas}")
-            part.plan[image_id] = views
