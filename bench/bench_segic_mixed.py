@@ -101,7 +101,7 @@ def workspace(shared: Path, work: Path, images: int):
 def loader_vs_step(cfg, data, batches: int, per_batch: int) -> dict:
     import torch
 
-    from pipeline.training.loop import build_method
+    from pipeline.training.worker import build_method
     from pipeline.training.segic_mixed import SegICMixedSampler
     from pipeline.training.evaluate import chunks
 

@@ -89,7 +89,7 @@ def fold_data(workspace: dict, fold: int):
 
 
 def make_sampler(workspace: dict, fold: int = 0, **mix_changes):
-    from pipeline.training.loop import build_method
+    from pipeline.training.worker import build_method
     from pipeline.training.segic_mixed import SegICMixedSampler
 
     cfg = workspace["cfg"].replace(fold=fold)
