@@ -185,8 +185,3 @@ def write_json(path: Path, payload: dict) -> None:
         temp.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
         os.replace(temp, path)
 
-
-def start_ray(address: str | None) -> None:
-    from pipeline.ray_session import init_ray
-
-    init_ray(address, include_dashboard=False, log_to_driver=True)

@@ -24,7 +24,7 @@ from pipeline.episodes.manifest import build_every_query_manifest, write_manifes
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation import common
 from pipeline.evaluation.resolution import EvalResolution
-from pipeline.evaluation.runner import evaluate_manifest_with_ray
+from pipeline.evaluation.runner import Evaluation, RayEvaluation
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
 
@@ -131,7 +131,10 @@ def coco_named_classes(class_names: list[str]) -> list[str]:
     return [name for name in class_names if normalise_name(name) in coco]
 
 
-def run(config: Fss1000EvaluateConfig) -> dict:
+def run(config: Fss1000EvaluateConfig, evaluation: Evaluation | None = None) -> dict:
+    """Evaluate FSS-1000's test split with ``evaluation`` (default: Ray tasks on ``config.ray_address``),
+    started only once every input is checked and the episode file is written."""
+    evaluation = evaluation or RayEvaluation(config.ray_address)
     config.validate()
     classes = read_class_list(config.class_list())
     source_factory = Fss1000SourceFactory(config.root, tuple(classes))
@@ -168,10 +171,10 @@ def run(config: Fss1000EvaluateConfig) -> dict:
     }
     results_path = output_dir / "results.json"
     common.write_json(results_path, results)
-    common.start_ray(config.ray_address)
+    evaluation.start()
     try:
         started = time.perf_counter()
-        meter, eval_report = evaluate_manifest_with_ray(
+        meter, eval_report = evaluation(
             manifest_path, source_factory, predictor_factory, class_ids, resolution, config.num_workers
         )
         results.update(common.split_result(meter, classes, sampling_report, eval_report))

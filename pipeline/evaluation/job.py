@@ -33,15 +33,12 @@ from pipeline.evaluation.common import (
     predictor_factory_for,
     sam_checkpoint_for,
     split_result,
-    start_ray,
     write_json,
 )
 from pipeline.evaluation.resolution import EvalResolution
-from pipeline.evaluation.runner import evaluate_manifest_with_ray
+from pipeline.evaluation.runner import Evaluation, RayEvaluation
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
-
-_start_ray = start_ray  # looked up here at run time (tests replace it)
 
 # The predictor pieces live in pipeline.evaluation.common (shared with the FSS-1000 job); re-exported here.
 __all__ = ["EvaluateConfig", "PredictorFactory", "SourceFactory", "run", "sam_checkpoint_for", "write_json"]
@@ -162,7 +159,10 @@ def _fold_manifest(config: EvaluateConfig, source: CocoInstances, fold: int) -> 
     return table, report
 
 
-def run(config: EvaluateConfig) -> dict:
+def run(config: EvaluateConfig, evaluation: Evaluation | None = None) -> dict:
+    """Evaluate ``config``'s folds with ``evaluation`` (default: Ray tasks on ``config.ray_address``),
+    started only once every input is checked and the episode files are written."""
+    evaluation = evaluation or RayEvaluation(config.ray_address)
     config.validate()
     resolution = EvalResolution(config.resolution_mode, config.resolution_size)  # type: ignore[arg-type]
     source_factory = SourceFactory(config.annotations, config.images, config.layout, config.crowd)
@@ -196,13 +196,13 @@ def run(config: EvaluateConfig) -> dict:
     }
     results_path = output_dir / "results.json"
     write_json(results_path, results)
-    _start_ray(config.ray_address)
+    evaluation.start()
     try:
         for fold in config.folds:
             manifest_path, sampling_report = manifests[fold]
             classes = novel_classes("coco20i", fold)
             started = time.perf_counter()
-            meter, eval_report = evaluate_manifest_with_ray(
+            meter, eval_report = evaluation(
                 manifest_path, source_factory, predictor_factory, classes, resolution, config.num_workers
             )
             fold_result = split_result(meter, COCO_CLASS_NAMES, sampling_report, eval_report)
