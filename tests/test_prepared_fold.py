@@ -167,3 +167,17 @@ def test_instances_decode_to_exactly_what_pycocotools_draws(coco_mini_dir: Path)
         np.testing.assert_array_equal(decode_rle(counts, *rle["size"]), coco.annToMask(annotation))
     with pytest.raises(DataError, match="covers"):
         decode_rle(counts, rle["size"][0] + 1, rle["size"][1])
+
+
+def test_the_workers_read_the_encoders_identities_the_driver_checked(fold: dict) -> None:
+    """The driver records the stores and their encoders' identities in the fold; a worker opens the
+    stores against them (no weights file hashed, no encoder looked up by name: a test's encoder
+    registered in the driver only trains on a cluster too)."""
+    from refseg_models.checkpoint import EncoderIdentity
+
+    identity = EncoderIdentity("sam_vit_tiny", "ab" * 32, "vrp512_to1024_imagenet")
+    writer = FoldWriter(fold["cfg"], fold["data"], fold["root"])
+    writer.set_frozen({"sam": "s3://bucket/stores/sam"}, {"sam": identity})
+    ref = writer.write()
+    assert ref != fold["ref"] and open_prepared(ref).identities() == {"sam": identity}
+    assert open_prepared(fold["ref"]).identities() == {}  # a fold prepared without them: the worker computes them

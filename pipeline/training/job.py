@@ -197,6 +197,7 @@ def _prepare_fold(cfg: TrainConfig, options: JobOptions, said: set[str]) -> Prep
             state = "extracted now" if how.get(role) == "extracted" else "found, used as is"
             print(f"{role} feature store {location}: {state} ({len(store.image_ids)} images of "
                   f"{frozen.identities[role].describe(12)})", flush=True)
+    writer.set_frozen({role: getattr(cfg, role).store for role in frozen.stores}, frozen.identities)
     return writer.write()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +34,7 @@ from pipeline.training.prepared import (
     TABLE_SCHEMAS,
     PreparedRef,
 )
+from refseg_models.checkpoint import EncoderIdentity
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -73,6 +74,10 @@ class FoldWriter:
         if expected is not None and table.schema != expected:
             raise DataError(f"prepared table {name}: schema {table.schema}, expected {expected}")
         self._files[f"{name}.parquet"] = _parquet_bytes(table)
+
+    def set_frozen(self, stores: Mapping[str, str], identities: Mapping[str, EncoderIdentity]) -> None:
+        """The feature stores the fold's workers read (``{role: uri}``) and their encoders' identities."""
+        self._meta["stores"] = {role: {"uri": stores[role], "encoder": identities[role].to_dict()} for role in stores}
 
     def add_json(self, name: str, value: Any) -> None:
         self._files[f"{name}.json"] = json.dumps(value, sort_keys=True, indent=1).encode()

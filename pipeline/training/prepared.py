@@ -5,7 +5,8 @@ The driver reads the raw dataset (annotations, official lists) once per fold and
 
     <root>/prepared/<dataset>-fold<k>-<sha256[:16]>/
         fold.json            written last: schema version, the fold (dataset, fold, shot, test
-                             protocol), the driver's description and skip report, every file's sha256
+                             protocol), the feature stores and their encoders' identities, the
+                             driver's description and skip report, every file's sha256
         train_pairs.parquet  (class_id, image_id): the base-class training pairs, in the source's order
         val.parquet          the validation episode manifest
         test.parquet         the test episode manifest
@@ -38,6 +39,7 @@ from pipeline.parquet import read_parquet_table
 from pipeline.report import SkipReport
 from pipeline.store.fs import Location, resolve_location
 from pipeline.store.masks import MaskStore
+from refseg_models.checkpoint import EncoderIdentity
 
 SCHEMA_VERSION = 1
 FOLD_FILE = "fold.json"
@@ -133,6 +135,11 @@ class PreparedFold:
         report = SkipReport(context)
         report.add(self.artifact.meta["report"])
         return report
+
+    def identities(self) -> dict[str, EncoderIdentity]:
+        """The frozen encoders' identities the driver checked the fold's stores against, by role."""
+        stores = self.artifact.meta.get("stores", {})
+        return {role: EncoderIdentity.from_dict(entry["encoder"], self.artifact.ref.uri) for role, entry in stores.items()}
 
     def describe(self) -> list[str]:
         """What the fold trains, validates and tests on, and what was left out (the driver's lines)."""

@@ -97,7 +97,7 @@ def setup_worker(cfg: TrainConfig, prepared: PreparedRef | dict, rank: int, worl
     data = open_prepared(prepared)
     report = data.report(f"fold {cfg.fold} rank {rank}")
     spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
-    frozen = open_frozen_features(cfg, spec, data.image_ids())
+    frozen = open_frozen_features(cfg, spec, data.image_ids(), identities=data.identities())
     torch.manual_seed(recipe.seed)  # the same initial weights in every run of this configuration, on any cluster
     model = build_method(cfg, frozen.shapes, cfg.sam.checkpoint).to(device)
     sampler = sampler_class(cfg.sampler)(cfg, data, model, frozen)
