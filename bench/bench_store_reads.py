@@ -40,9 +40,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_sam: the tiny SAM ViT benchmarks register
 
 from pipeline.store import FeatureSetKey, StoreBuilder, open_store, resolve_location, sorted_items  # noqa: E402
 from pipeline.store.layout import bytes_per_sample  # noqa: E402
+from tiny_sam import tiny_sam_registered  # noqa: E402
 
 COCO_TRAIN2014_IMAGES = 82_783
 FEATURE_SETS = {
@@ -322,4 +324,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tiny_sam_registered():
+        main()

@@ -35,6 +35,8 @@ from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.segic_instructions import masks_to_boxes
 from refseg_models.predictor import Box, Points, RefSegPredictor, Scribble, annotation_to_mask
 
+pytestmark = pytest.mark.usefixtures("tiny_sam")  # sam_vit_tiny: tests/tiny_sam.py
+
 SEGIC_CONFIG = dict(
     in_channels=1280,
     input_size=128,

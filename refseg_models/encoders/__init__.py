@@ -25,7 +25,6 @@ ENCODERS = Registry("encoder", {
     "sam_vit_h": "refseg_models.encoders.sam_image_encoder:build_sam_vit_h",
     "sam_vit_l": "refseg_models.encoders.sam_image_encoder:build_sam_vit_l",
     "sam_vit_b": "refseg_models.encoders.sam_image_encoder:build_sam_vit_b",
-    "sam_vit_tiny": "refseg_models.encoders.sam_image_encoder:build_sam_vit_tiny",
     "resnet50_v2": "refseg_models.encoders.resnet50_v2:build_resnet50_v2_backbone",
     "resnet50_tv": "refseg_models.encoders.resnet50_tv:build_resnet50_tv_backbone",
     "vgg16": "refseg_models.encoders.vgg16:build_vgg16_backbone",
