@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import ConfigError, run_cli
+from pipeline.cli import run_subcommand
+from pipeline.errors import ConfigError
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,10 +136,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refseg-proxy-sam")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_cli(lambda: args.handler(args), f"refseg-proxy-sam {args.verb}")
+    """Stand-alone entry (``python -m pipeline.proxy_sam.commands proxy-sam train ...``)."""
+    return run_subcommand(argv, "refseg-proxy-sam", [register])
 
 
 if __name__ == "__main__":
