@@ -68,6 +68,21 @@ def test_annotation_types_become_binary_masks() -> None:
     assert np.array_equal(annotation_to_mask(Scribble(raw), shape), raw > 0)
 
 
+def test_boxes_are_clipped_to_the_image_and_one_outside_it_draws_nothing() -> None:
+    """One rasteriser (refseg_models.annotations.box_masks) for every box: a box partly outside the
+    reference is clipped; one entirely above or left of it draws nothing (slicing with its negative
+    corner used to wrap around and fill the image's other side), so the predictor refuses it."""
+    from refseg_models.annotations import draw_box
+
+    shape = (40, 60, 3)
+    clipped = annotation_to_mask(Box(-5, -3, 9, 4), shape)
+    assert clipped.sum() == 10 * 5 and clipped[0, 0] and clipped[4, 9]
+    for outside in ((10, -9, 20, -3), (-9, 10, -3, 20), (70, 10, 80, 20)):
+        assert not draw_box(shape[:2], outside).any()
+        with pytest.raises(ModelError, match="covers no pixel of the reference image"):
+            annotation_to_mask(Box(*outside), shape)
+
+
 @pytest.mark.parametrize(
     "annotation, message",
     [

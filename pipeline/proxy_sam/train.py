@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, DataError
+from refseg_models.annotations import box_masks
 
 FRAME = 1024  # SAM's input frame; the 512 squash canvas is viewed at 2x
 CANVAS = 512
@@ -245,11 +246,9 @@ def noisy_boxes(boxes512: torch.Tensor, rng: torch.Generator, rel: float, cap: f
 
 
 def box_targets(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """1024-frame boxes (N x 4) -> N x size x size float masks: 1 where the cell centre lies inside."""
-    centres = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) * (FRAME / size)
-    inside_x = (centres[None] >= boxes[:, 0:1]) & (centres[None] < boxes[:, 2:3])
-    inside_y = (centres[None] >= boxes[:, 1:2]) & (centres[None] < boxes[:, 3:4])
-    return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+    """1024-frame boxes (N x 4) -> N x size x size float masks: 1 where the cell centre lies inside
+    (:func:`refseg_models.annotations.box_masks`; the targets the shipped proxy SAM was trained on, bit for bit)."""
+    return box_masks(boxes, (FRAME, FRAME), (size, size)).float()
 
 
 def sample_points(masks: torch.Tensor, count: int, rng: torch.Generator) -> torch.Tensor:
