@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.proxy_sam.train import TrainConfig, Trainer
+    from pipeline.proxy_sam.train import ProxyTrainConfig, Trainer
     from refseg_models.encoders.sam_proxy import sha256_of_file as sha256_file
 
     try:
@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--neck is not valid JSON: {error}") from error
     if not isinstance(neck, dict):
         raise ConfigError("--neck must be a JSON object")
-    config = TrainConfig(
+    config = ProxyTrainConfig(
         annotations=str(args.annotations), image_dir=str(args.images), backbone_checkpoint=str(args.backbone_checkpoint),
         output=args.output_dir, fold=args.fold, seed=args.seed, steps=args.steps, time_budget_s=args.time_budget,
         images_per_step=args.images_per_step, prompts_per_image=args.prompts_per_image, lr=args.lr,
