@@ -190,7 +190,7 @@ def bench_checks(uri: str, store, order: list[str], repeats: int) -> dict:
     checks, ABBA rounds, ms per image."""
     import zlib
 
-    from pipeline.store.reader import all_finite
+    from pipeline.store.npy import all_finite
 
     crc_s, finite_s = [], []
     for image_id in order:
