@@ -288,6 +288,16 @@ def _execute(
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 
 
+def _actor_pool(plan: _Plan, num_actors: int, actor_num_cpus: float) -> dict:
+    """``map_batches`` options of the encoder actors (either writer): one row per call, a fixed pool."""
+    import ray
+
+    return {
+        "batch_size": 1, "batch_format": "numpy", "compute": ray.data.ActorPoolStrategy(size=num_actors),
+        "num_cpus": actor_num_cpus, "num_gpus": plan.num_gpus_per_actor,
+    }
+
+
 def _driver_writer_dataset(
     pending: list[ShardSpec], plan: _Plan, encoder_kwargs: dict, num_actors: int, actor_num_cpus: float,
     decode_num_cpus: float,
@@ -310,12 +320,8 @@ def _driver_writer_dataset(
         )
         .map_batches(
             _EncodeChunk,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=actor_num_cpus,
-            num_gpus=plan.num_gpus_per_actor,
             fn_constructor_kwargs={"holder": [plan.encoder_ref], **encoder_kwargs},
+            **_actor_pool(plan, num_actors, actor_num_cpus),
         )
     )
 
@@ -334,11 +340,7 @@ def _actor_writer_dataset(
     location = builder.location
     return ray.data.from_items(shard_rows, override_num_blocks=len(shard_rows)).map_batches(
         _ShardActor,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=actor_num_cpus,
-        num_gpus=plan.num_gpus_per_actor,
+        **_actor_pool(plan, num_actors, actor_num_cpus),
         fn_constructor_kwargs={
             "encoder_holder": [plan.encoder_ref],
             "decode_holder": [plan.decode_ref],
