@@ -50,7 +50,8 @@ def workspace(shared: Path, work: Path, images: int):
     """The derived mix's configuration (fold 0, global batch 8) with its stores extracted, and the fold
     prepared as the job's driver prepares it (what the workers' sampler reads)."""
     import torch
-    from segic_mix_data import coco_subset, derive_ade20k, derive_lvis, extract_in_process
+    from coco_helpers import coco_subset
+    from segic_mix_data import derive_ade20k, derive_lvis, extract_in_process
 
     from pipeline.training.config import StoreSpec, TrainConfig
     from pipeline.training.data import load_fold_data

@@ -35,6 +35,8 @@ from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.segic_instructions import masks_to_boxes
 from refseg_models.predictor import Box, Points, RefSegPredictor, Scribble, annotation_to_mask
 
+from coco_helpers import coco_class_pairs
+
 pytestmark = pytest.mark.usefixtures("tiny_sam")  # sam_vit_tiny: tests/tiny_sam.py
 
 SEGIC_CONFIG = dict(
@@ -182,25 +184,7 @@ def test_predictor_refuses_missing_or_other_encoder_weights(tmp_path: Path) -> N
 
 
 def _pairs(coco_dir: Path, count: int):
-    from pycocotools.coco import COCO
-
-    coco = COCO(str(coco_dir / "instances.json"))
-    pairs = []
-    for category in sorted(coco.cats):
-        found = []
-        for image_id in sorted(coco.getImgIds(catIds=[category])):
-            info = coco.imgs[image_id]
-            mask = np.zeros((info["height"], info["width"]), np.uint8)
-            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, catIds=[category], iscrowd=False)):
-                mask |= coco.annToMask(ann).astype(np.uint8)
-            if 0.1 < mask.mean() < 0.5:
-                found.append((coco_dir / "images" / info["file_name"], mask))
-            if len(found) == 2:
-                pairs.append(found)
-                break
-        if len(pairs) == count:
-            return pairs
-    raise AssertionError("too few suitable coco_mini pairs")
+    return coco_class_pairs(coco_dir, count, min_cover=0.1)
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -34,7 +34,8 @@ WEIGHTS = (2.0, 1.0, 1.0, 1.0)
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
-    from segic_mix_data import coco_subset, derive_ade20k, derive_lvis, extract_in_process
+    from coco_helpers import coco_subset
+    from segic_mix_data import derive_ade20k, derive_lvis, extract_in_process
 
     from pipeline.training.data import load_fold_data
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+from coco_helpers import coco_subset
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +51,7 @@ def _tree_digest(root: Path) -> str:
 def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
     """A 70-image COCO subset (pixel-rule pairs), its stores extracted once, shared arguments."""
     root = tmp_path_factory.mktemp("training")
-    data = json.loads((coco_mini_dir / "instances.json").read_text())
-    keep = {image["id"] for image in sorted(data["images"], key=lambda i: i["id"])[:70]}
-    subset = {**data, "images": [i for i in data["images"] if i["id"] in keep],
-              "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
-    (root / "subset.json").write_text(json.dumps(subset))
+    coco_subset(coco_mini_dir / "instances.json", 70, root / "subset.json")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", REFSEG_CODE_VERSION="refseg-test")
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "REFSEG_ROOT"):
         env.pop(name, None)
