@@ -14,9 +14,17 @@ import platform
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from refseg_models.encoders import available_encoders, build_encoder
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # tiny_sam: the tiny SAM ViT tests and benchmarks register
+sys.path.insert(0, str(REPO))
+
+from refseg_models.encoders import available_encoders, build_encoder  # noqa: E402
+from tiny_sam import tiny_sam_registered  # noqa: E402
 
 
 def main() -> None:
@@ -51,4 +59,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tiny_sam_registered():
+        main()

@@ -22,12 +22,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_sam: the tiny SAM ViT benchmarks register
 
 from pipeline.data.images import load_rgb  # noqa: E402
 from pipeline.extraction import RegistryEncoder, extract_store  # noqa: E402
 from pipeline.extraction.sources import coco_items  # noqa: E402
 from pipeline.store import FeatureSetKey, StoreBuilder, resolve_location, sorted_items  # noqa: E402
 from pipeline.store.layout import images_per_shard_for  # noqa: E402
+from tiny_sam import tiny_sam_registered  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 
@@ -113,4 +115,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with tiny_sam_registered():
+        main()

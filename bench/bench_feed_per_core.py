@@ -55,7 +55,8 @@ from pipeline.store import FeatureSetKey, StoreBuilder, open_store, resolve_loca
 from pipeline.store.feature_set import RANDOM_INIT_WEIGHTS  # noqa: E402
 from pipeline.store.layout import MANIFEST_NAME, ImageItem, images_per_shard_for  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
-from pipeline.training.data import epoch_episodes, load_fold_data  # noqa: E402
+from pipeline.training.data import load_fold_data  # noqa: E402
+from pipeline.training.epochs import epoch_episodes  # noqa: E402
 from pipeline.training.episode_features import EpisodeFeatureBuilder  # noqa: E402
 from refseg_models import build_model  # noqa: E402
 from refseg_models.encoders import build_encoder  # noqa: E402

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from cluster_helpers import BUCKET, RayCluster, base_env, start_mlflow, start_moto  # noqa: E402
+from tiny_sam import TINY_SAM, tiny_sam_registered  # noqa: E402
 
 
 def _subset(coco: Path, n: int, out: Path) -> Path:
@@ -48,7 +49,9 @@ def _random_sam(out: Path) -> Path:
     from refseg_models.modeling.sam_decoder import build_sam_decoder
 
     torch.manual_seed(0)
-    torch.save({**build_encoder("sam_vit_tiny", allow_random_init=True).state_dict(), **build_sam_decoder().state_dict()}, out)
+    with tiny_sam_registered():
+        encoder = build_encoder(TINY_SAM, allow_random_init=True)
+    torch.save({**encoder.state_dict(), **build_sam_decoder().state_dict()}, out)
     return out
 
 
@@ -66,15 +69,17 @@ def main() -> int:
     extraction_annotations = _subset(coco, args.extraction_images, workdir / "extraction_subset.json")
 
     def extraction(store: str, encoder: str, checkpoint: Path, per_shard: int, images: Path = annotations) -> list[str]:
-        return ["python", "jobs/extract_features.py", "--output", f"s3://{BUCKET}/stores/{store}", "--dataset", "bench",
+        runner = ["python", "tests/tiny_sam.py"] if encoder == TINY_SAM else ["python"]  # it registers the tiny SAM
+        return [*runner, "jobs/extract_features.py", "--output", f"s3://{BUCKET}/stores/{store}", "--dataset", "bench",
                 "--encoder", encoder, "--checkpoint", str(checkpoint), "--coco-annotations", str(images),
                 "--image-dir", str(coco / "images"), "--batch-size", "2", "--images-per-shard", str(per_shard),
                 "--writer", "actors", "--num-actors", "2", "--actor-num-cpus", "0.5", "--decode-num-cpus", "0.5",
                 "--num-gpus-per-actor", "1", "--no-progress"]
 
     def training(run: str) -> list[str]:
-        return ["python", "jobs/train_coco20i.py", "--annotations", str(annotations), "--images", str(coco / "images"),
-                "--feature-dataset", "bench", "--sam-encoder", "sam_vit_tiny", "--sam-checkpoint", str(sam),
+        return ["python", "tests/tiny_sam.py", "jobs/train_coco20i.py", "--root", f"s3://{BUCKET}/root",
+                "--annotations", str(annotations), "--images", str(coco / "images"),
+                "--feature-dataset", "bench", "--sam-encoder", TINY_SAM, "--sam-checkpoint", str(sam),
                 "--sam-store", f"s3://{BUCKET}/stores/sam", "--backbone-checkpoint", str(weights),
                 "--backbone-store", f"s3://{BUCKET}/stores/mobilenet", "--folds", "0", "--epochs", "2",
                 "--episodes-per-epoch", "8", "--batch-size", "4", "--val-episodes", "4", "--test-episodes", "8",
@@ -105,7 +110,7 @@ def main() -> int:
                     cluster.add_worker(resources)
                 row: dict = {"cluster_start_s": time.monotonic() - started}
                 if topology == "one":  # the two stores both trainings read
-                    row["sam_extraction_job_s"], _ = run(cluster, "sam", extraction("sam", "sam_vit_tiny", sam, 4))
+                    row["sam_extraction_job_s"], _ = run(cluster, "sam", extraction("sam", TINY_SAM, sam, 4))
                     run(cluster, "mobilenet", extraction("mobilenet", "mobilenet_v2", weights, 4))
                 wall, logs = run(cluster, f"extract-{topology}",
                                  extraction(f"{topology}/mobilenet", "mobilenet_v2", weights, 2, extraction_annotations))

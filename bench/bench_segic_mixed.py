@@ -47,14 +47,19 @@ SEGIC_AT_512 = dict(feature_key="layer4", input_size=512, feature_size=32, mask_
 
 
 def workspace(shared: Path, work: Path, images: int):
-    """The derived mix's configuration (fold 0, global batch 8) with its stores extracted."""
+    """The derived mix's configuration (fold 0, global batch 8) with its stores extracted, and the fold
+    prepared as the job's driver prepares it (what the workers' sampler reads)."""
     import torch
-    from segic_mix_data import coco_subset, derive_ade20k, derive_lvis, extract_in_process
+    from coco_helpers import coco_subset
+    from segic_mix_data import derive_ade20k, derive_lvis, extract_in_process
 
     from pipeline.training.config import StoreSpec, TrainConfig
     from pipeline.training.data import load_fold_data
     from pipeline.training.mix_config import MixConfig, MixSource
-    from pipeline.training.segic_mixed import prepare_stores
+    from pipeline.locations import resolve_root
+    from pipeline.training.prepare import FoldWriter
+    from pipeline.training.prepared import open_prepared
+    from pipeline.training.segic_mixed.preparation import prepare_mix
 
     coco = shared / "data/coco_mini"
     work.mkdir(parents=True, exist_ok=True)
@@ -88,15 +93,16 @@ def workspace(shared: Path, work: Path, images: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     data = load_fold_data(cfg)
-    prepare_stores(cfg, data, extract_missing=True, extract=extract_in_process)
+    writer = FoldWriter(cfg, data, resolve_root(str(work)))
+    prepare_mix(cfg, data, writer, extract_missing=True, extract=extract_in_process)
     torch.set_num_threads(threads)
-    return cfg, data
+    return cfg, open_prepared(writer.write())
 
 
 def loader_vs_step(cfg, data, batches: int, per_batch: int) -> dict:
     import torch
 
-    from pipeline.training.loop import build_method
+    from pipeline.training.worker import build_method
     from pipeline.training.segic_mixed import SegICMixedSampler
     from pipeline.training.evaluate import chunks
 

@@ -65,8 +65,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tiny_sam: the tiny SAM ViT benchmarks register
 
 from refseg_models.encoders.precision import encoder_autocast, per_token_cosine  # noqa: E402
+from tiny_sam import tiny_sam_registered  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -870,4 +872,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with tiny_sam_registered():  # the smoke geometry's tiny SAM ViT (tests/tiny_sam.py)
+        sys.exit(main())

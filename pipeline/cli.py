@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.errors import run_cli
 
@@ -23,18 +23,29 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refseg", description=__doc__.splitlines()[0])
+Register = Callable[[argparse._SubParsersAction], None]
+
+
+def build_parser(prog: str = "refseg", registers: Sequence[Register] | None = None) -> argparse.ArgumentParser:
+    """``prog`` with the subcommands ``registers`` add (default: every group of :data:`COMMAND_MODULES`)."""
+    if registers is None:
+        registers = [importlib.import_module(name).register for name in COMMAND_MODULES]
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for register in registers:
+        register(subparsers)
     return parser
 
 
+def run_subcommand(argv: Sequence[str] | None = None, prog: str = "refseg", registers: Sequence[Register] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand's handler, user errors as one line (:func:`run_cli`):
+    the ``refseg`` console script, and a group's stand-alone entry (``python -m pipeline.X.commands``)."""
+    args = build_parser(prog, registers).parse_args(argv)
+    return run_cli(lambda: args.handler(args), f"{prog} {args.command}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_cli(lambda: args.handler(args), f"refseg {args.command}")
+    return run_subcommand(argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ The root (``--root``, else ``REFSEG_ROOT``, else the current directory) is a loc
     <root>/stores/<feature dataset>-<encoder>   feature stores
     <root>/outputs/ray/<run name>-fold<k>       Ray Train checkpoints
     <root>/outputs/<run name>/summary.json      the training job's summary
+    <root>/prepared/<dataset>-fold<k>-<hash>     a fold prepared for the training workers
+    <root>/masks/<source>-<annotations hash>     label masks rendered once (read through prepared folds)
     <root>/mlflow.db, <root>/mlruns             the default MLflow store (a local root only)
 
 ``ray job submit --working-dir .`` runs the driver inside a temporary copy of the working directory
@@ -49,6 +51,14 @@ class Root:
 
     def store(self, feature_dataset: str, encoder: str) -> str:
         return self.join("stores", f"{feature_dataset}-{encoder}")
+
+    @property
+    def prepared(self) -> str:
+        return self.join("prepared")
+
+    @property
+    def masks(self) -> str:
+        return self.join("masks")
 
     @property
     def ray_storage(self) -> str:

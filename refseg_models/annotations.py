@@ -42,6 +42,7 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from refseg_models.errors import ModelError
@@ -60,17 +61,29 @@ AUTHORS_TEST_SEED = 321
 
 
 # ------------------------------------------------------------------------------ drawing what users give
+def box_masks(boxes: torch.Tensor, frame: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
+    """THE box rasteriser (reference boxes, the proxy SAM's box targets and box prompts).
+
+    ``boxes``: N x 4 ``(x0, y0, x1, y1)``, half-open, in continuous coordinates of a frame of
+    ``frame = (width, height)``; -> N x H x W bool on an ``size = (H, W)`` grid over that frame, a cell
+    inside when its centre is. Pixel-corner boxes convert explicitly: integer pixels ``x0..x1``
+    inclusive are ``(x0, y0, x1 + 1, y1 + 1)`` on the image's own frame and grid (:func:`draw_box`)."""
+    (fw, fh), (h, w) = frame, size
+    xs = (torch.arange(w, dtype=torch.float32, device=boxes.device) + 0.5) * (fw / w)
+    ys = (torch.arange(h, dtype=torch.float32, device=boxes.device) + 0.5) * (fh / h)
+    inside_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])
+    inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
 def draw_box(shape: tuple[int, int], box: Sequence[float]) -> np.ndarray:
-    """Filled box (x0, y0, x1, y1), inclusive pixel corners, clipped to the image -> H x W bool."""
+    """Filled box (x0, y0, x1, y1), inclusive pixel corners (rounded), clipped to the image -> H x W bool."""
     h, w = int(shape[0]), int(shape[1])
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x0 <= x1 and y0 <= y1):
         raise ModelError(f"box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {tuple(box)}")
-    mask = np.zeros((h, w), dtype=bool)
-    c0, r0 = max(int(round(x0)), 0), max(int(round(y0)), 0)
-    c1, r1 = min(int(round(x1)), w - 1), min(int(round(y1)), h - 1)
-    mask[r0 : r1 + 1, c0 : c1 + 1] = True
-    return mask
+    corners = torch.tensor([[round(x0), round(y0), round(x1) + 1, round(y1) + 1]], dtype=torch.float32)
+    return box_masks(corners, (w, h), (h, w))[0].numpy()
 
 
 def disc_radius(shape: tuple[int, int]) -> int:

@@ -1,13 +1,12 @@
-"""The method registry: name -> method class, imported on first use.
+"""The method registry: name -> method class, imported on first use, and ``build_model``.
 
-Classes are named as ``"module:Class"`` strings so importing ``refseg_models`` stays cheap and one
-method's optional dependency never breaks another's import. Every class implements the contract of
-:class:`refseg_models.method.RefSegMethod` and owns its config class (defaults written once there).
+A method's name is written once, here: ``RefSegMethod.name`` reads it back from this table. Every
+class implements the contract of :class:`refseg_models.method.RefSegMethod` and owns its config
+class (defaults written once there). Adding a method: docs/methods.md, "Adding a method".
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,25 @@ from torch import nn
 
 from refseg_models.config import MethodConfig
 from refseg_models.errors import ModelError
+from refseg_models.registry import Registry
 
-METHODS: dict[str, str] = {
+METHODS = Registry("method", {
     "vrp_sam": "refseg_models.modeling.vrp_sam:VRPSam",
     "prosam": "refseg_models.modeling.prosam:ProSam",
     "fcp": "refseg_models.modeling.fcp:FCP",
     "segic": "refseg_models.modeling.segic:SegIC",
     "persam": "refseg_models.modeling.persam:PerSAM",
     "prototype_matching": "refseg_models.modeling.prototype_matching:PrototypeMatching",
-}
+})
 
 
 def available_models() -> list[str]:
-    return sorted(METHODS)
+    return METHODS.names()
 
 
 def method_class(method: str) -> type:
     """The :class:`~refseg_models.method.RefSegMethod` subclass registered as ``method``."""
-    if method not in METHODS:
-        raise ModelError(f"unknown method {method!r}; available: {', '.join(available_models())}")
-    module_name, class_name = METHODS[method].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return METHODS.get(method)
 
 
 def method_config(method: str, config: MethodConfig | Mapping[str, Any] | None = None, **overrides: Any) -> MethodConfig:
@@ -74,6 +71,7 @@ def build_model(
         if sam_decoder is not None and sam_checkpoint is not None:
             raise ModelError("pass either sam_decoder or sam_checkpoint, not both")
         if sam_decoder is None:
+            # segment-anything is imported by the SAM-prompt methods only (SegIC and prototype matching run without it)
             from refseg_models.modeling.sam_decoder import build_sam_decoder
 
             if sam_checkpoint is None and not allow_random_init:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from refseg_models.errors import ModelError
+from refseg_models.feature_spec import FeatureSpec
 
 C = TypeVar("C", bound="FrozenConfig")
 
@@ -55,3 +56,7 @@ class FrozenConfig:
 @dataclasses.dataclass(frozen=True)
 class MethodConfig(FrozenConfig):
     """Base class of the per-method configs (``VRPSamConfig``, ``FCPConfig``, ...)."""
+
+    def feature_spec(self) -> FeatureSpec:
+        """The frozen features a method with this configuration reads."""
+        raise NotImplementedError

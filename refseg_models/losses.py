@@ -37,13 +37,18 @@ def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.T
     return (per_pixel * v).sum() / v.sum().clamp(min=1.0)
 
 
+def per_sample_dice(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The Dice loss with +1 smoothing, per sample: 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1).
+    N x P probabilities and targets (ignored pixels already zeroed in both) -> N."""
+    return 1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
+
+
 def dice_from_probabilities(probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Per sample 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1) over valid pixels, summed over
-    the batch and divided by the batch size (VRP-SAM's ``dice_loss``). B x ... -> scalar."""
+    """Per sample Dice (:func:`per_sample_dice`) over valid pixels, summed over the batch and divided
+    by the batch size (VRP-SAM's ``dice_loss``). B x ... -> scalar."""
     v = _check(probs, targets, valid, "dice_from_probabilities")
-    p, t, v = (probs * v).flatten(1), (targets.to(probs.dtype) * v).flatten(1), v.flatten(1)
-    per_sample = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
-    return per_sample.sum() / probs.shape[0]
+    p, t = (probs * v).flatten(1), (targets.to(probs.dtype) * v).flatten(1)
+    return per_sample_dice(p, t).sum() / probs.shape[0]
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,9 +232,7 @@ def point_mask_losses(
         point_valid = torch.ones_like(point_targets)
     ce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none")
     loss_ce = (ce * point_valid).sum(1) / point_valid.sum(1).clamp(min=1.0)
-    probs = point_logits.sigmoid() * point_valid
-    t = point_targets * point_valid
-    loss_dice = 1 - (2 * (probs * t).sum(-1) + 1) / (probs.sum(-1) + t.sum(-1) + 1)
+    loss_dice = per_sample_dice(point_logits.sigmoid() * point_valid, point_targets * point_valid)
     return {"loss_ce": loss_ce, "loss_dice": loss_dice}
 
 

@@ -7,6 +7,7 @@ A method is an ``nn.Module`` subclass of :class:`RefSegMethod` with
 * ``config``: its frozen :class:`~refseg_models.config.MethodConfig` (defaults written once there);
 * :meth:`feature_spec`: which frozen features it consumes (:class:`FeatureSpec`: target / reference
   SAM embeddings, named backbone maps, the masked-reference layer4), so data paths build exactly that;
+  answered by its config (``config.feature_spec()``), so nothing builds a model to ask;
 * ``forward(features: EpisodeFeatures) -> dict`` of outputs;
 * ``loss(outputs, targets, valid) -> {"loss": total, <named terms>...}`` (Mask2Former's criterion
   style: the method's criterion names every term, the weights live in one place, pixels with
@@ -31,64 +32,18 @@ Training-side hooks (defaults do nothing, so the loop calls them for every metho
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from refseg_models.build import METHODS
 from refseg_models.config import MethodConfig
 from refseg_models.errors import ModelError
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.modeling.inputs import EpisodeFeatures
 
-ENCODER_ROLES = ("sam", "backbone")
 LOGITS_FRAMES = ("sam", "backbone")
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Which frozen features a method reads from :class:`EpisodeFeatures`.
-
-    ``target_sam`` / ``reference_sam``: SAM image embeddings (B x 256 x G x G / B x k x 256 x G x G).
-    ``backbone``: names of the backbone maps needed for target and references (``layer2/3/4`` for
-    the ResNet-style backbones, ``patch_tokens`` for DINOv2). ``masked_reference_layer4``: layer4 of
-    the masked reference layer3 (one live backbone call per reference, see
-    :func:`refseg_models.modeling.pseudo_mask.masked_reference_layer4`). ``target_boxes``: the
-    targets' GT boxes (SegIC's training-time box prompt; data paths fill it in training).
-    """
-
-    target_sam: bool = False
-    reference_sam: bool = False
-    backbone: tuple[str, ...] = ()
-    masked_reference_layer4: bool = False
-    target_boxes: bool = False
-
-    @property
-    def encoders(self) -> tuple[str, ...]:
-        """The frozen encoder roles this spec needs, in ``ENCODER_ROLES`` order."""
-        roles = []
-        if self.target_sam or self.reference_sam:
-            roles.append("sam")
-        if self.backbone or self.masked_reference_layer4:
-            roles.append("backbone")
-        return tuple(roles)
-
-    def check(self, features: EpisodeFeatures, method: str) -> None:
-        """Raise ModelError naming every feature ``features`` lacks for ``method``."""
-        missing = []
-        if self.target_sam and features.target_sam is None:
-            missing.append("target_sam")
-        if self.reference_sam and features.reference_sam is None:
-            missing.append("reference_sam")
-        for name in self.backbone:
-            if name not in features.target_backbone:
-                missing.append(f"target_backbone[{name!r}]")
-            if name not in features.reference_backbone:
-                missing.append(f"reference_backbone[{name!r}]")
-        if self.masked_reference_layer4 and features.reference_masked_layer4 is None:
-            missing.append("reference_masked_layer4 (see refseg_models.modeling.pseudo_mask.masked_reference_layer4)")
-        if missing:
-            raise ModelError(f"{method} needs EpisodeFeatures fields it did not get: {', '.join(missing)}")
 
 
 def split_target(mask: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +52,18 @@ def split_target(mask: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Ten
     return (mask == 1).float(), valid.float()
 
 
+class _RegisteredName:
+    """A method's name: its key in the method registry (:data:`refseg_models.build.METHODS`), where
+    it is written once; a subclass of a registered method answers with that method's name."""
+
+    def __get__(self, instance: object, owner: type) -> str:
+        return METHODS.name_of(owner)
+
+
 class RefSegMethod(nn.Module):
     """Base class of every method (see the module docstring for the contract)."""
 
-    name: ClassVar[str]
+    name: ClassVar[str] = _RegisteredName()  # type: ignore[assignment]
     config_class: ClassVar[type[MethodConfig]]
     # Whether the method decodes through a frozen SAM prompt encoder + mask decoder.
     uses_sam_decoder: ClassVar[bool] = False
@@ -120,7 +83,8 @@ class RefSegMethod(nn.Module):
         raise NotImplementedError
 
     def feature_spec(self) -> FeatureSpec:
-        raise NotImplementedError
+        """What this method reads: its config's answer (:meth:`MethodConfig.feature_spec`)."""
+        return self.config.feature_spec()
 
     @classmethod
     def config_for_features(

@@ -9,6 +9,7 @@ silently skipping (:mod:`environment`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,15 @@ def mobilenet_v2_weights() -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_check_dir() -> Path:
     return _require(SHARED_DIR / "weights" / "check", "MobileNetV2 check images")
+
+
+@pytest.fixture(scope="module")
+def tiny_sam() -> Iterator[str]:
+    """``sam_vit_tiny`` registered for one test module (tests/tiny_sam.py; refseg does not register it)."""
+    from tiny_sam import TINY_SAM, tiny_sam_registered
+
+    with tiny_sam_registered():
+        yield TINY_SAM
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,15 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+def assert_gradients_reach_exactly_the_trainable_parameters(model: torch.nn.Module) -> None:
+    """After a backward pass: every trainable parameter has a non-zero gradient, no frozen one has any."""
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
 def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -33,16 +33,6 @@ from pycocotools import mask as mask_utils
 ADE_BACKGROUND_LABEL = 81
 
 
-def coco_subset(coco_json: Path, count: int, out: Path) -> Path:
-    """The first ``count`` images (by id) of a COCO json and their annotations."""
-    data = json.loads(Path(coco_json).read_text())
-    keep = {image["id"] for image in sorted(data["images"], key=lambda i: i["id"])[:count]}
-    subset = {**data, "images": [i for i in data["images"] if i["id"] in keep],
-              "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
-    out.write_text(json.dumps(subset))
-    return out
-
-
 def _annotation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
     segmentation = annotation["segmentation"]
     if isinstance(segmentation, list):

@@ -34,6 +34,8 @@ from pipeline.store.layout import ImageItem
 from refseg_models.encoders import build_encoder
 from refseg_models.encoders.precision import PRECISIONS, encoder_autocast, per_token_cosine
 
+pytestmark = pytest.mark.usefixtures("tiny_sam")  # sam_vit_tiny: tests/tiny_sam.py
+
 
 def _coco_images(coco_mini_dir, n: int) -> list[ImageItem]:
     info = json.loads((coco_mini_dir / "instances.json").read_text())

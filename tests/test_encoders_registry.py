@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from refseg_models.encoders import Backbone, FrozenEncoder, available_encoders, build_encoder
+from refseg_models.encoders import Backbone, FrozenEncoder, available_encoders, build_encoder, get_preprocessor
 from refseg_models.errors import ModelError
+from tiny_sam import TINY_SAM, tiny_sam_registered
 
 # name -> {output: (C, h, w)} for the default preprocessing of each encoder.
 EXPECTED_SHAPES = {
     "sam_vit_h": {"image_embedding": (256, 64, 64)},
     "sam_vit_l": {"image_embedding": (256, 64, 64)},
     "sam_vit_b": {"image_embedding": (256, 64, 64)},
-    "sam_vit_tiny": {"image_embedding": (256, 64, 64)},
     "resnet50_v2": {"layer2": (512, 64, 64), "layer3": (1024, 64, 64), "layer4": (2048, 64, 64)},
     "resnet50_tv": {"layer2": (512, 64, 64), "layer3": (1024, 32, 32), "layer4": (2048, 16, 16)},
     "vgg16": {"layer2": (256, 64, 64), "layer3": (512, 32, 32), "layer4": (512, 32, 32)},
@@ -27,6 +31,17 @@ EXPECTED_SHAPES = {
 
 def test_registry_names():
     assert available_encoders() == sorted(EXPECTED_SHAPES)
+
+
+def test_the_tiny_test_sam_is_not_refsegs_own():
+    """Tests and benchmarks register their tiny SAM ViT (tests/tiny_sam.py): while registered it is
+    built like any encoder (SAM's output geometry); refseg's registry itself does not hold it."""
+    with tiny_sam_registered(), torch.device("meta"):
+        encoder = build_encoder(TINY_SAM, allow_random_init=True)
+        out = encoder(torch.zeros(1, 3, encoder.input_size, encoder.input_size))
+    assert encoder.encoder_id == TINY_SAM and tuple(out["image_embedding"].shape) == (1, 256, 64, 64)
+    with pytest.raises(ModelError, match="unknown encoder 'sam_vit_tiny'"):
+        build_encoder(TINY_SAM, allow_random_init=True)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SHAPES))
@@ -65,12 +80,12 @@ def test_no_silent_random_init():
     with pytest.raises(ValueError, match="needs a checkpoint path.*allow_random_init=True"):
         build_encoder("mobilenet_v2")
     with pytest.raises(ValueError, match="needs a checkpoint path"):
-        build_encoder("sam_vit_tiny", None)
+        build_encoder("sam_vit_b", None)
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="unknown SAM preprocessing 'squash'"):
-        build_encoder("sam_vit_tiny", allow_random_init=True, preprocessing="squash")
+    with tiny_sam_registered(), pytest.raises(ValueError, match="unknown SAM preprocessing 'squash'"):
+        build_encoder(TINY_SAM, allow_random_init=True, preprocessing="squash")
     with pytest.raises(ValueError, match="multiple of 14"):
         build_encoder("dinov2_vits14", allow_random_init=True, input_size=900)
     with pytest.raises(TypeError):
@@ -80,24 +95,18 @@ def test_bad_options_are_refused():
 @pytest.mark.real_data
 def test_get_preprocessor_matches_each_encoders_preprocess(coco_mini_dir):
     """Ray Data decode tasks use get_preprocessor(preprocessing_id) without building the model."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    from refseg_models.encoders import get_preprocessor
-
     image_path = sorted(Path(coco_mini_dir, "images").iterdir())[5]
     image = np.asarray(Image.open(image_path).convert("RGB"))
     configs = [(name, {}) for name in EXPECTED_SHAPES] + [
-        ("sam_vit_tiny", {"preprocessing": "sam_longest1024_pad"}),
+        (TINY_SAM, {"preprocessing": "sam_longest1024_pad"}),
         ("dinov2_vits14", {"input_size": 518, "resize": "squash"}),
     ]
-    for name, cfg in configs:
-        with torch.device("meta"):
-            encoder = build_encoder(name, allow_random_init=True, **cfg)
-        expected = encoder.preprocess(image)
-        assert expected.shape == (3, encoder.input_size, encoder.input_size), name
-        assert torch.equal(get_preprocessor(encoder.preprocessing_id)(image), expected), name
+    with tiny_sam_registered():
+        for name, cfg in configs:
+            with torch.device("meta"):
+                encoder = build_encoder(name, allow_random_init=True, **cfg)
+            expected = encoder.preprocess(image)
+            assert expected.shape == (3, encoder.input_size, encoder.input_size), name
+            assert torch.equal(get_preprocessor(encoder.preprocessing_id)(image), expected), name
     with pytest.raises(ModelError, match="unknown preprocessing_id 'squash512_pad_imagenet'"):
         get_preprocessor("squash512_pad_imagenet")

@@ -18,6 +18,8 @@ from refseg_models.encoders import CheckpointError, build_encoder
 from refseg_models.encoders.sam_image_encoder import PREPROCESSING_SAM, PREPROCESSING_VRP
 from refseg_models.encoders.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+pytestmark = pytest.mark.usefixtures("tiny_sam")  # sam_vit_tiny: tests/tiny_sam.py
+
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -37,7 +37,8 @@ EVAL_SIZE = 128
 @pytest.fixture(scope="module")
 def fss_root(coco_mini_dir, tmp_path_factory) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
-    from segic_mix_data import coco_subset, derive_fss1000
+    from coco_helpers import coco_subset
+    from segic_mix_data import derive_fss1000
 
     root = tmp_path_factory.mktemp("fss1000")
     subset = coco_subset(coco_mini_dir / "instances.json", SUBSET, root / "subset.json")

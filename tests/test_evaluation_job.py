@@ -86,28 +86,30 @@ def _config(coco_mini_dir, coco20i_lists_dir, weights, tmp_path, **changes) -> E
     return EvaluateConfig(**{**base, **changes})
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """The job's Ray start and per-fold evaluation replaced: fold 0 evaluates (to a fixed meter),
-    fold 1 fails; starting Ray is recorded."""
-    from pipeline.evaluation import FewShotMeter, job
+class NoRay:
+    """The job's evaluation without Ray (``run(config, evaluation)``): fold 0 evaluates (to a fixed
+    meter), fold 1 fails; the start and every fold are recorded in ``calls``."""
 
-    calls = {"ray": 0, "folds": []}
+    def __init__(self) -> None:
+        self.calls = {"ray": 0, "folds": []}
 
-    def start_ray(address):
-        calls["ray"] += 1
+    def start(self) -> None:
+        self.calls["ray"] += 1
 
-    def evaluate(manifest_path, source_factory, predictor_factory, class_ids, resolution, num_workers):
-        calls["folds"].append(str(manifest_path))
+    def __call__(self, manifest_path, source_factory, predictor_factory, class_ids, resolution, num_workers):
+        from pipeline.evaluation import FewShotMeter
+
+        self.calls["folds"].append(str(manifest_path))
         if "fold1" in str(manifest_path):
             raise RuntimeError("worker died in fold 1")
         meter = FewShotMeter(class_ids)
         meter.update(np.ones((4, 4), np.uint8), np.ones((4, 4), np.uint8), class_ids[0])
         return meter, SkipReport("evaluation")
 
-    monkeypatch.setattr(job, "_start_ray", start_ray)
-    monkeypatch.setattr(job, "evaluate_manifest_with_ray", evaluate)
-    return calls
+
+@pytest.fixture
+def no_ray() -> NoRay:
+    return NoRay()
 
 
 @pytest.mark.parametrize(
@@ -131,8 +133,8 @@ def test_everything_is_validated_before_ray_starts(changes, message, no_ray, coc
     changes = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in changes.items()}
     message = message.replace("{tmp}", str(tmp_path))
     with pytest.raises(ConfigError, match=re.escape(message)):
-        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, **changes))
-    assert no_ray == {"ray": 0, "folds": []} and not (tmp_path / "out" / "results.json").exists()
+        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, **changes), no_ray)
+    assert no_ray.calls == {"ray": 0, "folds": []} and not (tmp_path / "out" / "results.json").exists()
 
 
 def test_each_finished_fold_is_saved_and_the_skip_report_is_shown_and_saved(
@@ -147,7 +149,7 @@ def test_each_finished_fold_is_saved_and_the_skip_report_is_shown_and_saved(
     annotations.write_text(json.dumps(data))
     config = _config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, annotations=str(annotations))
     with pytest.raises(RuntimeError, match="worker died in fold 1"):
-        run(config)
+        run(config, no_ray)
     out = capsys.readouterr().out
     assert "coco annotations instances.json: skipped 2 item(s)" in out
     assert "annotation references an unknown category id (e.g. ann 990002)" in out
@@ -158,7 +160,7 @@ def test_each_finished_fold_is_saved_and_the_skip_report_is_shown_and_saved(
     assert results["skipped_annotations"]["counts"] == {
         "annotation references an unknown image id": 1, "annotation references an unknown category id": 1,
     }
-    assert no_ray["ray"] == 1 and len(no_ray["folds"]) == 2
+    assert no_ray.calls["ray"] == 1 and len(no_ray.calls["folds"]) == 2
 
 
 def test_a_foreign_category_id_set_fails_before_ray(no_ray, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights,
@@ -172,8 +174,8 @@ def test_a_foreign_category_id_set_fails_before_ray(no_ray, coco_mini_dir, coco2
     annotations.write_text(json.dumps(data))
     config = _config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, annotations=str(annotations))
     with pytest.raises(DataError, match=r"its 80 category ids are not COCO's 80 \(missing \[1, 2, 3"):
-        run(config)
-    assert no_ray["ray"] == 0 and not (tmp_path / "out").exists()  # nothing written for refused inputs
+        run(config, no_ray)
+    assert no_ray.calls["ray"] == 0 and not (tmp_path / "out").exists()  # nothing written for refused inputs
 
 
 def test_job_script_refuses_a_bad_fold_before_ray(tmp_path, coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights):
@@ -219,11 +221,11 @@ def test_a_method_other_than_the_checkpoints_is_refused_and_the_checkpoints_is_r
         message = f"--method {method} does not match --checkpoint {checkpoint}, which holds a vrp_sam model"
         with pytest.raises(ConfigError, match=re.escape(message)):
             run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint,
-                        method=method))
-        assert not out.exists() and no_ray == {"ray": 0, "folds": []}  # no config.json, no episode files
+                        method=method), no_ray)
+        assert not out.exists() and no_ray.calls == {"ray": 0, "folds": []}  # no config.json, no episode files
     with pytest.raises(ConfigError, match="--method-options configure a training-free method"):
         run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint,
-                    method_options={"num_queries": 8}))
+                    method_options={"num_queries": 8}), no_ray)
     assert not out.exists()
 
     completed = subprocess.run(
@@ -239,7 +241,7 @@ def test_a_method_other_than_the_checkpoints_is_refused_and_the_checkpoints_is_r
     assert not out.exists()
 
     with pytest.raises(RuntimeError, match="worker died in fold 1"):  # no_ray: fold 0 evaluates, fold 1 fails
-        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint))
+        run(_config(coco_mini_dir, coco20i_lists_dir, mobilenet_v2_weights, tmp_path, checkpoint=checkpoint), no_ray)
     assert json.loads((out / "config.json").read_text())["method"] == "vrp_sam"
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "vrp_sam" and results["checkpoint"] == checkpoint and list(results["folds"]) == ["0"]

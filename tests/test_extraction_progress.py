@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from pipeline.extraction.chunks import chunk_rows
-from pipeline.extraction.stage import _write_rows
+from pipeline.extraction.shard_sink import write_rows
 from pipeline.store import StoreBuilder, resolve_location, sorted_items
 
 from test_store_readwrite import KEY, SHAPES, features_of
@@ -54,7 +54,7 @@ def test_failed_count_is_cumulative_and_durations_cover_the_shard(tmp_path):
 
     bar = FakeBar()
     started = time.perf_counter()
-    _write_rows(rows(), builder, {spec.index: spec for spec in pending}, builder.feature_shapes, "float16", 6,
+    write_rows(rows(), builder, {spec.index: spec for spec in pending}, builder.feature_shapes, "float16", 6,
                 False, None, lambda **kwargs: bar, started=started)
     builder.finalize()
     assert bar.n == 6 and bar.postfixes[-1]["failed"] == 2  # both shards' failures, not the last one's

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from environment import import_or_missing
 from cluster_helpers import BUCKET, REPO, RayCluster, base_env, start_mlflow, start_moto, wait_until
+from environment import import_or_missing
+from tiny_sam import TINY_SAM, tiny_sam_registered
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.real_weights]
 import_or_missing("boto3")
@@ -38,7 +39,7 @@ import_or_missing("boto3")
 N_IMAGES = 24  # the first 24 coco_mini images by id: 11 base classes with training pairs, 4 novel classes
 NODE = {"CPU": 1, "GPU": 1}
 DATASET = "coco_mini_sub"
-SAM_TINY = "sam_vit_tiny"
+SAM_TINY = TINY_SAM  # registered by tests/tiny_sam.py, which every job using it runs under
 # What only says where or how a store was made (not what it holds): left out of manifest comparisons.
 WHERE = {"extraction": ("output", "ray_address", "num_actors", "num_gpus_per_actor"), "extract": ("num_actors", "num_gpus_per_actor")}
 
@@ -60,7 +61,9 @@ def _random_sam(out: Path) -> Path:
     from refseg_models.modeling.sam_decoder import build_sam_decoder
 
     torch.manual_seed(0)
-    torch.save({**build_encoder(SAM_TINY, allow_random_init=True).state_dict(), **build_sam_decoder().state_dict()}, out)
+    with tiny_sam_registered():
+        encoder = build_encoder(SAM_TINY, allow_random_init=True)
+    torch.save({**encoder.state_dict(), **build_sam_decoder().state_dict()}, out)
     return out
 
 
@@ -81,8 +84,9 @@ class Stack:
     def extraction(self, store: str, encoder: str = "mobilenet_v2", gpus_per_actor: int = 1, actors: int = 2) -> list[str]:
         # SAM in batches of 1: its global attention over 64 x 64 tokens takes ~0.5 GB per image in flight.
         checkpoint, per_shard, batch = (self.mobilenet, 2, 2) if encoder == "mobilenet_v2" else (self.sam, 4, 1)
+        runner = ["python"] if encoder == "mobilenet_v2" else ["python", "tests/tiny_sam.py"]
         return [
-            "python", "jobs/extract_features.py", "--output", f"s3://{BUCKET}/stores/{store}", "--dataset", DATASET,
+            *runner, "jobs/extract_features.py", "--output", f"s3://{BUCKET}/stores/{store}", "--dataset", DATASET,
             "--encoder", encoder, "--checkpoint", str(checkpoint), "--coco-annotations", str(self.annotations),
             "--image-dir", str(self.images), "--batch-size", str(batch), "--images-per-shard", str(per_shard),
             "--writer", "actors", "--num-actors", str(actors), "--actor-num-cpus", "0.5", "--decode-num-cpus", "0.5",
@@ -91,7 +95,8 @@ class Stack:
 
     def training(self, run_name: str) -> list[str]:
         return [
-            "python", "jobs/train_coco20i.py", "--annotations", str(self.annotations), "--images", str(self.images),
+            "python", "tests/tiny_sam.py", "jobs/train_coco20i.py", "--root", f"s3://{BUCKET}/root",
+            "--annotations", str(self.annotations), "--images", str(self.images),
             "--feature-dataset", DATASET, "--sam-encoder", SAM_TINY, "--sam-checkpoint", str(self.sam),
             "--sam-store", f"s3://{BUCKET}/stores/two/sam", "--backbone-checkpoint", str(self.mobilenet),
             "--backbone-store", f"s3://{BUCKET}/stores/two/mobilenet", "--folds", "0", "--epochs", "2",

@@ -17,6 +17,8 @@ from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.errors import ModelError
 from refseg_models.modeling.persam import location_prior, persam_prototypes, select_points
 
+from coco_helpers import coco_class_pairs
+
 
 def build_persam(**config):
     return build_model("persam", allow_random_init="sam_checkpoint" not in config, **config)
@@ -137,26 +139,9 @@ def test_sam_decoder_weights_load_from_a_sam_checkpoint(tmp_path: Path) -> None:
 
 
 def _class_pairs(coco_dir: Path, count: int):
-    from pycocotools.coco import COCO
-
-    coco = COCO(str(coco_dir / "instances.json"))
-    pairs = []
-    for category in sorted(coco.cats):
-        found = []
-        for image_id in sorted(coco.getImgIds(catIds=[category])):
-            info = coco.imgs[image_id]
-            mask = np.zeros((info["height"], info["width"]), np.uint8)
-            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, catIds=[category], iscrowd=False)):
-                mask |= coco.annToMask(ann).astype(np.uint8)
-            if 0.05 < mask.mean() < 0.5:
-                image = np.asarray(Image.open(coco_dir / "images" / info["file_name"]).convert("RGB"))
-                found.append((image, mask))
-            if len(found) == 2:
-                pairs.append(found)
-                break
-        if len(pairs) == count:
-            break
-    return pairs
+    """``count`` one-class pairs of decoded RGB images and masks (5-50 % cover)."""
+    return [[(np.asarray(Image.open(path).convert("RGB")), mask) for path, mask in pair]
+            for pair in coco_class_pairs(coco_dir, count, min_cover=0.05)]
 
 
 @pytest.mark.real_data

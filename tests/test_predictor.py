@@ -35,6 +35,10 @@ from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.segic_instructions import masks_to_boxes
 from refseg_models.predictor import Box, Points, RefSegPredictor, Scribble, annotation_to_mask
 
+from coco_helpers import coco_class_pairs
+
+pytestmark = pytest.mark.usefixtures("tiny_sam")  # sam_vit_tiny: tests/tiny_sam.py
+
 SEGIC_CONFIG = dict(
     in_channels=1280,
     input_size=128,
@@ -64,6 +68,21 @@ def test_annotation_types_become_binary_masks() -> None:
     raw[3:9, 4:7] = 255
     assert np.array_equal(annotation_to_mask(raw, shape), raw > 0)
     assert np.array_equal(annotation_to_mask(Scribble(raw), shape), raw > 0)
+
+
+def test_boxes_are_clipped_to_the_image_and_one_outside_it_draws_nothing() -> None:
+    """One rasteriser (refseg_models.annotations.box_masks) for every box: a box partly outside the
+    reference is clipped; one entirely above or left of it draws nothing (slicing with its negative
+    corner used to wrap around and fill the image's other side), so the predictor refuses it."""
+    from refseg_models.annotations import draw_box
+
+    shape = (40, 60, 3)
+    clipped = annotation_to_mask(Box(-5, -3, 9, 4), shape)
+    assert clipped.sum() == 10 * 5 and clipped[0, 0] and clipped[4, 9]
+    for outside in ((10, -9, 20, -3), (-9, 10, -3, 20), (70, 10, 80, 20)):
+        assert not draw_box(shape[:2], outside).any()
+        with pytest.raises(ModelError, match="covers no pixel of the reference image"):
+            annotation_to_mask(Box(*outside), shape)
 
 
 @pytest.mark.parametrize(
@@ -165,25 +184,7 @@ def test_predictor_refuses_missing_or_other_encoder_weights(tmp_path: Path) -> N
 
 
 def _pairs(coco_dir: Path, count: int):
-    from pycocotools.coco import COCO
-
-    coco = COCO(str(coco_dir / "instances.json"))
-    pairs = []
-    for category in sorted(coco.cats):
-        found = []
-        for image_id in sorted(coco.getImgIds(catIds=[category])):
-            info = coco.imgs[image_id]
-            mask = np.zeros((info["height"], info["width"]), np.uint8)
-            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, catIds=[category], iscrowd=False)):
-                mask |= coco.annToMask(ann).astype(np.uint8)
-            if 0.1 < mask.mean() < 0.5:
-                found.append((coco_dir / "images" / info["file_name"], mask))
-            if len(found) == 2:
-                pairs.append(found)
-                break
-        if len(pairs) == count:
-            return pairs
-    raise AssertionError("too few suitable coco_mini pairs")
+    return coco_class_pairs(coco_dir, count, min_cover=0.1)
 
 
 def _rgb(path: Path) -> np.ndarray:

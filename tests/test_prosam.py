@@ -9,7 +9,13 @@ import math
 import pytest
 import torch
 
-from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
+from model_helpers import (  # noqa: F401 (single_thread: a fixture)
+    SMALL_CHANNELS,
+    assert_gradients_reach_exactly_the_trainable_parameters,
+    single_thread,
+    toy_episode_features,
+    trainable,
+)
 
 from refseg_models import build_model
 from refseg_models.modeling.prosam import INFERENCE_STRATEGIES, sample_prompts
@@ -117,11 +123,7 @@ def test_training_forward_decodes_k_samples_in_one_batch_against_the_shared_embe
     assert set(losses) == {"loss", "loss_bce", "loss_dice"}
     assert model.mask_logits(out).shape == (2, 1, 128, 128)  # the mean over the K sampled logits
     losses["loss"].backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
+    assert_gradients_reach_exactly_the_trainable_parameters(model)
 
 
 def test_eval_uses_the_mean_prompt_and_strategies_agree_when_sigma_vanishes() -> None:

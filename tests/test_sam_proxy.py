@@ -228,9 +228,9 @@ def test_training_images_hold_base_instances_only_and_no_held_out_image(coco_min
     from pipeline.data.coco import CocoInstances
     from pipeline.errors import DataError
     from pipeline.proxy_sam.data import check_no_excluded_ids, fold_classes_for, split_images
-    from pipeline.proxy_sam.train import TrainConfig, TrainingImages
+    from pipeline.proxy_sam.train import ProxyTrainConfig, TrainingImages
 
-    config = TrainConfig(str(coco_mini_dir / "instances.json"), str(coco_mini_dir / "images"),
+    config = ProxyTrainConfig(str(coco_mini_dir / "instances.json"), str(coco_mini_dir / "images"),
                          str(mobilenet_v2_weights), progress=False)
     data = TrainingImages(config, torch.device("cpu"))
     coco = CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", verbose=False)
@@ -285,9 +285,9 @@ def test_box_target_warm_up_trains_boxes_against_the_filled_prompt_box(coco_mini
     """The first ``box_target_steps`` steps prompt boxes only and their targets are the filled noisy
     prompt boxes; after them the recipe is SAM's (instance masks, boxes or points)."""
     from pipeline.errors import ConfigError
-    from pipeline.proxy_sam.train import TrainConfig, Trainer, box_targets
+    from pipeline.proxy_sam.train import ProxyTrainConfig, Trainer, box_targets
 
-    config = TrainConfig(str(coco_mini_dir / "instances.json"), str(coco_mini_dir / "images"), str(mobilenet_v2_weights),
+    config = ProxyTrainConfig(str(coco_mini_dir / "instances.json"), str(coco_mini_dir / "images"), str(mobilenet_v2_weights),
                          steps=40, images_per_step=2, prompts_per_image=3, box_target_steps=20, neck={"grid": 16},
                          device="cpu", progress=False)
     trainer = Trainer(config)
@@ -304,7 +304,7 @@ def test_box_target_warm_up_trains_boxes_against_the_filled_prompt_box(coco_mini
     # instance masks again: area-averaged to the mask grid, so some cells are neither 0 nor 1
     assert all(((b["masks"] > 0) & (b["masks"] < 1)).any() for b in later)
     with pytest.raises(ConfigError, match="box_target_steps"):
-        TrainConfig(config.annotations, config.image_dir, config.backbone_checkpoint, steps=10, box_target_steps=10).validate()
+        ProxyTrainConfig(config.annotations, config.image_dir, config.backbone_checkpoint, steps=10, box_target_steps=10).validate()
 
 
 def test_proxy_sam_cli_errors_are_one_line(tmp_path):

@@ -34,10 +34,10 @@ WEIGHTS = (2.0, 1.0, 1.0, 1.0)
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
-    from segic_mix_data import coco_subset, derive_ade20k, derive_lvis, extract_in_process
+    from coco_helpers import coco_subset
+    from segic_mix_data import derive_ade20k, derive_lvis, extract_in_process
 
     from pipeline.training.data import load_fold_data
-    from pipeline.training.segic_mixed import prepare_stores
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("segic_mix")
@@ -64,8 +64,21 @@ def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path)
         recipe_overrides=dict(batch_size=8), num_workers=2, val_episodes=4, test_episodes=8,
     )
     data = load_fold_data(cfg)
-    prepare_stores(cfg, data, extract_missing=True, extract=extract_in_process)
+    prepare(cfg, data, root, extract=extract_in_process)
     return {"root": root, "cfg": cfg, "data": {0: data}, "subset": subset}
+
+
+def prepare(cfg: TrainConfig, data, root: Path, extract=None):
+    """What the job's driver does for the fold: the mix's stores (extracted with ``extract``), then the
+    fold and the mix written into a prepared artifact under ``root``; the artifact as workers open it."""
+    from pipeline.locations import resolve_root
+    from pipeline.training.prepare import FoldWriter
+    from pipeline.training.prepared import open_prepared
+    from pipeline.training.segic_mixed.preparation import prepare_mix
+
+    writer = FoldWriter(cfg, data, resolve_root(str(root)))
+    prepare_mix(cfg, data, writer, extract_missing=extract is not None, extract=extract)
+    return open_prepared(writer.write())
 
 
 def fold_data(workspace: dict, fold: int):
@@ -77,14 +90,14 @@ def fold_data(workspace: dict, fold: int):
 
 
 def make_sampler(workspace: dict, fold: int = 0, **mix_changes):
-    from pipeline.training.loop import build_method
+    from pipeline.training.worker import build_method
     from pipeline.training.segic_mixed import SegICMixedSampler
 
     cfg = workspace["cfg"].replace(fold=fold)
     if mix_changes:
         cfg = cfg.replace(mix=replace(cfg.mix, **mix_changes))
     model = build_method(cfg, {"backbone": {"layer4": (1280, 4, 4)}}, None)
-    return SegICMixedSampler(cfg, fold_data(workspace, fold), model, None), model
+    return SegICMixedSampler(cfg, prepare(cfg, fold_data(workspace, fold), workspace["root"]), model, None), model
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -186,7 +199,7 @@ def test_no_novel_class_pixel_reaches_a_target_or_a_reference(workspace: dict, f
     name_of_key = {}
     for part in sampler.parts:
         for class_id, key in enumerate(part.class_keys):
-            name = normalise_name(part.source.class_names[class_id])
+            name = normalise_name(part.class_names[class_id])
             assert (key == -1) == (name in novel_names)  # novel: never an instruction, a negative or queued
             if key >= 0:
                 name_of_key[int(key)] = name
@@ -195,7 +208,7 @@ def test_no_novel_class_pixel_reaches_a_target_or_a_reference(workspace: dict, f
         part, row = sample["part"], sample["row"]
         seen.add(part.name)
         for class_id in sample["class_ids"]:
-            assert normalise_name(part.source.class_names[class_id]) not in novel_names
+            assert normalise_name(part.class_names[class_id]) not in novel_names
         assert not {name_of_key[key] for key in sample["keys"] if key >= 0} & novel_names
         assert not {name_of_key[key] for key in sample["negative_classes"]} & novel_names
         for side, image_id, labels in (("target", row["image_id"], sample["target_labels"]),
@@ -211,7 +224,7 @@ def test_no_novel_class_pixel_reaches_a_target_or_a_reference(workspace: dict, f
 
 # ---------------------------------------------------------------------------------------------- streams
 def test_tables_are_seeded_rank_shares_disjoint_and_batches_depend_on_their_rows_only(workspace: dict) -> None:
-    from pipeline.training.data import rank_share
+    from pipeline.training.epochs import rank_share
 
     sampler, _ = make_sampler(workspace)
     table = sampler.epoch_table(3, 64)
@@ -295,7 +308,7 @@ def test_batches_carry_instructions_negatives_and_keys(workspace: dict) -> None:
 
 
 def test_a_missing_store_is_named_with_the_way_to_build_it(workspace: dict) -> None:
-    from pipeline.training.segic_mixed import prepare_stores
+    from pipeline.training.segic_mixed.stores import prepare_stores
 
     cfg = workspace["cfg"]
     moved = cfg.replace(mix=replace(cfg.mix, sources=(MixSource("ade20k", "ade20k_semantic", images=str(workspace["root"] / "ade"),
@@ -314,15 +327,13 @@ def fss_workspace(workspace: dict, coco_mini_dir: Path) -> dict:
     source, in a store of its own (its ``"<class>/<n>"`` ids are not COCO's), with one cached view."""
     from segic_mix_data import derive_fss1000, extract_in_process
 
-    from pipeline.training.segic_mixed import prepare_stores
-
     root = workspace["root"]
     fss = derive_fss1000(workspace["subset"], coco_mini_dir / "images", root / "fss")
     source = MixSource("fss1000", "fss1000_semantic", weight=FSS_WEIGHT, images=str(fss), store=str(root / "stores" / "fss"),
                        views=1, feature_dataset="mini_fss")
     cfg = workspace["cfg"]
     cfg = cfg.replace(mix=replace(cfg.mix, sources=cfg.mix.sources + (source,)))
-    prepare_stores(cfg, fold_data(workspace, 0), extract_missing=True, extract=extract_in_process)
+    prepare(cfg, fold_data(workspace, 0), root, extract=extract_in_process)
     return {**workspace, "cfg": cfg, "fss": fss}
 
 
@@ -344,7 +355,7 @@ def test_fss1000_kind_round_trips_and_reads_the_training_split(fss_workspace: di
     sampler, _ = make_sampler(fss_workspace)
     part = sampler.parts[sampler.part_index["fss1000"]]
     trn = (fss_workspace["fss"] / "trn.txt").read_text().split()
-    assert part.source.class_names == sorted(trn) and {i.split("/")[0] for i in part.images} <= set(trn)
+    assert part.class_names == sorted(trn) and {i.split("/")[0] for i in part.images} <= set(trn)
     # plain images are stored under their "<class>/<n>" id, views under the "/"-free view id
     image = part.images[0]
     assert "/" in image and view_id(image, 0) == image.replace("/", "--") + "_v0"
@@ -368,7 +379,7 @@ def test_dataset_shares_match_the_weights_with_fss1000_and_its_samples_pair_two_
     part = sampler.parts[-1]
     rows = [row for row in table.to_pylist() if row["source"] == "fss1000"]
     for row in rows:
-        folder = part.source.class_names[row["class_id"]]
+        folder = part.class_names[row["class_id"]]
         assert row["image_id"] != row["reference_id"] and row["kind"] == "semantic"
         assert row["image_id"].split("/")[0] == row["reference_id"].split("/")[0] == folder
     drawn = [row["image_id"] for row in rows]
@@ -388,6 +399,8 @@ def test_dataset_shares_match_the_weights_with_fss1000_and_its_samples_pair_two_
 def test_no_novel_class_pixel_reaches_an_fss1000_target_or_reference(fss_workspace: dict, fold: int) -> None:
     from pipeline.data.folds import COCO_CLASS_NAMES, novel_classes
     from pipeline.data.folds import normalise_name
+    from pipeline.report import SkipReport
+    from pipeline.training.segic_mixed.sources import build_parts
 
     raw = json.loads(Path(fss_workspace["subset"]).read_text())
     coco = {"images": {i["id"]: i for i in raw["images"]}, "annotations": {},
@@ -399,15 +412,17 @@ def test_no_novel_class_pixel_reaches_an_fss1000_target_or_reference(fss_workspa
     novel_names = {normalise_name(COCO_CLASS_NAMES[c]) for c in novel}
     sampler, _ = make_sampler(fss_workspace, fold)
     part = sampler.parts[sampler.part_index["fss1000"]]
-    named_novel = {c for c, name in enumerate(part.source.class_names) if normalise_name(name) in novel_names}
+    named_novel = {c for c, name in enumerate(part.class_names) if normalise_name(name) in novel_names}
     assert named_novel  # the check has teeth: the trn split holds classes named like this fold's novel ones
     assert {c for c, key in enumerate(part.class_keys) if key < 0} == named_novel
     assert not named_novel & part.usable_classes
-    assert sampler.report.counts["fss1000: class named like a novel COCO class (novel_by_name)"] == len(named_novel)
+    report = SkipReport("segic mix")
+    build_parts(fss_workspace["cfg"].replace(fold=fold), fold_data(fss_workspace, fold), report)
+    assert report.counts["fss1000: class named like a novel COCO class (novel_by_name)"] == len(named_novel)
     rows = [row for row in sampler.epoch_table(0, 200).to_pylist() if row["source"] == "fss1000"]
     assert len(rows) >= 20
     for row, sample in zip(rows, sampler.resolve(rows)):
-        assert normalise_name(part.source.class_names[sample["class_ids"][0]]) not in novel_names
+        assert normalise_name(part.class_names[sample["class_ids"][0]]) not in novel_names
         assert sample["negative_classes"] == ()
         for side, image_id, labels in (("target", row["image_id"], sample["target_labels"]),
                                        ("reference", row["reference_id"], sample["reference_labels"])):
@@ -440,7 +455,7 @@ def test_coco_excluded_leaves_the_ade20k_lvis_and_fss1000_sources(fss_workspace:
 
 def test_a_missing_fss1000_root_or_class_list_is_one_line_before_any_work(fss_workspace: dict, tmp_path: Path) -> None:
     from pipeline.training.job import _check_paths
-    from pipeline.training.segic_mixed import prepare_stores
+    from pipeline.training.segic_mixed.stores import prepare_stores
 
     def no_extraction(*_, **__):
         raise AssertionError("extraction started")

@@ -32,7 +32,7 @@ def _tree_digest(root):
 
 
 @pytest.fixture(scope="module")
-def stores(coco_mini_dir, mobilenet_v2_weights, tmp_path_factory):
+def stores(coco_mini_dir, mobilenet_v2_weights, tmp_path_factory, tiny_sam):
     root = tmp_path_factory.mktemp("stores")
     coco = CocoInstances(coco_mini_dir / "instances.json", coco_mini_dir / "images", verbose=False)
     pairs = {2: coco.images_of_class(2)[:3], 16: coco.images_of_class(16)[:3]}  # car, dog

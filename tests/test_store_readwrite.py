@@ -240,7 +240,7 @@ def test_readers_refuse_a_flipped_byte_a_nan_and_a_truncated_shard_naming_them(t
 
 @pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", "<f8"])
 def test_all_finite_reads_the_exponent_bits(dtype):
-    from pipeline.store.reader import all_finite
+    from pipeline.store.npy import all_finite
 
     finite = np.array([0.0, -0.0, 1.5, -2.0, np.finfo(np.dtype(dtype)).max, np.finfo(np.dtype(dtype)).tiny / 4], dtype=dtype)
     assert all_finite(finite) and all_finite(np.arange(4, dtype=np.int32))
@@ -329,9 +329,9 @@ def test_manifest_depends_only_on_the_shards_and_a_finished_rerun_writes_nothing
 
 
 def test_streamed_samples_stay_intact_while_read_buffers_are_reused(tmp_path, monkeypatch):
-    from pipeline.store import reader
+    from pipeline.store import streaming
 
-    monkeypatch.setattr(reader, "_STREAM_BLOCK_BYTES", 2048)  # a read block of ~1 sample: many reuses
+    monkeypatch.setattr(streaming, "STREAM_BLOCK_BYTES", 2048)  # a read block of ~1 sample: many reuses
     uri = str(tmp_path / "store")
     write_store(uri, list(range(1, 15)), per_shard=7)
     store = open_store(uri)
@@ -382,3 +382,18 @@ def test_parallel_reads_equal_single_reads_while_shard_handles_are_evicted(tmp_p
     assert np.array_equal(batch["embed"][1].numpy(), features_of("17")["embed"])
     store.close()
     assert store.get("5")["layer3"].shape == SHAPES["layer3"]  # reopens after close
+
+
+def test_read_buffers_belong_to_their_store_and_are_released_when_it_closes(tmp_path):
+    uri = str(tmp_path / "store")
+    write_store(uri, list(range(1, 7)), per_shard=3)
+    first, second = open_store(uri, cache_bytes=0), open_store(uri, cache_bytes=0)
+    first.get("2")
+    assert list(first.stream())
+    assert first._read_buffers._blocks and first._stream_buffers._blocks
+    assert not second._read_buffers._blocks and not second._stream_buffers._blocks  # nothing shared
+    copy = pickle.loads(pickle.dumps(first))  # another process's store: buffers of its own, empty
+    assert copy._read_buffers is not first._read_buffers and not copy._read_buffers._blocks
+    first.close()
+    assert not first._read_buffers._blocks and not first._stream_buffers._blocks
+    assert np.array_equal(first.get("4")["embed"], features_of("4")["embed"])  # usable again after close

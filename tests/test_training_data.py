@@ -11,7 +11,8 @@ import pytest
 from environment import import_or_missing
 from pipeline.errors import ConfigError, DataError
 from pipeline.training.config import StoreSpec, TrainConfig
-from pipeline.training.data import epoch_episodes, epoch_seed, episodes_per_epoch, load_fold_data, rank_share
+from pipeline.training.data import load_fold_data
+from pipeline.training.epochs import epoch_episodes, epoch_seed, episodes_per_epoch, rank_share
 
 pytestmark = [pytest.mark.real_data]
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from coco_helpers import coco_subset
 from kill_process import kill_group_when
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
@@ -32,11 +33,7 @@ RETRY_NOTE = "Ray Train restarts the workers"  # pipeline.training.failures.Stop
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
     root = tmp_path_factory.mktemp("faults")
-    data = json.loads((coco_mini_dir / "instances.json").read_text())
-    keep = {image["id"] for image in sorted(data["images"], key=lambda i: i["id"])[:70]}
-    subset = {**data, "images": [i for i in data["images"] if i["id"] in keep],
-              "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
-    (root / "subset.json").write_text(json.dumps(subset))
+    coco_subset(coco_mini_dir / "instances.json", 70, root / "subset.json")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", REFSEG_CODE_VERSION="refseg-test")
     env.pop("RAY_ADDRESS", None)
     common = [

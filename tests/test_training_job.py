@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+from coco_helpers import coco_subset
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +51,7 @@ def _tree_digest(root: Path) -> str:
 def workspace(tmp_path_factory, coco_mini_dir: Path, mobilenet_v2_weights: Path) -> dict:
     """A 70-image COCO subset (pixel-rule pairs), its stores extracted once, shared arguments."""
     root = tmp_path_factory.mktemp("training")
-    data = json.loads((coco_mini_dir / "instances.json").read_text())
-    keep = {image["id"] for image in sorted(data["images"], key=lambda i: i["id"])[:70]}
-    subset = {**data, "images": [i for i in data["images"] if i["id"] in keep],
-              "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
-    (root / "subset.json").write_text(json.dumps(subset))
+    coco_subset(coco_mini_dir / "instances.json", 70, root / "subset.json")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", REFSEG_CODE_VERSION="refseg-test")
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "REFSEG_ROOT"):
         env.pop(name, None)
@@ -359,41 +356,34 @@ def test_ray_job_submit_runs_the_readme_command(workspace: dict, vrp_run: dict, 
 
 def test_the_trained_model_beats_the_untrained_one_on_its_training_episodes(workspace: dict, vrp_run: dict, tmp_path: Path) -> None:
     """README's "the model learns": the run's inference checkpoint against the same model before any
-    step (the job's seeded initialisation), on the training episodes the run drew, in feature space
-    from the run's stores (HSNet's metric over the fold's base classes)."""
+    step (the job's seeded initialisation: a worker set up from the fold the run's driver prepared),
+    on the training episodes the run drew, in feature space from the run's stores (HSNet's metric over
+    the fold's base classes)."""
     import torch
 
     from pipeline.data.folds import base_classes
-    from pipeline.evaluation.resolution import EvalResolution
     from pipeline.training.config import TrainConfig
-    from pipeline.training.data import load_fold_data
-    from pipeline.training.episode_features import EpisodeFeatureBuilder
     from pipeline.training.evaluate import evaluate_rows
-    from pipeline.training.features import open_frozen_features
-    from pipeline.training.loop import build_method
-    from pipeline.training.samplers import sampler_class
-    from refseg_models.build import build_model
+    from pipeline.training.prepared import PreparedRef
+    from pipeline.training.worker import setup_worker
     from refseg_models.checkpoint import load_inference_checkpoint
 
     client = _client(workspace)
     child = _child_runs(workspace, "vrp")[0]
     cfg = TrainConfig.from_dict(json.loads(Path(client.download_artifacts(child.info.run_id, "config.json", str(tmp_path))).read_text()))
     checkpoint = load_inference_checkpoint(client.download_artifacts(child.info.run_id, "model/refseg_model.pt", str(tmp_path)))
-    data = load_fold_data(cfg)
-    frozen = open_frozen_features(cfg, build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec(), data.image_ids())
-    torch.manual_seed(cfg.recipe.seed)  # as the job initialises the model: the run's start
-    untrained = build_method(cfg, frozen.shapes, cfg.sam.checkpoint)
-    torch.manual_seed(cfg.recipe.seed)
-    trained = build_method(cfg, frozen.shapes, cfg.sam.checkpoint)
+    prepared = PreparedRef(child.data.tags["refseg.prepared"], child.data.tags["refseg.prepared_sha256"])
+    assert Path(prepared.uri).parent == workspace["root"] / "prepared"  # under the run's --root
+    worker = setup_worker(cfg, prepared, 0, 1, torch.device("cpu"))  # seeds and builds the model as the job does
+    untrained = worker.model
+    trained = setup_worker(cfg, prepared, 0, 1, torch.device("cpu")).model
     trained.load_trainable_state_dict(checkpoint.state_dict, "the run's inference checkpoint")
-    sampler = sampler_class(cfg.sampler)(cfg, data, untrained, frozen)
+    sampler = worker.sampler
     rows = [row for epoch in range(cfg.recipe.epochs) for row in sampler.epoch_table(epoch, sampler.samples_per_epoch()).to_pylist()]
     assert len(rows) == 96  # 3 epochs x 32 episodes
-    providers = dict(sam=frozen.stores.get("sam"), backbone_features=frozen.stores.get("backbone"), backbone=frozen.backbone)
     miou = {}
     for name, model in (("untrained", untrained), ("trained", trained)):
-        builder = EpisodeFeatureBuilder.for_method(model, data.masks, **providers)
-        meter, _ = evaluate_rows(model, builder, rows, base_classes(cfg.dataset, cfg.fold), EvalResolution("fixed", cfg.eval_size))
+        meter, _ = evaluate_rows(model, worker.builder(model), rows, base_classes(cfg.dataset, cfg.fold), worker.resolution)
         miou[name] = meter.compute()["miou"]
     print(f"training episodes: mIoU untrained {miou['untrained']:.2f}, trained {miou['trained']:.2f}")
     assert miou["trained"] > miou["untrained"] + 1.0  # points of mIoU

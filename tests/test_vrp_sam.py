@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_helpers import SMALL_CHANNELS, single_thread, toy_episode_features, trainable  # noqa: F401
+from model_helpers import (  # noqa: F401 (single_thread: a fixture)
+    SMALL_CHANNELS,
+    assert_gradients_reach_exactly_the_trainable_parameters,
+    single_thread,
+    toy_episode_features,
+    trainable,
+)
 
 from refseg_models import build_model
 from refseg_models.errors import ModelError
@@ -217,11 +223,7 @@ def test_forward_shapes_and_only_prompt_encoder_gets_gradients() -> None:
     losses = model.loss(out, target, torch.ones_like(target))
     assert set(losses) == {"loss", "loss_bce", "loss_dice"}
     losses["loss"].backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
+    assert_gradients_reach_exactly_the_trainable_parameters(model)
     assert trainable(model) == trainable(model.prompt_encoder)
 
 

@@ -15,7 +15,7 @@ and predictor are the COCO-20i evaluation job's (:mod:`pipeline.evaluation`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +28,7 @@ from pipeline.episodes.manifest import build_episode_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation import common
 from pipeline.evaluation.resolution import EvalResolution
-from pipeline.evaluation.runner import evaluate_manifest_with_ray
+from pipeline.evaluation.runner import Evaluation, RayEvaluation
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
 
@@ -78,40 +78,31 @@ def load_folds(path: str | Path = FOLDS_FILE) -> dict[int, list[int]]:
 
 
 @dataclass
-class Coco2PascalEvaluateConfig:
-    """One COCO -> PASCAL evaluation: a trained model (``checkpoint``) or a training-free ``method``."""
+class Coco2PascalEvaluateConfig(common.PredictorOptions):
+    """One COCO -> PASCAL evaluation: its data and episodes; what predicts (a trained model's
+    ``checkpoint`` or a training-free ``method``) is :class:`~pipeline.evaluation.common.PredictorOptions`."""
 
     root: str  # PASCAL VOC 2012 + SBD (JPEGImages, SegmentationClassAug)
     lists_dir: str  # HSNet PASCAL-5i lists (val/fold*.txt)
     fold: int
-    backbone_checkpoint: str | None = None
     shot: int = 1
     n_episodes: int = 1000
     seed: int = 0
     annotation_type: str = "mask"
-    checkpoint: str | None = None
-    method: str | None = None
-    method_options: dict = field(default_factory=dict)
-    backbone: str = "mobilenet_v2"
-    sam_encoder: str = "sam_proxy_mobilenet_v2"
-    sam_checkpoint: str | None = None
-    resolution_size: int = 512
-    num_workers: int = 2
     output_dir: str = "outputs/evaluate_coco2pascal"
 
     def validate(self) -> None:
         if not 0 <= self.fold < NUM_FOLDS:
             raise ConfigError(f"fold must be in 0..{NUM_FOLDS - 1}, got {self.fold}")
-        if self.shot < 1 or self.n_episodes < 1 or self.num_workers < 1:
-            raise ConfigError("shot, n_episodes and num_workers must be >= 1")
+        if self.shot < 1 or self.n_episodes < 1:
+            raise ConfigError("shot and n_episodes must be >= 1")
         if self.annotation_type not in ANNOTATION_TYPES:
             raise ConfigError(f"annotation_type must be one of {ANNOTATION_TYPES}, got {self.annotation_type!r}")
         if not (Path(self.root) / "JPEGImages").is_dir():
             raise ConfigError(f"PASCAL VOC root not found (no JPEGImages folder): {self.root}")
-        common.check_backbone(self.backbone)
-        common.check_paths(((self.lists_dir, "dir"), (self.backbone_checkpoint, "file"), (self.sam_checkpoint, "file"),
-                            (self.checkpoint, "file")))
-        self.method = common.check_method(self)
+        common.check_paths(((self.lists_dir, "dir"),))
+        self.validate_predictor()
+        self.method = common.check_method(self)  # last: it loads the checkpoint
 
 
 @dataclass(frozen=True)
@@ -143,16 +134,18 @@ def episode_manifest(config: Coco2PascalEvaluateConfig, source: PascalVocAug, cl
                                   shot=config.shot, seed=config.seed, annotation_type=config.annotation_type, report=report)
 
 
-def run(config: Coco2PascalEvaluateConfig, folds_file: str | Path = FOLDS_FILE) -> dict:
-    """Evaluate on the fold's PASCAL classes; returns (and writes) ``results.json``."""
+def run(config: Coco2PascalEvaluateConfig, folds_file: str | Path = FOLDS_FILE, evaluation: Evaluation | None = None) -> dict:
+    """Evaluate on the fold's PASCAL classes with ``evaluation`` (default: Ray tasks on
+    ``config.ray_address``); returns (and writes) ``results.json``."""
+    evaluation = evaluation or RayEvaluation(config.ray_address)
     config.validate()
     classes = load_folds(folds_file)[config.fold]
     source = PascalSourceFactory(config.root)()
     report = SkipReport(f"COCO -> PASCAL fold {config.fold} episodes")
     table = episode_manifest(config, source, classes, report)
     print(report.summary())
-    predictor_factory = common.predictor_factory_for(config)
-    resolution = EvalResolution("fixed", config.resolution_size)
+    predictor_factory = config.predictor_factory()
+    resolution = EvalResolution(config.resolution_mode, config.resolution_size)  # type: ignore[arg-type]
     output_dir = Path(config.output_dir)
     with io_errors(f"cannot create the output folder {output_dir}"):
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -163,11 +156,11 @@ def run(config: Coco2PascalEvaluateConfig, folds_file: str | Path = FOLDS_FILE) 
                      "manifest_episodes": table.num_rows, "resolution": resolution.describe()}
     results_path = output_dir / "results.json"
     common.write_json(results_path, results)
-    common.start_ray(None)
+    evaluation.start()
     try:
         started = time.perf_counter()
-        meter, eval_report = evaluate_manifest_with_ray(manifest_path, PascalSourceFactory(config.root), predictor_factory,
-                                                        classes, resolution, config.num_workers)
+        meter, eval_report = evaluation(manifest_path, PascalSourceFactory(config.root), predictor_factory, classes,
+                                        resolution, config.num_workers)
         results.update(common.split_result(meter, dict(enumerate(PASCAL_CLASS_NAMES)), report, eval_report))
         results["seconds"] = time.perf_counter() - started
     except BaseException as error:

@@ -49,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
 
 def format_models(bench: Any) -> str:
     """The table's registered models, one line each (the query is printed first: it is the whole lookup)."""
-    from pipeline.benchmark.runner import existing_experiment, models_query
+    from pipeline.benchmark.records import models_query
+    from pipeline.benchmark.runner import existing_experiment
     from pipeline.training import tracking
 
     query = models_query(bench.spec.name)

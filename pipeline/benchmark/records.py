@@ -142,3 +142,9 @@ def median_step_s(uri: str, run_id: str) -> float | None:
 
 def _int(value: float | None) -> int | None:
     return None if value is None else int(round(value))
+
+
+def models_query(name: str) -> str:
+    """The MLflow query that lists the table's registered models (one version per method, protocol,
+    fold and seed; tags refseg.fold, refseg.seed, refseg.method, refseg.cell)."""
+    return f"tags.`{TAG_BENCHMARK}` = '{name}'"

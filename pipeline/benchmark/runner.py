@@ -367,12 +367,6 @@ def run(bench: Benchmark, ray_address: str | None = None) -> dict[str, Any]:
     return {"table": table, "paths": paths, "benchmark_run": benchmark_run, "experiment_id": experiment_id}
 
 
-def models_query(name: str) -> str:
-    """The MLflow query that lists the table's registered models (one version per method, protocol,
-    fold and seed; tags refseg.fold, refseg.seed, refseg.method, refseg.cell)."""
-    return f"tags.`{records.TAG_BENCHMARK}` = '{name}'"
-
-
 def finite(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
@@ -385,4 +379,4 @@ def dump_cells(cells: Cells) -> str:
     return json.dumps(out, indent=1)
 
 
-__all__ = ["Benchmark", "CurveCell", "EvaluationCell", "dump_cells", "models_query", "plan", "prepare", "run"]
+__all__ = ["Benchmark", "CurveCell", "EvaluationCell", "dump_cells", "plan", "prepare", "run"]

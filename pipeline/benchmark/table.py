@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.benchmark.published import Published
-from pipeline.benchmark.records import NO_FOLD, CellRecord, evaluation_record, training_records
+from pipeline.benchmark.records import NO_FOLD, CellRecord, evaluation_record, models_query, training_records
 from refseg_models.encoders.sam_proxy import PROXY_ENCODER
 
 PAPER_EPISODES = 1000
@@ -194,7 +194,6 @@ def _mean_rows(rows: list[Row], folds: tuple[int, ...]) -> list[Row]:
 
 def build_table(bench: Any, experiment_id: str, stores: list[Any]) -> Table:
     """The table of a benchmark from MLflow (every cell's record) and the stores' costs."""
-    from pipeline.benchmark.runner import models_query
     from pipeline.training import tracking
 
     uri = bench.uri

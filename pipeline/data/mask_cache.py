@@ -37,6 +37,16 @@ def source_fingerprint(source: SegmentationSource) -> str:
     return digest.hexdigest()[:16]
 
 
+def mask_folder_name(source: SegmentationSource) -> str:
+    """The folder of ``source``'s rendered masks: its name and annotation fingerprint."""
+    return f"{source.name}-{source_fingerprint(source)}"
+
+
+def mask_file_key(image_key: Hashable, class_id: int) -> str:
+    """The file name (without extension) of one mask: ``<image>_<class>`` ("/" of an id as "__")."""
+    return f"{str(image_key).replace('/', '__')}_{int(class_id)}"
+
+
 class MaskCache:
     def __init__(self, source: SegmentationSource, cache_dir: str | Path | None = None, max_items: int = 2048):
         self.source = source
@@ -44,7 +54,7 @@ class MaskCache:
         self._memory: OrderedDict[tuple[Hashable, int], np.ndarray] = OrderedDict()
         self.directory = None
         if cache_dir is not None:
-            self.directory = Path(cache_dir) / f"{source.name}-{source_fingerprint(source)}"
+            self.directory = Path(cache_dir) / mask_folder_name(source)
             self.directory.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
@@ -69,8 +79,7 @@ class MaskCache:
     def _path(self, key: tuple[Hashable, int]) -> Path | None:
         if self.directory is None:
             return None
-        safe_image = str(key[0]).replace("/", "__")
-        return self.directory / f"{safe_image}_{key[1]}.png"
+        return self.directory / f"{mask_file_key(*key)}.png"
 
     def _read_file(self, key: tuple[Hashable, int]) -> np.ndarray | None:
         path = self._path(key)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.episodes.annotations import ANNOTATION_TYPES
-from pipeline.episodes.hsnet import HsnetEpisode
 from pipeline.errors import ConfigError, DataError
 from pipeline.parquet import read_parquet_table
 from pipeline.report import SkipReport
+
+if TYPE_CHECKING:  # pragma: no cover (the HSNet list readers are not imported for a type)
+    from pipeline.episodes.hsnet import HsnetEpisode
 
 MANIFEST_SCHEMA = pa.schema(
     [

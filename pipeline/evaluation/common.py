@@ -11,16 +11,20 @@ store is read), in both jobs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.evaluation.meter import FewShotMeter
+from pipeline.evaluation.resolution import EvalResolution
 from pipeline.evaluation.runner import Episode, Predictor
+from pipeline.locations import check_durable
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
 
@@ -84,9 +88,9 @@ def sam_checkpoint_for(config) -> str | None:
 
         uses_sam = "sam" in load_inference_checkpoint(config.checkpoint).encoders
     else:
-        from refseg_models.build import build_model
+        from refseg_models.build import method_config
 
-        uses_sam = "sam" in build_model(config.method, config.method_options, allow_random_init=True).feature_spec().encoders
+        uses_sam = "sam" in method_config(config.method, config.method_options).feature_spec().encoders
     return str(default_proxy_sam_checkpoint()) if uses_sam else None
 
 
@@ -145,12 +149,68 @@ class PredictorFactory:
         return predict
 
 
-def predictor_factory_for(config, backbone_options: Mapping | None = None) -> PredictorFactory:
-    """The job config's predictor (``config`` has the predictor fields of the evaluation configs)."""
-    return PredictorFactory(
-        config.checkpoint, config.method, dict(config.method_options), config.sam_encoder, sam_checkpoint_for(config),
-        config.backbone, config.backbone_checkpoint, dict(backbone_options or {}),
-    )
+@dataclass(kw_only=True)
+class PredictorOptions:
+    """What predicts and how it is scored: the fields every evaluation job's config shares (a trained
+    method's inference checkpoint, or a training-free method by name with its options; the frozen
+    encoders and their weights; the evaluation resolution; the Ray workers)."""
+
+    checkpoint: str | None = None
+    method: str | None = None  # with a checkpoint: must be the one it holds (None = the checkpoint's)
+    method_options: dict = field(default_factory=dict)
+    backbone: str = "mobilenet_v2"
+    backbone_checkpoint: str | None = None
+    backbone_options: dict = field(default_factory=dict)  # builder options, e.g. {"input_size": 224}
+    sam_encoder: str = "sam_proxy_mobilenet_v2"  # the proxy SAM (docs/proxy_sam.md); its file is the shipped asset
+    sam_checkpoint: str | None = None
+    resolution_mode: str = "fixed"
+    resolution_size: int = 512
+    num_workers: int = 2
+    ray_address: str | None = None  # None: an existing cluster if RAY_ADDRESS is set, else embedded local Ray
+
+    def validate_predictor(self) -> None:
+        """The predictor's options, without loading anything (ConfigError naming the bad value)."""
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not isinstance(self.backbone_options, dict):
+            raise ConfigError(f"backbone_options must be a JSON object, got {self.backbone_options!r}")
+        EvalResolution(self.resolution_mode, self.resolution_size)  # type: ignore[arg-type]
+        check_backbone(self.backbone)
+        check_paths(((self.backbone_checkpoint, "file"), (self.sam_checkpoint, "file"), (self.checkpoint, "file")))
+
+    def predictor_factory(self) -> PredictorFactory:
+        """The predictor each Ray worker builds (after :func:`check_method` settled ``method``)."""
+        return PredictorFactory(
+            self.checkpoint, self.method, dict(self.method_options), self.sam_encoder, sam_checkpoint_for(self),
+            self.backbone, self.backbone_checkpoint, dict(self.backbone_options),
+        )
+
+
+def run_job(config: Any, run: Callable[[Any], dict]) -> int:
+    """An evaluation job's entry: its output folder refused in one line when a Ray job's temporary
+    working dir would hold it, then ``run(config)``."""
+    check_durable({"the output folder (--output-dir)": config.output_dir}, hint="give --output-dir a shared absolute path")
+    run(config)
+    return 0
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of :class:`PredictorOptions` (every evaluation job has them)."""
+    parser.add_argument("--checkpoint", help="inference checkpoint of a trained method (refseg-model/2)")
+    parser.add_argument("--method", help="a training-free method (default: prototype_matching); with --checkpoint: "
+                                         "omit it, or give the method the checkpoint holds")
+    parser.add_argument("--method-options", type=json.loads, default={},
+                        help='its config options (JSON), e.g. \'{"feature": "layer3"}\'')
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--backbone-checkpoint", help="backbone weights (e.g. MobileNetV2)")
+    parser.add_argument("--backbone-options", type=json.loads, default={},
+                        help='backbone builder options (JSON), e.g. \'{"input_size": 224}\' (default: the builder\'s)')
+    parser.add_argument("--sam-encoder", default="sam_proxy_mobilenet_v2", help="SAM encoder (training-free SAM methods)")
+    parser.add_argument("--sam-checkpoint", help="SAM weights (SAM-prompt methods; default for the proxy: the shipped file)")
+    parser.add_argument("--resolution-mode", choices=("fixed", "original"), default="fixed")
+    parser.add_argument("--resolution-size", type=int, default=512)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--ray-address", default=None)
 
 
 def split_result(meter: FewShotMeter, class_names: Mapping[int, str], sampling_report: SkipReport,
@@ -185,8 +245,3 @@ def write_json(path: Path, payload: dict) -> None:
         temp.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False))
         os.replace(temp, path)
 
-
-def start_ray(address: str | None) -> None:
-    from pipeline.ray_session import init_ray
-
-    init_ray(address, include_dashboard=False, log_to_driver=True)

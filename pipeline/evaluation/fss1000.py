@@ -14,7 +14,7 @@ checked first, then the class folders and the manifest, all before Ray starts; `
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.data.folds import COCO_CLASS_NAMES, normalise_name
@@ -24,7 +24,7 @@ from pipeline.episodes.manifest import build_every_query_manifest, write_manifes
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation import common
 from pipeline.evaluation.resolution import EvalResolution
-from pipeline.evaluation.runner import evaluate_manifest_with_ray
+from pipeline.evaluation.runner import Evaluation, RayEvaluation
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
 
@@ -42,26 +42,17 @@ COCO_OVERLAP_NOTE = (
 
 
 @dataclass
-class Fss1000EvaluateConfig:
+class Fss1000EvaluateConfig(common.PredictorOptions):
+    """The FSS-1000 job: its data and episodes; what predicts is :class:`~pipeline.evaluation.common.PredictorOptions`
+    (the COCO-20i job's too)."""
+
     root: str  # FSS-1000: one folder per class, <class>/<n>.jpg + <n>.png
     lists_dir: str | None = None  # folder with HSNet's test.txt; None -> <root>/test.txt
-    backbone_checkpoint: str | None = None
     shot: int = 1
     seed: int = 0
     annotation_type: str = "mask"
-    # What predicts, as in the COCO-20i job (pipeline.evaluation.job.EvaluateConfig).
-    checkpoint: str | None = None
-    method: str | None = None
-    method_options: dict = field(default_factory=dict)
-    backbone: str = "mobilenet_v2"
-    backbone_options: dict = field(default_factory=dict)  # builder options, e.g. {"input_size": 224}
-    sam_encoder: str = "sam_proxy_mobilenet_v2"
-    sam_checkpoint: str | None = None
-    resolution_mode: str = "fixed"  # the COCO job's default (docs/protocol.md: FSS-1000 one-shot)
-    resolution_size: int = 512
-    num_workers: int = 2
-    ray_address: str | None = None
     output_dir: str = "outputs/evaluate_fss1000"
+    # the COCO job's default resolution (docs/protocol.md: FSS-1000 one-shot): PredictorOptions' "fixed", 512
 
     def class_list(self) -> Path:
         return (Path(self.lists_dir) if self.lists_dir is not None else Path(self.root)) / f"{SPLIT}.txt"
@@ -73,18 +64,12 @@ class Fss1000EvaluateConfig:
             raise ConfigError(f"shot must be >= 1, got {self.shot}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in 0..2**32-1, got {self.seed}")
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.annotation_type not in ANNOTATION_TYPES:
             raise ConfigError(f"annotation_type must be one of {ANNOTATION_TYPES}, got {self.annotation_type!r}")
-        if not isinstance(self.backbone_options, dict):
-            raise ConfigError(f"backbone_options must be a JSON object, got {self.backbone_options!r}")
-        EvalResolution(self.resolution_mode, self.resolution_size)  # type: ignore[arg-type]
-        common.check_backbone(self.backbone)
         if not Path(self.root).is_dir():
             raise ConfigError(f"FSS-1000 folder not found: {self.root}")
-        common.check_paths(((self.lists_dir, "dir"), (self.backbone_checkpoint, "file"),
-                            (self.sam_checkpoint, "file"), (self.checkpoint, "file")))
+        common.check_paths(((self.lists_dir, "dir"),))
+        self.validate_predictor()
         if not self.class_list().is_file():
             raise ConfigError(
                 f"FSS-1000 {SPLIT} class list not found: {self.class_list()} (HSNet's data/splits/fss/{SPLIT}.txt)"
@@ -131,7 +116,10 @@ def coco_named_classes(class_names: list[str]) -> list[str]:
     return [name for name in class_names if normalise_name(name) in coco]
 
 
-def run(config: Fss1000EvaluateConfig) -> dict:
+def run(config: Fss1000EvaluateConfig, evaluation: Evaluation | None = None) -> dict:
+    """Evaluate FSS-1000's test split with ``evaluation`` (default: Ray tasks on ``config.ray_address``),
+    started only once every input is checked and the episode file is written."""
+    evaluation = evaluation or RayEvaluation(config.ray_address)
     config.validate()
     classes = read_class_list(config.class_list())
     source_factory = Fss1000SourceFactory(config.root, tuple(classes))
@@ -140,7 +128,7 @@ def run(config: Fss1000EvaluateConfig) -> dict:
     sampling_report = SkipReport(f"FSS-1000 {SPLIT} episodes")
     table = fss1000_test_manifest(source, config.shot, config.seed, config.annotation_type, sampling_report)
     print(sampling_report.summary())
-    predictor_factory = common.predictor_factory_for(config, config.backbone_options)
+    predictor_factory = config.predictor_factory()
     # Every input is checked: only now is anything written (a refused run leaves no config.json).
     output_dir = Path(config.output_dir)
     with io_errors(f"cannot create the output folder {output_dir}"):
@@ -168,10 +156,10 @@ def run(config: Fss1000EvaluateConfig) -> dict:
     }
     results_path = output_dir / "results.json"
     common.write_json(results_path, results)
-    common.start_ray(config.ray_address)
+    evaluation.start()
     try:
         started = time.perf_counter()
-        meter, eval_report = evaluate_manifest_with_ray(
+        meter, eval_report = evaluation(
             manifest_path, source_factory, predictor_factory, class_ids, resolution, config.num_workers
         )
         results.update(common.split_result(meter, classes, sampling_report, eval_report))

@@ -27,21 +27,17 @@ from pipeline.episodes.manifest import build_episode_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.common import (
     PredictorFactory,
-    check_backbone,
+    PredictorOptions,
     check_method,
     check_paths,
-    predictor_factory_for,
     sam_checkpoint_for,
     split_result,
-    start_ray,
     write_json,
 )
 from pipeline.evaluation.resolution import EvalResolution
-from pipeline.evaluation.runner import evaluate_manifest_with_ray
+from pipeline.evaluation.runner import Evaluation, RayEvaluation
 from pipeline.report import SkipReport
 from pipeline.store.fs import io_errors
-
-_start_ray = start_ray  # looked up here at run time (tests replace it)
 
 # The predictor pieces live in pipeline.evaluation.common (shared with the FSS-1000 job); re-exported here.
 __all__ = ["EvaluateConfig", "PredictorFactory", "SourceFactory", "run", "sam_checkpoint_for", "write_json"]
@@ -58,10 +54,11 @@ CROWD_MEANING = {
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(PredictorOptions):
+    """The COCO-20i job: its data, folds and episodes; what predicts is :class:`PredictorOptions`."""
+
     annotations: str
     images: str
-    backbone_checkpoint: str | None = None
     lists_dir: str | None = None  # HSNet lists; None -> pixel-rule pairs from the json
     layout: str = "2017"
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -69,20 +66,8 @@ class EvaluateConfig:
     n_episodes: int = 1000
     seed: int = 0
     annotation_type: str = "mask"
-    # What predicts: a trained method's inference checkpoint, or a training-free method by name
-    # (prototype_matching, persam) with its config options; the frozen encoders' weights.
-    checkpoint: str | None = None
-    method: str | None = None  # with a checkpoint: must be the one it holds (None = the checkpoint's)
-    method_options: dict = field(default_factory=dict)
-    backbone: str = "mobilenet_v2"
-    sam_encoder: str = "sam_proxy_mobilenet_v2"  # the proxy SAM (docs/proxy_sam.md); its file is the shipped asset
-    sam_checkpoint: str | None = None
-    resolution_mode: str = "fixed"
-    resolution_size: int = 512
     # "background" = HSNet's COCO-20i masks (the default for HSNet-protocol numbers), or "ignore" (255).
     crowd: str = "background"
-    num_workers: int = 2
-    ray_address: str | None = None  # None: an existing cluster if RAY_ADDRESS is set, else embedded local Ray
     output_dir: str = "outputs/evaluate"
 
     def validate(self) -> None:
@@ -100,18 +85,14 @@ class EvaluateConfig:
             raise ConfigError(f"n_episodes must be >= 1, got {self.n_episodes}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in 0..2**32-1, got {self.seed}")
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.layout not in ("2017", "2014"):
             raise ConfigError(f"layout must be '2017' or '2014', got {self.layout!r}")
         if self.annotation_type not in ANNOTATION_TYPES:
             raise ConfigError(f"annotation_type must be one of {ANNOTATION_TYPES}, got {self.annotation_type!r}")
         if self.crowd not in CROWD_MODES:
             raise ConfigError(f"crowd must be one of {CROWD_MODES}, got {self.crowd!r}")
-        EvalResolution(self.resolution_mode, self.resolution_size)  # type: ignore[arg-type]
-        check_backbone(self.backbone)
-        check_paths(((self.annotations, "file"), (self.images, "dir"), (self.backbone_checkpoint, "file"),
-                     (self.sam_checkpoint, "file"), (self.checkpoint, "file")))
+        check_paths(((self.annotations, "file"), (self.images, "dir")))
+        self.validate_predictor()
         if self.lists_dir is not None:
             missing = [str(Path(self.lists_dir) / "val" / f"fold{fold}.json") for fold in self.folds
                        if not (Path(self.lists_dir) / "val" / f"fold{fold}.json").is_file()]
@@ -162,7 +143,10 @@ def _fold_manifest(config: EvaluateConfig, source: CocoInstances, fold: int) -> 
     return table, report
 
 
-def run(config: EvaluateConfig) -> dict:
+def run(config: EvaluateConfig, evaluation: Evaluation | None = None) -> dict:
+    """Evaluate ``config``'s folds with ``evaluation`` (default: Ray tasks on ``config.ray_address``),
+    started only once every input is checked and the episode files are written."""
+    evaluation = evaluation or RayEvaluation(config.ray_address)
     config.validate()
     resolution = EvalResolution(config.resolution_mode, config.resolution_size)  # type: ignore[arg-type]
     source_factory = SourceFactory(config.annotations, config.images, config.layout, config.crowd)
@@ -172,7 +156,7 @@ def run(config: EvaluateConfig) -> dict:
     tables = {fold: _fold_manifest(config, source, fold) for fold in config.folds}
     for _, sampling_report in tables.values():
         print(sampling_report.summary())
-    predictor_factory = predictor_factory_for(config)
+    predictor_factory = config.predictor_factory()
     # Every input is checked: only now is anything written (a refused run leaves no config.json).
     output_dir = Path(config.output_dir)
     with io_errors(f"cannot create the output folder {output_dir}"):
@@ -196,13 +180,13 @@ def run(config: EvaluateConfig) -> dict:
     }
     results_path = output_dir / "results.json"
     write_json(results_path, results)
-    _start_ray(config.ray_address)
+    evaluation.start()
     try:
         for fold in config.folds:
             manifest_path, sampling_report = manifests[fold]
             classes = novel_classes("coco20i", fold)
             started = time.perf_counter()
-            meter, eval_report = evaluate_manifest_with_ray(
+            meter, eval_report = evaluation(
                 manifest_path, source_factory, predictor_factory, classes, resolution, config.num_workers
             )
             fold_result = split_result(meter, COCO_CLASS_NAMES, sampling_report, eval_report)

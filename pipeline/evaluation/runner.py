@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from pipeline.episodes.manifest import read_manifest
 from pipeline.errors import DataError
 from pipeline.evaluation.meter import FewShotMeter
 from pipeline.evaluation.resolution import EvalResolution
+from pipeline.ray_session import init_ray
 from pipeline.report import SkipReport
 from refseg_models.frames import Frame
 
@@ -111,3 +113,30 @@ def evaluate_manifest_with_ray(
         meter.merge(FewShotMeter.from_state_dict(state))
         report.add(rank_report)
     return meter, report
+
+
+class Evaluation(Protocol):
+    """Where an evaluation job's manifests are evaluated: ``start()`` once, after every input is
+    checked, then one call per manifest (the arguments of :func:`evaluate_manifest_with_ray`)."""
+
+    def start(self) -> None: ...
+
+    def __call__(self, manifest_path: str | Path, source_factory: Callable[[], SegmentationSource],
+                 predictor_factory: Callable[[], Predictor], class_ids: list[int], resolution: EvalResolution,
+                 num_workers: int) -> tuple[FewShotMeter, SkipReport]: ...
+
+
+@dataclass(frozen=True)
+class RayEvaluation:
+    """The jobs' evaluation: Ray tasks over the manifest's rank shares, on the cluster at ``address``
+    (None: ``RAY_ADDRESS``, else an embedded local Ray; :func:`pipeline.ray_session.init_ray`)."""
+
+    address: str | None = None
+
+    def start(self) -> None:
+        init_ray(self.address, include_dashboard=False, log_to_driver=True)
+
+    def __call__(self, manifest_path: str | Path, source_factory: Callable[[], SegmentationSource],
+                 predictor_factory: Callable[[], Predictor], class_ids: list[int], resolution: EvalResolution,
+                 num_workers: int) -> tuple[FewShotMeter, SkipReport]:
+        return evaluate_manifest_with_ray(manifest_path, source_factory, predictor_factory, class_ids, resolution, num_workers)

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from pipeline.errors import ConfigError, run_cli
+from pipeline.cli import run_subcommand
+from pipeline.errors import ConfigError
 from pipeline.extraction.config import ExtractionConfig
 from pipeline.locations import check_durable
 from pipeline.store.layout import DEFAULT_TARGET_SHARD_BYTES
@@ -152,10 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m pipeline.extraction.commands extract ...``)."""
-    parser = argparse.ArgumentParser(prog="refseg-extract")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_cli(lambda: args.handler(args), f"refseg-extract {args.command}")
+    return run_subcommand(argv, "refseg-extract", [register])
 
 
 if __name__ == "__main__":

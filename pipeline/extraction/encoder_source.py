@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from pipeline.errors import ConfigError
 from pipeline.store.feature_set import RANDOM_INIT_WEIGHTS, sha256_file
+from refseg_models.encoders import ENCODERS, build_encoder
 
 
 class EncoderSource(Protocol):
@@ -19,19 +21,29 @@ class EncoderSource(Protocol):
 
 @dataclass(frozen=True)
 class RegistryEncoder:
-    """An encoder from ``refseg_models.encoders.build_encoder`` (what the CLI uses)."""
+    """An encoder from ``refseg_models.encoders.build_encoder`` (what the CLI uses).
+
+    The registry's builder (``"module:function"``) is looked up where this is made (the driver) and
+    travels with it, so the extraction actors build the same encoder even when the name was
+    registered in the driver only (a test's or a benchmark's encoder)."""
 
     name: str
     checkpoint: str | None = None
     allow_random_init: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    target: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            object.__setattr__(self, "target", ENCODERS.target(self.name))
 
     def build(self) -> Any:
-        from refseg_models.encoders import build_encoder
-
-        return build_encoder(
-            self.name, checkpoint=self.checkpoint, allow_random_init=self.allow_random_init, **self.options
-        )
+        with contextlib.ExitStack() as registered:
+            if self.name not in ENCODERS:
+                registered.enter_context(ENCODERS.registered(self.name, self.target))
+            return build_encoder(
+                self.name, checkpoint=self.checkpoint, allow_random_init=self.allow_random_init, **self.options
+            )
 
     def weights_sha256(self) -> str:
         if self.checkpoint is not None:

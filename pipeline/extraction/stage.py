@@ -14,13 +14,15 @@ Why chunks and not image rows: encoder batches never cross shard boundaries and 
 clean and a resumed run, so features (batch-size-sensitive on some kernels) and thus the shard
 bytes are reproducible; and a row is a few images, so the fat float32 pixel tensors stay bounded.
 Corrupt or missing images become failures (with reasons) in the decode tasks and never stop the run.
+
+Modules: this one plans and runs the pipeline; :mod:`.operators` holds the Ray Data operators,
+:mod:`.resources` the checks that the cluster can run them, :mod:`.shard_sink` the driver's side of
+the writes, :mod:`.chunks` the per-chunk work without Ray.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -28,48 +30,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline.errors import USER_ERRORS, ConfigError, DataError
-from pipeline.extraction.chunks import ChunkEncoder, chunk_rows, decode_chunk, write_chunk
+from pipeline.errors import USER_ERRORS, ConfigError
+from pipeline.extraction.chunks import chunk_rows
 from pipeline.extraction.config import default_batch_size
 from pipeline.extraction.encoder_source import EncoderSource
+from pipeline.extraction.operators import _decode_chunk, _EncodeChunk, _ShardActor
+from pipeline.extraction.resources import check_room, decode_memory, state_bytes, weightless
+from pipeline.extraction.shard_sink import collect_shard_rows, write_rows
 from pipeline.store.builder import StoreBuilder
 from pipeline.store.feature_set import SUPPORTED_PRECISIONS, FeatureSetKey
-from pipeline.store.fs import Location, resolve_location
-from pipeline.store.lease import (
-    DEFAULT_TTL_S,
-    TMP_SCRATCH_PREFIX,
-    RunIdentity,
-    StoreLockedError,
-    clean_stale_scratch,
-    lease_holder,
-    make_scratch_dir,
-    temp_root,
-)
-from pipeline.store.layout import (
-    DEFAULT_TARGET_SHARD_BYTES,
-    ImageItem,
-    ShardSpec,
-    images_per_shard_for,
-    sorted_items,
-)
-from pipeline.store.shard_writer import ShardResult, ShardWriter
+from pipeline.store.fs import resolve_location
+from pipeline.store.layout import DEFAULT_TARGET_SHARD_BYTES, ImageItem, ShardSpec, images_per_shard_for, sorted_items
+from pipeline.store.lease import DEFAULT_TTL_S
+from pipeline.store.shard_writer import ShardResult
 from pipeline.store.version import code_version
-
-_DECODE_WORKER_BASE_BYTES = 768 * 1024**2
-
-# Per worker process: the encoder resolved from the object store once, not once per task.
-_WORKER_ENCODERS: dict[str, Any] = {}
-
-
-def _worker_encoder(holder: list) -> Any:
-    import ray
-
-    ref = holder[0]
-    key = ref.hex()
-    if key not in _WORKER_ENCODERS:
-        _WORKER_ENCODERS.clear()  # one extraction at a time per worker: drop stale encoders
-        _WORKER_ENCODERS[key] = ray.get(ref)
-    return _WORKER_ENCODERS[key]
 
 
 @dataclass
@@ -108,144 +82,6 @@ class ExtractionSummary:
         if len(self.failures) > 20:
             lines.append(f"  ... {len(self.failures) - 20} more failures in manifest.json")
         return "\n".join(lines)
-
-
-def _decode_chunk(batch: dict[str, np.ndarray], holder: list) -> dict[str, np.ndarray]:
-    """CPU task: :func:`~pipeline.extraction.chunks.decode_chunk` with the worker's encoder."""
-    return decode_chunk(batch, _worker_encoder(holder))
-
-
-class _EncodeChunk:
-    """Encoder actor: one chunk in, its features (store dtype, raw bytes per feature) out
-    (:class:`~pipeline.extraction.chunks.ChunkEncoder` on the actor's device)."""
-
-    def __init__(
-        self, holder: list, feature_shapes: dict[str, list[int]], dtype: str, use_gpu: bool, torch_threads: int,
-        precision: str = "float32", compile: bool = False,
-    ) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, torch_threads))
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encode = ChunkEncoder(_worker_encoder(holder), feature_shapes, dtype, device, precision, compile)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.encode(batch)
-
-
-class _ShardActor:
-    """``writer="actors"``: one call = one whole shard, written by the actor itself.
-
-    Decoding still runs in separate CPU tasks (Ray core tasks launched from here, at most
-    ``decode_window`` chunks ahead); encoding and tar writing happen in this actor, which publishes
-    the shard into the store (object storage or a filesystem every node sees) and returns its stats.
-    Chunks and threads are the same as in ``writer="driver"``, so the bytes are too.
-    """
-
-    def __init__(
-        self,
-        encoder_holder: list,
-        decode_holder: list,
-        location: Location,
-        scratch_dir: str | None,
-        feature_shapes: dict[str, list[int]],
-        dtype: str,
-        use_gpu: bool,
-        torch_threads: int,
-        batch_size: int,
-        decode_num_cpus: float,
-        decode_memory: int,
-        code_version: str,
-        run: dict,
-        settings: dict,
-        run_record: dict,
-        lease_ttl_s: float = DEFAULT_TTL_S,
-        decode_window: int = 2,
-        precision: str = "float32",
-        compile: bool = False,
-    ) -> None:
-        import ray
-
-        self.encode = _EncodeChunk(encoder_holder, feature_shapes, dtype, use_gpu, torch_threads, precision, compile)
-        self.decode = ray.remote(_decode_chunk).options(num_cpus=decode_num_cpus, memory=decode_memory)
-        self.decode_holder = decode_holder
-        self.location = location
-        self.scratch_dir = scratch_dir
-        self.feature_shapes = {name: tuple(shape) for name, shape in feature_shapes.items()}
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.decode_window = max(1, decode_window)
-        self.code_version = code_version
-        self.run_id = run["run_id"]
-        self.settings, self.run_record = settings, run_record
-        if scratch_dir is None:
-            # Object store: scratch in this node's temp dir, owned by this actor process; scratch of
-            # dead runs on this node (a killed actor's half shard) is removed first.
-            me = RunIdentity.from_dict(run).derived(f"actor{os.getpid()}")
-            clean_stale_scratch(temp_root(), me, ttl_s=lease_ttl_s, prefix=TMP_SCRATCH_PREFIX)
-            self.scratch_dir = str(make_scratch_dir(temp_root(), me, prefix=TMP_SCRATCH_PREFIX))
-
-    def __del__(self) -> None:
-        if self.location is not None and not self.location.is_local:
-            shutil.rmtree(self.scratch_dir, ignore_errors=True)
-
-    def _check_lease(self) -> None:
-        holder = lease_holder(self.location)
-        if holder != self.run_id:
-            raise StoreLockedError(
-                f"run {self.run_id} no longer holds the lease of {self.location.join('')} (holder: {holder}); "
-                "not publishing"
-            )
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
-
-        items = tuple(ImageItem(*item) for item in json.loads(batch["items"][0]))
-        spec = ShardSpec(int(batch["shard"][0]), items)
-        rows = [{key: np.array([value]) for key, value in row.items()} for row in chunk_rows([spec], self.batch_size)]
-        writer = ShardWriter(
-            spec, self.location, self.scratch_dir, self.feature_shapes, self.dtype, self.code_version,
-            guard=self._check_lease, settings=self.settings, run=dict(self.run_record, actor_pid=os.getpid()),
-        )
-        try:
-            submitted = [self.decode.remote(row, self.decode_holder) for row in rows[: self.decode_window]]
-            for index in range(len(rows)):
-                decoded = ray.get(submitted[index])
-                submitted[index] = None  # drop the reference: the pixels are freed once encoded
-                if index + self.decode_window < len(rows):
-                    submitted.append(self.decode.remote(rows[index + self.decode_window], self.decode_holder))
-                encoded = self.encode(decoded)
-                row = {key: value[0] for key, value in encoded.items()}
-                write_chunk(writer, row, self.feature_shapes, self.dtype)
-            result = writer.publish()
-        except BaseException:
-            writer.abort()
-            raise
-        return {"shard": batch["shard"], "result": np.array([result.to_json()], dtype=object)}
-
-
-def _state_bytes(module: Any) -> int:
-    state = module.state_dict() if hasattr(module, "state_dict") else {}
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _weightless(encoder: Any) -> tuple[Any | None, tuple[int, ...]]:
-    """(the encoder moved to the meta device if its ``preprocess`` is then unchanged, else None;
-    the preprocessed shape). Moves ``encoder`` itself: call it after the real one is serialised."""
-    import torch
-
-    probe = np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)  # odd, non-square
-    expected = encoder.preprocess(probe)
-    if not isinstance(encoder, torch.nn.Module):
-        return None, tuple(expected.shape)
-    light = encoder.to("meta")
-    try:
-        again = light.preprocess(probe)
-    except (RuntimeError, NotImplementedError, ValueError, TypeError):
-        return None, tuple(expected.shape)
-    if again.device.type != "cpu" or again.dtype != expected.dtype or not torch.equal(again, expected):
-        return None, tuple(expected.shape)
-    return light, tuple(expected.shape)
 
 
 def _ray_init(address: str | None) -> None:
@@ -333,6 +169,19 @@ def extract_store(
         builder.close()  # scratch removed and lease given back, also when the run fails
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the pipeline runs with, settled against the cluster before any image is read."""
+
+    batch_size: int
+    num_gpus_per_actor: float
+    torch_threads: int
+    encoder_ref: Any  # the encoder in Ray's object store
+    decode_ref: Any  # what decode tasks call ``preprocess`` on: a weightless copy, or the encoder
+    decode_weightless: bool
+    decode_memory: int
+
+
 def _run_pipeline(
     builder: StoreBuilder, pending: list[ShardSpec], built: Any, key: FeatureSetKey, output: str, started: float,
     *, batch_size: int | None, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
@@ -340,144 +189,182 @@ def _run_pipeline(
     on_shard_done: Callable[[ShardResult], None] | None, ray_address: str | None, writer: str, lease_ttl_s: float,
     precision: str, compile: bool,
 ) -> ExtractionSummary:
-    import ray
-    from tqdm import tqdm
-
-    location = builder.location
-    feature_shapes = builder.feature_shapes
-    per_shard = builder.images_per_shard
-    torch_threads = max(1, int(actor_num_cpus))
     # Each shard's stats record this run (id, host, pid) with the caller's config and the settings
     # that decide its bytes; the manifest only aggregates what the stats say (stable bytes).
     builder.run_config = json.loads(json.dumps({
         **(config or {}),
         "extract": {
-            "dataset": dataset, "images_per_shard": per_shard, "num_actors": num_actors, "writer": writer,
-            "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
+            "dataset": dataset, "images_per_shard": builder.images_per_shard, "num_actors": num_actors,
+            "writer": writer, "actor_num_cpus": actor_num_cpus, "decode_num_cpus": decode_num_cpus,
             "num_gpus_per_actor": num_gpus_per_actor,
         },
     }, default=str))
-
-    decode_weightless = None
+    plan = None
     startup_seconds = extract_seconds = 0.0
     if pending:
         _ray_init(ray_address)
-        resources = ray.cluster_resources()
-        if num_gpus_per_actor is None:
-            num_gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-        _check_room(resources, num_actors, actor_num_cpus, decode_num_cpus, num_gpus_per_actor)
-        if batch_size is None:
-            batch_size = default_batch_size(built.encoder_id, on_gpu=num_gpus_per_actor > 0)
+        plan = _plan(built, batch_size, num_actors, actor_num_cpus, decode_num_cpus, num_gpus_per_actor)
         builder.writer_settings = {
-            "batch_size": batch_size, "torch_threads": torch_threads, "dtype": dtype,
-            "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+            "batch_size": plan.batch_size, "torch_threads": plan.torch_threads, "dtype": dtype,
+            "device": "cuda" if plan.num_gpus_per_actor > 0 else "cpu",
             **({"compile": True} if compile else {}),  # compiled kernels may round differently
         }
-        encoder_ref = ray.put(built.cpu() if hasattr(built, "cpu") else built)
-        preprocess_only, pixel_shape = _weightless(built)
-        # Decode tasks only call ``preprocess``: they get a weightless copy when it gives identical
-        # tensors (all encoders here), else the whole encoder (~2.5 GB per decode worker for ViT-H).
-        decode_ref = ray.put(preprocess_only) if preprocess_only is not None else encoder_ref
-        decode_weightless = preprocess_only is not None
-        encoder_bytes = 0 if decode_weightless else _state_bytes(built)
-        # A decode worker holds torch (~650 MiB RSS measured) and ~3 copies of a chunk's float32 pixels.
-        decode_memory = _DECODE_WORKER_BASE_BYTES + encoder_bytes + 3 * batch_size * 4 * int(np.prod(pixel_shape))
-        if resources.get("memory", float("inf")) < decode_memory:
-            raise ConfigError(
-                f"a decode task reserves {decode_memory / 2**30:.1f} GiB (torch + {batch_size} images of pixels), "
-                f"the cluster offers {resources['memory'] / 2**30:.1f} GiB: it could never be scheduled; "
-                "lower --batch-size or give Ray more memory"
-            )
-        del built, preprocess_only
-        total = sum(len(spec.items) for spec in pending)
-        specs = {spec.index: spec for spec in pending}
-        context = ray.data.DataContext.get_current()
-        saved = (context.execution_options.preserve_order, context.enable_progress_bars)
-        context.execution_options.preserve_order = True  # rows arrive in plan order -> streaming writes
-        context.enable_progress_bars = False  # one bar (ours, images/s) instead of one per operator
+        del built
         pipeline_started = time.perf_counter()
         startup_seconds = pipeline_started - started
         encoder_kwargs = {
-            "feature_shapes": {name: list(shape) for name, shape in feature_shapes.items()},
-            "dtype": dtype,
-            "use_gpu": num_gpus_per_actor > 0,
-            "torch_threads": torch_threads,
-            "precision": precision,
-            "compile": compile,
+            "feature_shapes": {name: list(shape) for name, shape in builder.feature_shapes.items()},
+            "dtype": dtype, "use_gpu": plan.num_gpus_per_actor > 0, "torch_threads": plan.torch_threads,
+            "precision": precision, "compile": compile,
         }
-        try:
-            if writer == "actors":
-                shard_rows = [
-                    {"shard": spec.index, "items": json.dumps([[item.image_id, item.path] for item in spec.items])}
-                    for spec in pending
-                ]
-                dataset_ = ray.data.from_items(shard_rows, override_num_blocks=len(shard_rows)).map_batches(
-                    _ShardActor,
-                    batch_size=1,
-                    batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=num_actors),
-                    num_cpus=actor_num_cpus,
-                    num_gpus=num_gpus_per_actor,
-                    fn_constructor_kwargs={
-                        "encoder_holder": [encoder_ref],
-                        "decode_holder": [decode_ref],
-                        "location": location,
-                        "scratch_dir": str(builder.scratch_dir) if location.is_local else None,
-                        "batch_size": batch_size,
-                        "decode_num_cpus": decode_num_cpus,
-                        "decode_memory": decode_memory,
-                        "code_version": code_version(),
-                        "run": builder.run.to_dict(),
-                        "settings": builder.writer_settings,
-                        "run_record": builder.run_record,
-                        "lease_ttl_s": lease_ttl_s,
-                        **encoder_kwargs,
-                    },
-                )
-                _collect_shard_rows(dataset_.iter_rows(), location, total, progress, on_shard_done, tqdm)
-            else:
-                rows = chunk_rows(pending, batch_size)
-                dataset_ = (
-                    ray.data.from_items(rows, override_num_blocks=len(rows))
-                    .map_batches(
-                        _decode_chunk,
-                        batch_size=1,
-                        batch_format="numpy",
-                        num_cpus=decode_num_cpus,
-                        # A memory reservation for the fat float32 pixel rows; it also keeps Ray Data from
-                        # fusing decode into the encoder actors (fused, decode would serialise with encode).
-                        memory=decode_memory,
-                        fn_kwargs={"holder": [decode_ref]},
-                    )
-                    .map_batches(
-                        _EncodeChunk,
-                        batch_size=1,
-                        batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=num_actors),
-                        num_cpus=actor_num_cpus,
-                        num_gpus=num_gpus_per_actor,
-                        fn_constructor_kwargs={
-                            "holder": [encoder_ref],
-                            **encoder_kwargs,
-                        },
-                    )
-                )
-                _write_rows(
-                    dataset_.iter_rows(), builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm,
-                    started=pipeline_started,
-                )
-        except Exception as error:
-            # Ray wraps errors raised in tasks/actors (a full disk in an actor's writer, a lost lease, a
-            # bad checkpoint) in its own exceptions: surface ours, as one line, not Ray's traceback.
-            user_error = _user_error(error)
-            if user_error is None or user_error is error:
-                raise
-            raise user_error from error
-        finally:
-            context.execution_options.preserve_order, context.enable_progress_bars = saved
+        _execute(builder, pending, plan, encoder_kwargs, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
+                 decode_num_cpus=decode_num_cpus, writer=writer, lease_ttl_s=lease_ttl_s, progress=progress,
+                 on_shard_done=on_shard_done, started=pipeline_started)
         extract_seconds = time.perf_counter() - pipeline_started
+    return _summary(builder, pending, key, output, started, startup_seconds, extract_seconds,
+                    None if plan is None else plan.decode_weightless)
+
+
+def _plan(
+    built: Any, batch_size: int | None, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
+    num_gpus_per_actor: float | None,
+) -> _Plan:
+    """Check the cluster's room, settle GPUs and batch size, put the encoder (and, when its
+    ``preprocess`` allows, a weightless copy for decode tasks) into Ray's object store."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    check_room(resources, num_actors, actor_num_cpus, decode_num_cpus, num_gpus_per_actor)
+    if batch_size is None:
+        batch_size = default_batch_size(built.encoder_id, on_gpu=num_gpus_per_actor > 0)
+    encoder_ref = ray.put(built.cpu() if hasattr(built, "cpu") else built)
+    preprocess_only, pixel_shape = weightless(built)
+    # Decode tasks only call ``preprocess``: they get a weightless copy when it gives identical
+    # tensors (all encoders here), else the whole encoder (~2.5 GB per decode worker for ViT-H).
+    decode_ref = ray.put(preprocess_only) if preprocess_only is not None else encoder_ref
+    encoder_bytes = 0 if preprocess_only is not None else state_bytes(built)
+    return _Plan(
+        batch_size, num_gpus_per_actor, max(1, int(actor_num_cpus)), encoder_ref, decode_ref,
+        preprocess_only is not None, decode_memory(batch_size, pixel_shape, encoder_bytes, resources),
+    )
+
+
+def _execute(
+    builder: StoreBuilder, pending: list[ShardSpec], plan: _Plan, encoder_kwargs: dict, *, num_actors: int,
+    actor_num_cpus: float, decode_num_cpus: float, writer: str, lease_ttl_s: float, progress: bool,
+    on_shard_done: Callable[[ShardResult], None] | None, started: float,
+) -> None:
+    """Run the Ray Data pipeline over ``pending`` with Ray Data's order kept and its bars off; an
+    error of ours raised inside a task or actor comes out as itself, not wrapped in Ray's."""
+    import ray
+    from tqdm import tqdm
+
+    total = sum(len(spec.items) for spec in pending)
+    context = ray.data.DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+    context.execution_options.preserve_order = True  # rows arrive in plan order -> streaming writes
+    context.enable_progress_bars = False  # one bar (ours, images/s) instead of one per operator
+    try:
+        if writer == "actors":
+            rows = _actor_writer_dataset(builder, pending, plan, encoder_kwargs, num_actors, actor_num_cpus,
+                                         decode_num_cpus, lease_ttl_s).iter_rows()
+            collect_shard_rows(rows, builder.location, total, progress, on_shard_done, tqdm)
+        else:
+            rows = _driver_writer_dataset(pending, plan, encoder_kwargs, num_actors, actor_num_cpus,
+                                          decode_num_cpus).iter_rows()
+            specs = {spec.index: spec for spec in pending}
+            write_rows(rows, builder, specs, builder.feature_shapes, encoder_kwargs["dtype"], total, progress,
+                       on_shard_done, tqdm, started=started)
+    except Exception as error:
+        # Ray wraps errors raised in tasks/actors (a full disk in an actor's writer, a lost lease, a
+        # bad checkpoint) in its own exceptions: surface ours, as one line, not Ray's traceback.
+        user_error = _user_error(error)
+        if user_error is None or user_error is error:
+            raise
+        raise user_error from error
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _actor_pool(plan: _Plan, num_actors: int, actor_num_cpus: float) -> dict:
+    """``map_batches`` options of the encoder actors (either writer): one row per call, a fixed pool."""
+    import ray
+
+    return {
+        "batch_size": 1, "batch_format": "numpy", "compute": ray.data.ActorPoolStrategy(size=num_actors),
+        "num_cpus": actor_num_cpus, "num_gpus": plan.num_gpus_per_actor,
+    }
+
+
+def _driver_writer_dataset(
+    pending: list[ShardSpec], plan: _Plan, encoder_kwargs: dict, num_actors: int, actor_num_cpus: float,
+    decode_num_cpus: float,
+):
+    """``writer="driver"``: chunk rows -> decode tasks -> encoder actors; rows come back to the driver."""
+    import ray
+
+    rows = chunk_rows(pending, plan.batch_size)
+    return (
+        ray.data.from_items(rows, override_num_blocks=len(rows))
+        .map_batches(
+            _decode_chunk,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=decode_num_cpus,
+            # A memory reservation for the fat float32 pixel rows; it also keeps Ray Data from
+            # fusing decode into the encoder actors (fused, decode would serialise with encode).
+            memory=plan.decode_memory,
+            fn_kwargs={"holder": [plan.decode_ref]},
+        )
+        .map_batches(
+            _EncodeChunk,
+            fn_constructor_kwargs={"holder": [plan.encoder_ref], **encoder_kwargs},
+            **_actor_pool(plan, num_actors, actor_num_cpus),
+        )
+    )
+
+
+def _actor_writer_dataset(
+    builder: StoreBuilder, pending: list[ShardSpec], plan: _Plan, encoder_kwargs: dict, num_actors: int,
+    actor_num_cpus: float, decode_num_cpus: float, lease_ttl_s: float,
+):
+    """``writer="actors"``: one row per shard -> shard actors that decode (tasks), encode and publish it."""
+    import ray
+
+    shard_rows = [
+        {"shard": spec.index, "items": json.dumps([[item.image_id, item.path] for item in spec.items])}
+        for spec in pending
+    ]
+    location = builder.location
+    return ray.data.from_items(shard_rows, override_num_blocks=len(shard_rows)).map_batches(
+        _ShardActor,
+        **_actor_pool(plan, num_actors, actor_num_cpus),
+        fn_constructor_kwargs={
+            "encoder_holder": [plan.encoder_ref],
+            "decode_holder": [plan.decode_ref],
+            "location": location,
+            "scratch_dir": str(builder.scratch_dir) if location.is_local else None,
+            "batch_size": plan.batch_size,
+            "decode_num_cpus": decode_num_cpus,
+            "decode_memory": plan.decode_memory,
+            "code_version": code_version(),
+            "run": builder.run.to_dict(),
+            "settings": builder.writer_settings,
+            "run_record": builder.run_record,
+            "lease_ttl_s": lease_ttl_s,
+            **encoder_kwargs,
+        },
+    )
+
+
+def _summary(
+    builder: StoreBuilder, pending: list[ShardSpec], key: FeatureSetKey, output: str, started: float,
+    startup_seconds: float, extract_seconds: float, decode_weightless: bool | None,
+) -> ExtractionSummary:
+    """Finalise the store's manifest and say what this call did."""
     manifest = builder.finalize()
-    seconds = time.perf_counter() - started
     extracted_images = sum(len(spec.items) for spec in pending)
     return ExtractionSummary(
         store=output,
@@ -488,7 +375,7 @@ def _run_pipeline(
         shards=len(manifest.shards),
         shards_extracted=len(pending),
         shards_skipped=len(manifest.shards) - len(pending),
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
         images_per_second=extracted_images / extract_seconds if extract_seconds > 0 else 0.0,
         failures=list(manifest.failures),
         startup_seconds=startup_seconds,
@@ -512,77 +399,3 @@ def _user_error(error: BaseException) -> BaseException | None:
             return current
         stack += [current.__context__, current.__cause__, getattr(current, "cause", None)]
     return None
-
-
-def _check_room(resources: dict, num_actors: int, actor_cpus: float, decode_cpus: float, gpus: float) -> None:
-    """Refuse settings under which the pipeline could never make progress (it would hang silently).
-
-    Ray Data starts the encoder actor pool first; if the actors hold every CPU, no decode task can
-    ever be scheduled and nothing moves. Both writers need room for one decode task beside the
-    actors (``writer="actors"``: each actor waits on its own decode tasks)."""
-    cpus, gpus_available = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    actors_cpus = num_actors * actor_cpus
-    if actors_cpus + decode_cpus > cpus:
-        raise ConfigError(
-            f"{num_actors} encoder actor(s) x {actor_cpus:g} CPU (--num-actors x --actor-num-cpus) = {actors_cpus:g} "
-            f"of the cluster's {cpus:g} CPUs leave {max(cpus - actors_cpus, 0):g} for decode tasks, each needs "
-            f"{decode_cpus:g} (--decode-num-cpus): no image could ever be decoded and the extraction would hang. "
-            "Lower --actor-num-cpus / --num-actors or --decode-num-cpus."
-        )
-    if num_actors * gpus > gpus_available:
-        raise ConfigError(
-            f"{num_actors} encoder actor(s) x {gpus:g} GPU need {num_actors * gpus:g} GPUs, the cluster has "
-            f"{gpus_available:g}: the actors could never start. Lower --num-actors or --num-gpus-per-actor."
-        )
-
-
-def _collect_shard_rows(rows, location, total, progress, on_shard_done, tqdm) -> None:
-    """``writer="actors"``: shards arrive finished (any order); report them."""
-    failed = 0
-    with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
-        for row in rows:
-            result = ShardResult.from_json(row["result"], location.join(f"shard {row['shard']}"))
-            failed += len(result.failures)
-            bar.update(result.count)
-            bar.set_postfix(shard=result.shard, failed=failed, refresh=False)  # failed so far, all shards
-            if on_shard_done is not None:
-                on_shard_done(result)
-
-
-def _write_rows(
-    rows, builder, specs, feature_shapes, dtype, total, progress, on_shard_done, tqdm, started: float | None = None
-) -> None:
-    """Stream ordered chunk rows into their shard tars; publish each shard after its last chunk.
-
-    A shard's ``duration_s`` is the wall time the run spent on it: from the previous shard's publish
-    (the first shard: from ``started``, the pipeline's start, so it includes actor start-up) to its
-    own publish. Decode and encode of a shard overlap the previous shard's writes, so these add up to
-    the pipeline's wall time instead of measuring only how long the tar was open.
-    """
-    writer = None
-    current = None
-    failed = 0
-    shard_started = time.perf_counter() if started is None else started
-    with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
-        try:
-            for row in rows:
-                shard = int(row["shard"])
-                if shard != current:
-                    if writer is not None:
-                        raise DataError(f"shard {current} ended without its last chunk (rows out of order)")
-                    current, writer = shard, builder.writer(specs[shard], started=shard_started)
-                bar.update(write_chunk(writer, row, feature_shapes, dtype))
-                failed += len(json.loads(row["failures"]))
-                bar.set_postfix(shard=specs[shard].name, failed=failed, refresh=False)  # failed so far, all shards
-                if bool(row["last"]):
-                    result = writer.publish()
-                    writer, current = None, None
-                    shard_started = time.perf_counter()
-                    if on_shard_done is not None:
-                        on_shard_done(result)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-    if writer is not None:
-        raise DataError(f"shard {current} was not completed (its last chunk never arrived)")

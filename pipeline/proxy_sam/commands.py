@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import ConfigError, run_cli
+from pipeline.cli import run_subcommand
+from pipeline.errors import ConfigError
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.proxy_sam.train import TrainConfig, Trainer
+    from pipeline.proxy_sam.train import ProxyTrainConfig, Trainer
     from refseg_models.encoders.sam_proxy import sha256_of_file as sha256_file
 
     try:
@@ -70,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--neck is not valid JSON: {error}") from error
     if not isinstance(neck, dict):
         raise ConfigError("--neck must be a JSON object")
-    config = TrainConfig(
+    config = ProxyTrainConfig(
         annotations=str(args.annotations), image_dir=str(args.images), backbone_checkpoint=str(args.backbone_checkpoint),
         output=args.output_dir, fold=args.fold, seed=args.seed, steps=args.steps, time_budget_s=args.time_budget,
         images_per_step=args.images_per_step, prompts_per_image=args.prompts_per_image, lr=args.lr,
@@ -135,10 +136,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refseg-proxy-sam")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_cli(lambda: args.handler(args), f"refseg-proxy-sam {args.verb}")
+    """Stand-alone entry (``python -m pipeline.proxy_sam.commands proxy-sam train ...``)."""
+    return run_subcommand(argv, "refseg-proxy-sam", [register])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.data.coco import CocoInstances
 from pipeline.data.folds import base_classes, novel_classes
 from pipeline.errors import DataError
+from pipeline.training.views import apply_view_to_mask, base_view
 
 HELD_OUT_SALT = "refseg-proxy-sam-heldout"
 HELD_OUT_MODULUS = 5  # one image in five is held out
@@ -40,8 +41,6 @@ def split_images(image_ids: Sequence[object]) -> tuple[list[str], list[str]]:
 
 def plain_view(coco: CocoInstances, image_id: str):
     """The plain image as the store holds it (squashed to 512), as a ``ViewParams``."""
-    from pipeline.training.views import base_view
-
     info = coco.image_info(image_id)
     return base_view(str(image_id), info["height"], info["width"], CANVAS, keep_aspect=False)
 
@@ -93,8 +92,6 @@ def held_out_instances(
     """Every non-crowd instance of the held-out images whose tight box is at least ``min_side`` x
     ``min_side`` pixels IN THE ORIGINAL IMAGE, and a function giving its 512 x 512 bool mask
     (nearest squash, the frame the proxy predicts in)."""
-    from pipeline.training.views import apply_view_to_mask
-
     novel_set = set(int(c) for c in novel)
     found, masks = [], {}
     for image_id in sorted(held_out_ids, key=str):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.proxy_sam.data import CANVAS, HeldOutInstance, held_out_instances
+from refseg_models.annotations import box_masks
 
 FRAME = 1024
 
@@ -57,10 +58,9 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def box_mask(box: tuple[float, float, float, float], size: int = CANVAS) -> torch.Tensor:
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    m = torch.zeros(size, size, dtype=torch.bool)
-    m[y0:y1, x0:x1] = True
-    return m
+    """A held-out instance's box on the canvas (corners rounded, half-open) -> size x size bool."""
+    corners = torch.tensor([[float(round(v)) for v in box]])
+    return box_masks(corners, (size, size), (size, size))[0]
 
 
 @dataclass

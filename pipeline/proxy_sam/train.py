@@ -41,13 +41,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.training.views import random_resized_crop
+from refseg_models.annotations import box_masks
+from refseg_models.losses import per_sample_dice
 
 FRAME = 1024  # SAM's input frame; the 512 squash canvas is viewed at 2x
 CANVAS = 512
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class ProxyTrainConfig:
+    """One proxy-SAM training run (the methods' training job has its own, pipeline.training.config.TrainConfig)."""
+
     annotations: str
     image_dir: str
     backbone_checkpoint: str
@@ -125,7 +130,7 @@ class TrainingImages:
     K x H x W), on ``device``. Images without a base instance of at least ``min_target_area`` pixels
     in the plain 512 squash are left out (counted in ``skipped``)."""
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, config: ProxyTrainConfig, device: torch.device) -> None:
         from tqdm import tqdm
 
         from pipeline.data.coco import CocoInstances
@@ -165,15 +170,9 @@ class TrainingImages:
 
 
 def crop_box(rng: np.random.Generator, height: int, width: int, area: tuple[float, float], ratio: tuple[float, float]):
-    """torchvision's ``RandomResizedCrop.get_params`` drawn from ``rng`` -> (x0, y0, w, h)."""
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = height * width * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    return 0, 0, width, height
+    """torchvision's random resized crop (:func:`pipeline.training.views.random_resized_crop`) -> (x0, y0, w, h);
+    when no try fits, the whole image (the proxy SAM's fallback, not torchvision's central crop)."""
+    return random_resized_crop(rng, height, width, area, ratio) or (0, 0, width, height)
 
 
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -245,11 +244,9 @@ def noisy_boxes(boxes512: torch.Tensor, rng: torch.Generator, rel: float, cap: f
 
 
 def box_targets(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """1024-frame boxes (N x 4) -> N x size x size float masks: 1 where the cell centre lies inside."""
-    centres = (torch.arange(size, dtype=torch.float32, device=boxes.device) + 0.5) * (FRAME / size)
-    inside_x = (centres[None] >= boxes[:, 0:1]) & (centres[None] < boxes[:, 2:3])
-    inside_y = (centres[None] >= boxes[:, 1:2]) & (centres[None] < boxes[:, 3:4])
-    return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+    """1024-frame boxes (N x 4) -> N x size x size float masks: 1 where the cell centre lies inside
+    (:func:`refseg_models.annotations.box_masks`; the targets the shipped proxy SAM was trained on, bit for bit)."""
+    return box_masks(boxes, (FRAME, FRAME), (size, size)).float()
 
 
 def sample_points(masks: torch.Tensor, count: int, rng: torch.Generator) -> torch.Tensor:
@@ -269,10 +266,10 @@ def sample_points(masks: torch.Tensor, count: int, rng: torch.Generator) -> torc
 
 
 def per_sample_mask_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """logits N x S x S, target N x S x S in [0, 1] -> N losses."""
-    probs = logits.sigmoid()
-    p, t = probs.flatten(1), target.flatten(1)
-    dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+    """logits N x S x S, target N x S x S in [0, 1] -> N losses: BCE (mean per sample) + Dice
+    (:func:`refseg_models.losses.per_sample_dice`), or SAM's 20:1 focal + Dice."""
+    p, t = logits.sigmoid().flatten(1), target.flatten(1)
+    dice = per_sample_dice(p, t)
     bce = F.binary_cross_entropy_with_logits(logits.flatten(1), t, reduction="none")
     if kind == "bce_dice":
         return bce.mean(-1) + dice
@@ -305,7 +302,7 @@ def decode_group(decoder, embeddings: torch.Tensor, points=None, boxes=None, mul
 # The loop
 # --------------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: ProxyTrainConfig) -> None:
         from refseg_models.encoders.mobilenet_v2 import build_mobilenet_v2_backbone
         from refseg_models.encoders.sam_proxy import DEFAULT_NECK_CONFIG, build_neck
 

@@ -1,37 +1,32 @@
-"""Reading a feature store: random access by image id (episodes) and streaming (training passes).
+"""Reading a feature store by image id (episodes); streaming whole shards is :mod:`pipeline.store.streaming`.
 
 Both are driven by the Parquet index (offset and size of every ``.npy`` member in its shard), on
 any pyarrow filesystem (local, S3, GCS):
 
 * random access reads all requested features of an image with ONE ranged read (a sample's members
-  are adjacent in its tar) into a fresh buffer and returns views of it, behind a bounded LRU cache
-  in bytes; local stores read with ``os.preadv`` straight into that buffer (one copy, no extra
-  allocation), object stores with ``read_at``;
-* streaming reads each shard front to back in blocks of consecutive samples (>= 16 MiB, or one
-  sample) and yields views, split by node and then by DataLoader worker (WebDataset's splitters,
-  OpenCLIP style) so every rank x worker reads a disjoint set of whole shards.
+  are adjacent in its tar) into a buffer of the store's own pool and returns views of it, behind a
+  bounded LRU cache in bytes; local stores read with ``os.preadv`` straight into that buffer (one
+  copy, no extra allocation), object stores with ``read_at``;
+* streaming (:meth:`FeatureStore.stream`) reads each shard front to back in blocks of consecutive
+  samples, split by node and then by DataLoader worker.
 
 Nothing is read unchecked: opening a store compares every shard's size with the manifest, and every
 payload read on either path is compared with its index crc32 and must hold finite values
-(:func:`checked_view`), so a flipped byte or a NaN is a ``DataError`` naming shard, image and
-feature instead of a silently worse model (cost: docs/feature_store.md, "Reads").
+(:func:`pipeline.store.npy.checked_view`), so a flipped byte or a NaN is a ``DataError`` naming
+shard, image and feature instead of a silently worse model (cost: docs/feature_store.md, "Reads").
+The shards stay plain WebDataset tars: ``wds.WebDataset(store.shard_paths())`` reads them too.
 
-``.npy`` headers are parsed with numpy's own ``np.lib.format`` readers (never unpickling; object
-dtypes refused) and the parse is memoised per distinct header (all entries of a feature share one),
-which is what keeps the per-image overhead at a few microseconds. The shards stay plain WebDataset
-tars: ``wds.WebDataset(store.shard_paths())`` reads them too.
+A store owns what it reads with: its open shard handles, its read buffers (random access and
+streams) and the threads of :meth:`FeatureStore.get_many`; :meth:`FeatureStore.close` releases them.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import random
-import sys
 import threading
-import zlib
 from collections import OrderedDict
-from typing import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -39,110 +34,22 @@ import torch
 import webdataset as wds
 
 from pipeline.errors import DataError
+from pipeline.store.block_pool import BlockPool
 from pipeline.store.feature_set import FeatureSetKey, StoreMismatchError, check_key
 from pipeline.store.fs import Location, io_errors, resolve_location
 from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
+from pipeline.store.npy import checked_view
+from pipeline.store.streaming import ShardPlans, shard_stream, stream_buffers
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 _MAX_OPEN_SHARDS = 16
-_STREAM_BUFFER_BYTES = 1 << 20
-_STREAM_BLOCK_BYTES = 16 << 20  # a streaming read covers consecutive samples up to this size
 _SPAN_SLACK_BYTES = 4096  # per feature: tar headers + the image-id member between a sample's features
 _NOWAIT = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
-_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # memoised .npy header parses
 
 
-def _npy_header(data: np.ndarray, start: int, end: int, source: str) -> tuple[np.dtype, tuple[int, ...], str, int, int]:
-    """(dtype, shape, order, data offset, data bytes) of the ``.npy`` bytes ``data[start:end]``."""
-    head = data[start : min(end, start + 12)].tobytes()
-    if head[:6] != b"\x93NUMPY" or len(head) < 10:
-        raise DataError(f"{source}: not a plain .npy payload (no .npy magic)")
-    if head[6] == 1:
-        data_offset = 10 + int.from_bytes(head[8:10], "little")
-    elif head[6] in (2, 3) and len(head) == 12:
-        data_offset = 12 + int.from_bytes(head[8:12], "little")
-    else:
-        raise DataError(f"{source}: not a plain .npy payload (unsupported .npy version {head[6]}.{head[7]})")
-    if start + data_offset > end:
-        raise DataError(f"{source}: not a plain .npy payload (header longer than the payload)")
-    header = data[start : start + data_offset].tobytes()
-    parsed = _HEADERS.get(header)
-    if parsed is None:
-        stream = io.BytesIO(header)
-        try:
-            version = np.lib.format.read_magic(stream)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except ValueError as error:
-            raise DataError(f"{source}: not a plain .npy payload ({error})") from error
-        if dtype.hasobject:
-            raise DataError(f"{source}: not a plain .npy payload (object arrays are not allowed: they would need unpickling)")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        parsed = (dtype, tuple(shape), "F" if fortran_order else "C", data_offset, nbytes)
-        if len(_HEADERS) < 1024:
-            _HEADERS[header] = parsed
-    return parsed
-
-
-def _npy_view(buffer: np.ndarray, start: int, end: int, source: str) -> np.ndarray:
-    """The array in ``buffer[start:end]`` (a uint8 array) as a read-only view: no copy."""
-    dtype, shape, order, data_offset, nbytes = _npy_header(buffer, start, end, source)
-    if end - start - data_offset != nbytes:
-        raise DataError(f"{source}: not a plain .npy payload ({end - start - data_offset} data bytes for {dtype}{shape})")
-    array = np.ndarray(shape, dtype, buffer=buffer, offset=start + data_offset, order=order)
-    array.flags.writeable = False
-    return array
-
-
-# float dtype -> (unsigned view, exponent mask): a value is NaN or +-inf exactly when its exponent bits
-# are all ones. Testing the bits of an integer view runs ~14x faster than np.isfinite on fp16 (0.1 vs
-# 1.5 ms for a 2 MiB SAM embedding here).
-_EXPONENT_BITS = {"f2": ("u2", 0x7C00), "f4": ("u4", 0x7F800000), "f8": ("u8", 0x7FF0000000000000)}
-
-
-def all_finite(array: np.ndarray) -> bool:
-    """Whether every value of a numeric array is finite (integer arrays always are)."""
-    if array.dtype.kind != "f":
-        return True
-    bits = _EXPONENT_BITS.get(array.dtype.str[1:])
-    if bits is None:
-        return bool(np.isfinite(array).all())
-    unsigned, mask = bits
-    view = array.view(array.dtype.str[0] + unsigned)
-    return not bool(np.any(np.bitwise_and(view, mask) == mask))
-
-
-def checked_view(buffer: np.ndarray, start: int, end: int, crc: int | None, where: str, uri: str, verify: bool) -> np.ndarray:
-    """The array in ``buffer[start:end]`` (see :func:`_npy_view`); with ``verify``, its bytes are
-    compared with the index's ``crc`` (None: a shard written before checksums) and its values must
-    be finite. ``where`` names shard, image and feature; ``uri`` is the store, for the verify hint."""
-    if verify and crc is not None:
-        actual = zlib.crc32(buffer[start:end])
-        if actual != crc:
-            raise DataError(
-                f"{where} is corrupted (crc32 {actual:08x}, index says {crc:08x}); `refseg verify {uri}` lists "
-                "every damaged entry; extract the store again into a new location"
-            )
-    array = _npy_view(buffer, start, end, where)
-    if verify and not all_finite(array):
-        raise DataError(
-            f"{where} has non-finite values (NaN or inf): refusing to read it; `refseg verify {uri}` lists "
-            "every such entry; extract the store again into a new location"
-        )
-    return array
-
-
-def decode_npy(data: bytes, source: str) -> np.ndarray:
-    """``.npy`` bytes -> read-only array viewing ``data`` (no copy); never unpickles.
-
-    The header is parsed with numpy's own ``np.lib.format`` readers; object dtypes are refused.
-    """
-    return _npy_view(np.frombuffer(data, dtype=np.uint8), 0, len(data), source)
+# per-process members: rebuilt when a store is unpickled (DataLoader workers, Ray tasks)
+_PROCESS_STATE = ("_lock", "_cache", "_files", "_executor", "_read_buffers", "_stream_buffers")
 
 
 class FeatureStore:
@@ -231,7 +138,10 @@ class FeatureStore:
 
     def _init_process_state(self) -> None:
         self._nowait_ok = True
-        self._executor = None
+        self._executor: ThreadPoolExecutor | None = None
+        # ~128 MiB of random-read buffers and the streams' buffers, kept between reads (BlockPool)
+        self._read_buffers = BlockPool(min_block=0, keep_bytes=128 << 20, keep_blocks=64)
+        self._stream_buffers = stream_buffers()
         self._executor_threads = 0
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -241,7 +151,7 @@ class FeatureStore:
         self.misses = 0
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_cache", "_files", "_executor")}
+        state = {k: v for k, v in self.__dict__.items() if k not in _PROCESS_STATE}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -310,7 +220,7 @@ class FeatureStore:
         try:
             handle = entry[0]
             if nowait:
-                buffer = _RANDOM_POOL.take(length)
+                buffer = self._read_buffers.take(length)
                 try:
                     count = os.preadv(handle, [buffer], start, os.RWF_NOWAIT)
                 except BlockingIOError:
@@ -320,7 +230,7 @@ class FeatureStore:
                     return None
                 return buffer if count == length else None
             if isinstance(handle, int):
-                buffer = _RANDOM_POOL.take(length)
+                buffer = self._read_buffers.take(length)
                 done = 0
                 while done < length:
                     count = os.preadv(handle, [memoryview(buffer)[done:]], start + done)
@@ -422,8 +332,6 @@ class FeatureStore:
         if not waiting:
             return results
         if self._executor is None or self._executor_threads != threads:
-            from concurrent.futures import ThreadPoolExecutor
-
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="refseg-store-read")
@@ -454,6 +362,8 @@ class FeatureStore:
                 if entry[1] == 0:
                     _close(entry[0])
             self._files.clear()
+        self._read_buffers.clear()
+        self._stream_buffers.clear()
 
     def __del__(self) -> None:
         try:
@@ -480,23 +390,12 @@ class FeatureStore:
         unknown = sorted(set(names) - set(self.feature_names))
         if unknown:
             raise KeyError(f"features {unknown} are not in store {self.uri}; it has {self.feature_names}")
-        shards = self.shard_paths()
-        if shuffle_shards:
-            random.Random(seed).shuffle(shards)
-        if rank is None:
-            node_split = wds.split_by_node
-        else:
-            if world_size is None or not 0 <= rank < world_size:
-                raise ValueError(f"rank {rank} / world_size {world_size} is not a valid split")
-            node_split = _explicit_node_split(rank, world_size)
-        return wds.DataPipeline(
-            wds.SimpleShardList(shards),
-            node_split,
-            wds.split_by_worker,
-            _ShardReader(self.location, self.uri, self._shard_plans(names), names, self.verify),
+        return shard_stream(
+            self.location, self.uri, self.shard_paths(), self._shard_plans(names), names, self.verify,
+            self._stream_buffers, shuffle_shards=shuffle_shards, seed=seed, rank=rank, world_size=world_size,
         )
 
-    def _shard_plans(self, names: Sequence[str]) -> dict[str, list[tuple[str, tuple]]]:
+    def _shard_plans(self, names: Sequence[str]) -> ShardPlans:
         """{shard path: [(image id, ((offset, size, crc) per name)), ...] in tar order}."""
         plans: dict[str, list[tuple[str, tuple]]] = {}
         for image_id, rows in self._rows.items():
@@ -507,124 +406,11 @@ class FeatureStore:
         return plans
 
 
-class _BlockPool:
-    """Read buffers reused once no array viewing them is alive any more.
-
-    A fresh buffer costs page faults on first touch: streaming into fresh 16 MiB blocks ran at about
-    half the speed of a raw read, and batches of random reads (several 1-2 MB buffers alive at once,
-    then freed together, which glibc returns to the kernel) ran 5x slower than single reads. A
-    consumer that drops (or copies) what it read, as a DataLoader or an episode builder does, gets
-    the same memory back. A buffer is reused only when nothing but this pool references it (CPython
-    reference counts; a numpy view keeps its base buffer referenced), so data that is kept, e.g. in
-    the LRU cache, is never overwritten.
-    """
-
-    def __init__(self, min_block: int, keep_bytes: int, keep_blocks: int) -> None:
-        self.blocks: list[np.ndarray] = []
-        self.min_block, self.keep_bytes, self.keep_blocks = min_block, keep_bytes, keep_blocks
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> np.ndarray:
-        limit = max(size + size // 4, self.min_block)
-        with self._lock:
-            for block in self.blocks:
-                # references: the list, `block` here, getrefcount's argument -> 3 when no view is alive
-                if size <= block.size <= limit and sys.getrefcount(block) == 3:
-                    return block[:size]
-            block = np.empty(max(size, self.min_block), dtype=np.uint8)
-            self.blocks.append(block)
-            while len(self.blocks) > self.keep_blocks or (
-                len(self.blocks) > 2 and sum(b.size for b in self.blocks) > self.keep_bytes
-            ):
-                self.blocks.pop(0)
-            return block[:size]
-
-
-# One pool of each per process, shared by every store and stream (each epoch builds a new pipeline).
-# They keep at most ~3 x max(16 MiB, a sample) (streaming) and 128 MiB (random access) between reads.
-_POOL = _BlockPool(min_block=_STREAM_BLOCK_BYTES, keep_bytes=3 * _STREAM_BLOCK_BYTES, keep_blocks=3)
-_RANDOM_POOL = _BlockPool(min_block=0, keep_bytes=128 << 20, keep_blocks=64)
-
-
-class _ShardReader:
-    """Pipeline stage: shard URLs in, ``{"image_id", name: array}`` samples out, read front to back
-    with the index's offsets in blocks of consecutive samples (no tar parsing, no per-member reads)."""
-
-    def __init__(self, location: Location, uri: str, plans: dict, names: Sequence[str], verify: bool) -> None:
-        self.location, self.uri, self.plans, self.names, self.verify = location, uri, plans, list(names), verify
-
-    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        for item in source:
-            yield from self._shard(item["url"])
-
-    def _blocks(self, samples: list) -> Iterator[tuple[int, int, list]]:
-        """Consecutive samples grouped into (start, end, samples) reads of >= _STREAM_BLOCK_BYTES."""
-        group: list = []
-        for sample in samples:
-            group.append(sample)
-            start = min(entry[0] for entry in group[0][1])
-            end = max(entry[0] + entry[1] for entry in sample[1])
-            if end - start >= _STREAM_BLOCK_BYTES:
-                yield start, end, group
-                group = []
-        if group:
-            yield min(entry[0] for entry in group[0][1]), max(e[0] + e[1] for e in group[-1][1]), group
-
-    def _shard(self, path: str) -> Iterator[dict]:
-        samples = self.plans.get(path, [])
-        if self.location.is_local:
-            descriptor = os.open(path, os.O_RDONLY)
-            pool = _POOL
-            try:
-                # No POSIX_FADV_SEQUENTIAL: measured to slow warm streaming to 0.66-0.79x raw (from
-                # 0.87-0.98x); the 16 MiB reads already get the device's readahead.
-                for start, end, group in self._blocks(samples):
-                    buffer = pool.take(end - start)
-                    done = 0
-                    while done < len(buffer):
-                        count = os.preadv(descriptor, [memoryview(buffer)[done:]], start + done)
-                        if count == 0:
-                            raise DataError(f"{path}: shorter than its index says (read {start + done} bytes)")
-                        done += count
-                    yield from self._samples(path, buffer, start, group)
-                    del buffer  # only the samples (if kept) hold the block now: see _BlockPool
-            finally:
-                os.close(descriptor)
-            return
-        position = 0
-        with self.location.filesystem.open_input_stream(path, buffer_size=_STREAM_BUFFER_BYTES) as stream:
-            for start, end, group in self._blocks(samples):
-                if start > position:
-                    stream.read(start - position)  # tar headers between blocks: tiny
-                data = stream.read(end - start)
-                if len(data) != end - start:
-                    raise DataError(f"{path}: shorter than its index says (read {start + len(data)} bytes)")
-                position = end
-                yield from self._samples(path, np.frombuffer(data, dtype=np.uint8), start, group)
-
-    def _samples(self, path: str, buffer: np.ndarray, base: int, group: list) -> Iterator[dict]:
-        for image_id, entries in group:
-            out: dict = {"image_id": image_id}
-            for name, (offset, size, crc) in zip(self.names, entries):
-                where = f"{path} image {image_id!r} feature {name!r}"
-                out[name] = checked_view(buffer, offset - base, offset - base + size, crc, where, self.uri, self.verify)
-            yield out
-
-
 def _close(handle) -> None:
     if isinstance(handle, int):
         os.close(handle)
     else:
         handle.close()
-
-
-def _explicit_node_split(rank: int, world_size: int):
-    def split(source: Iterable) -> Iterator:
-        for index, item in enumerate(source):
-            if index % world_size == rank:
-                yield item
-
-    return split
 
 
 def open_store(

@@ -20,7 +20,7 @@ from pipeline.errors import DataError
 from pipeline.store.fs import resolve_location
 from pipeline.store.index import CHECKSUM_COLUMN, has_checksums, read_index
 from pipeline.store.manifest import Manifest
-from pipeline.store.reader import all_finite, decode_npy
+from pipeline.store.npy import all_finite, decode_npy
 from pipeline.store.shard_writer import ID_MEMBER
 
 _MAX_PROBLEMS = 50

@@ -14,9 +14,9 @@ from refseg_models.errors import ModelError
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.job import JobOptions
 from pipeline.training.mix_config import MixConfig
-from pipeline.training.samplers import SAMPLERS
+from pipeline.training.sampler_registry import SAMPLERS
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
-from refseg_models.build import available_models
+from refseg_models.build import available_models, method_config
 from refseg_models.encoders import available_encoders, encoder_options
 from refseg_models.encoders.sam_proxy import PROXY_ENCODER as DEFAULT_SAM_ENCODER  # the CPU default (docs/proxy_sam.md)
 
@@ -47,7 +47,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     what.add_argument("--lr", type=float, help="default: the recipe's")
     what.add_argument("--recipe-options", type=_json_object, default={}, help="other recipe overrides (JSON)")
     what.add_argument("--episodes-per-epoch", type=int, help="default: one episode per training pair (HSNet)")
-    what.add_argument("--sampler", choices=tuple(SAMPLERS), default="episodes",
+    what.add_argument("--sampler", choices=SAMPLERS.names(), default="episodes",
                       help="training data: the fold's episodes, or SegIC's mixed datasets (segic_mixed)")
     what.add_argument("--mix", type=_json_object_or_file, default={},
                       help="segic_mixed: the mix as JSON or a JSON file (sources, weights, stores, views; "
@@ -125,10 +125,8 @@ def default_sam_checkpoint(encoder: str) -> str | None:
 
 
 def _reads_sam(method: str, overrides: dict[str, Any], baselines: list[str]) -> bool:
-    from refseg_models.build import build_model
-
-    specs = [build_model(method, overrides, allow_random_init=True).feature_spec()]
-    specs += [build_model(name, allow_random_init=True).feature_spec() for name in baselines]
+    specs = [method_config(method, overrides).feature_spec()]
+    specs += [method_config(name).feature_spec() for name in baselines]
     return any("sam" in spec.encoders for spec in specs)
 
 

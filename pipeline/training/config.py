@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.data.folds import check_fold
 from pipeline.errors import ConfigError
 from pipeline.training.mix_config import MixConfig
+from pipeline.training.sampler_registry import check_sampler, recipe_dataset
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models, method_class, method_config
 from refseg_models.config import FrozenConfig
@@ -65,7 +66,7 @@ class TrainConfig(FrozenConfig):
     # (docs/evaluation.md), or "ignore" (255: excluded from losses and the metric).
     crowd: str = "background"
     episodes_per_epoch: int | None = None
-    # What an epoch of training samples is (pipeline/training/samplers.py): "episodes" (the fold's
+    # What an epoch of training samples is (pipeline/training/sampler_registry.py): "episodes" (the fold's
     # base-class episodes) or "segic_mixed" (SegIC's mixed datasets, configured by ``mix``).
     sampler: str = "episodes"
     mix: MixConfig = field(default_factory=MixConfig)
@@ -118,8 +119,6 @@ class TrainConfig(FrozenConfig):
             raise ConfigError(f"episodes_per_epoch must be >= 1, got {self.episodes_per_epoch}")
         if self.cpus_per_worker <= 0 or self.loader_workers < 0 or self.max_failures < -1:
             raise ConfigError("cpus_per_worker must be > 0, loader_workers >= 0, max_failures >= -1")
-        from pipeline.training.samplers import check_sampler
-
         check_sampler(self.sampler, self.method)
         if not isinstance(self.mix, MixConfig):
             raise ConfigError(f"mix must be a MixConfig, got {type(self.mix).__name__}")
@@ -165,10 +164,7 @@ class TrainConfig(FrozenConfig):
     def recipe(self) -> Recipe:
         """The paper's recipe of the method on the dataset (or on the sampler's data: SegIC's mix has
         its own recipe), with ``recipe_overrides`` applied."""
-        from pipeline.training.samplers import sampler_class
-
-        dataset = sampler_class(self.sampler).recipe_dataset or self.dataset
-        return recipe_for(self.method, dataset).replace(**self.recipe_overrides)
+        return recipe_for(self.method, recipe_dataset(self.sampler, self.dataset)).replace(**self.recipe_overrides)
 
     @property
     def batch_per_worker(self) -> int:

@@ -1,7 +1,8 @@
-"""A fold's data for training and evaluation: the source, the base-class training pairs, the
-per-epoch episode draws, and the validation / test episode manifests. Episodes are data: every
-manifest here is a deterministic function of the configuration (seeds and epoch), so every rank
-draws the same table and takes its disjoint share, and a resumed run draws the same episodes again.
+"""A fold's data, read from the raw dataset on the driver: the source, the base-class training
+pairs and the validation / test episode manifests. Episodes are data: every manifest here is a
+deterministic function of the configuration (seeds), and the driver writes it once into the fold's
+prepared artifact (:mod:`pipeline.training.prepare`), which is all the workers read; the per-epoch
+draws are :mod:`pipeline.training.epochs`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.data.base import SegmentationSource, pairs_by_pixel_rule
@@ -21,7 +21,7 @@ from pipeline.data.splits import LIST_IMAGE_MISSING, coco_image_id, map_coco20i_
 from pipeline.episodes.hsnet import hsnet_pascal_test_episodes, hsnet_test_episodes
 from pipeline.episodes.manifest import build_episode_manifest, manifest_from_hsnet
 from pipeline.episodes.training import training_pairs
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import DataError
 from pipeline.report import SkipReport
 from pipeline.training.config import TrainConfig
 
@@ -164,35 +164,3 @@ def _validation_manifest(cfg, test_pairs, test: pa.Table) -> tuple[pa.Table, int
         for q, s in zip(table.column("query_id").to_pylist(), table.column("support_ids").to_pylist())
     ]
     return table.filter(pa.array(keep)), table.num_rows
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch ``epoch``'s episode draw (independent of how many epochs ran before)."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), 0x7EA1]).generate_state(1, dtype=np.uint32)[0])
-
-
-def epoch_episodes(cfg: TrainConfig, data: FoldData, epoch: int, num_episodes: int) -> pa.Table:
-    """Epoch ``epoch``'s training episodes over the base-class pairs (seeded by seed and epoch)."""
-    return build_episode_manifest(
-        data.train_pairs, dataset=cfg.dataset, fold=cfg.fold, split="train", n_episodes=num_episodes,
-        shot=cfg.shot, seed=epoch_seed(cfg.seed, epoch), annotation_type=cfg.annotation_type,
-        report=SkipReport("training episodes"),
-    )
-
-
-def rank_share(table: pa.Table, rank: int, world_size: int) -> list[dict]:
-    """Rank ``rank``'s rows: ``episode_id % world_size == rank`` (disjoint; their union is the table)."""
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"need 0 <= rank < world_size, got {rank} / {world_size}")
-    ids = np.asarray(table.column("episode_id"))
-    return table.filter(pa.array(ids % world_size == rank)).to_pylist()
-
-
-def episodes_per_epoch(cfg: TrainConfig, data: FoldData) -> int:
-    """HSNet's epoch (one episode per training pair) unless configured, rounded down to whole global
-    batches so every rank runs the same number of steps."""
-    wanted = cfg.episodes_per_epoch if cfg.episodes_per_epoch is not None else data.num_train_pairs
-    batch = cfg.recipe.batch_size
-    if wanted < batch:
-        raise ConfigError(f"an epoch of {wanted} episodes is less than one global batch ({batch})")
-    return (wanted // batch) * batch

@@ -21,21 +21,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from pipeline.data.mask_cache import MaskCache
+from pipeline.data.base import IGNORE_INDEX
 from pipeline.episodes.annotations import reference_annotation
 from pipeline.errors import ConfigError
 from refseg_models.frames import Frame, frame_size_of
-from refseg_models.method import FeatureSpec
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.pseudo_mask import masked_reference_layer4
 from refseg_models.modeling.segic_instructions import masks_to_boxes
 
 SAM_FEATURE = "image_embedding"
-IGNORE = 255
+
+
+class LabelMasks(Protocol):
+    """Label masks by (image id, class id): a prepared fold's :class:`~pipeline.store.masks.MaskStore`
+    (training workers) or a :class:`~pipeline.data.mask_cache.MaskCache` over a source (evaluation)."""
+
+    def get(self, image_id: Any, class_id: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class EpisodeFeatureBuilder:
 
     Args:
         spec: what the method reads (``method.feature_spec()``).
-        masks: the label-mask cache of the episodes' dataset.
+        masks: the label masks of the episodes' dataset (uint8 {0, 1, 255} by image and class).
         frame_preprocessing / frame_size: the logits frame (the preprocessing id of the encoder named
             by ``method.logits_frame`` and the frame side: that encoder's input size, or
             ``method.frame_size()`` when the method says so).
@@ -66,7 +73,7 @@ class EpisodeFeatureBuilder:
     def __init__(
         self,
         spec: FeatureSpec,
-        masks: MaskCache,
+        masks: LabelMasks,
         *,
         frame_preprocessing: str,
         frame_size: int,
@@ -104,7 +111,7 @@ class EpisodeFeatureBuilder:
     def for_method(
         cls,
         method: Any,
-        masks: MaskCache,
+        masks: LabelMasks,
         *,
         sam: Any = None,
         backbone_features: Any = None,
@@ -143,7 +150,7 @@ class EpisodeFeatureBuilder:
         target_labels = [self.masks.get(row["query_id"], row["class_id"]) for row in rows]
         frames = [self._frame(label.shape) for label in target_labels]
         target_masks = torch.stack(
-            [frame.mask_to_frame(label, pad_value=IGNORE) for frame, label in zip(frames, target_labels)]
+            [frame.mask_to_frame(label, pad_value=IGNORE_INDEX) for frame, label in zip(frames, target_labels)]
         ).to(torch.uint8)
         # (reference image size, annotation): the frame is the reference's, whatever the resolution the
         # annotation was drawn at (points and scribbles: the authors' 512 x 512 frame)

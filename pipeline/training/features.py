@@ -5,6 +5,7 @@ and the identities recorded in inference checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from pipeline.store.status import store_status
 from pipeline.training.config import StoreSpec, TrainConfig
 from refseg_models.checkpoint import RANDOM_INIT, EncoderIdentity
 from refseg_models.encoders import build_encoder
-from refseg_models.method import FeatureSpec
+from refseg_models.feature_spec import FeatureSpec
 
 STORE_DTYPE = "float16"
 
@@ -31,9 +32,10 @@ def encoder_identity(spec: StoreSpec) -> EncoderIdentity:
     return EncoderIdentity(str(encoder.encoder_id), sha, str(encoder.preprocessing_id), dict(spec.options))
 
 
-def expected_key(cfg: TrainConfig, role: str) -> FeatureSetKey:
-    """The feature-set key the store of ``role`` must have for this configuration."""
-    identity = encoder_identity(getattr(cfg, role))
+def expected_key(cfg: TrainConfig, role: str, identity: EncoderIdentity | None = None) -> FeatureSetKey:
+    """The feature-set key the store of ``role`` must have for this configuration (``identity``: the
+    encoder's, when known already)."""
+    identity = identity or encoder_identity(getattr(cfg, role))
     return FeatureSetKey(cfg.feature_dataset, identity.encoder_id, identity.weights_sha256, identity.preprocessing_id, STORE_DTYPE)
 
 
@@ -105,9 +107,13 @@ class FrozenFeatures:
 
 
 def open_frozen_features(
-    cfg: TrainConfig, spec: FeatureSpec, image_ids: set[str] | None = None, live_backbone: bool = True
+    cfg: TrainConfig, spec: FeatureSpec, image_ids: set[str] | None = None, live_backbone: bool = True,
+    identities: Mapping[str, EncoderIdentity] | None = None,
 ) -> FrozenFeatures:
     """Open (and check) the stores ``spec`` reads; build the live backbone if it needs one.
+
+    ``identities``: the encoders' identities when the driver computed them already (the training
+    workers get them: no worker hashes a weights file or looks an encoder up by name to know them).
 
     Raises a clear error before any training step for a missing store (naming the extraction command
     that builds it), a store made with other weights / preprocessing / dtype than the configuration
@@ -115,15 +121,16 @@ def open_frozen_features(
     episodes need but the store lacks. Every feature read from the stores is then checked (crc32,
     finite values: :class:`~pipeline.store.reader.FeatureStore`), in training and in its evaluations.
     """
-    stores, identities = {}, {}
+    stores: dict[str, FeatureStore] = {}
+    known: dict[str, EncoderIdentity] = {}
     for role in spec.encoders:
         store_spec: StoreSpec = getattr(cfg, role)
         if not store_spec.encoder or not store_spec.store:
             raise ConfigError(f"{cfg.method} reads {role} features: configure the {role} encoder and its store")
-        identities[role] = encoder_identity(store_spec)
+        known[role] = (identities or {}).get(role) or encoder_identity(store_spec)
         if not store_exists(store_spec.store):
             raise missing_store_error(cfg, role)
-        stores[role] = open_store(store_spec.store, expect=expected_key(cfg, role))
+        stores[role] = open_store(store_spec.store, expect=expected_key(cfg, role, known[role]))
         if image_ids is not None:
             missing = sorted(image_ids - set(stores[role].image_ids))
             if missing:
@@ -135,4 +142,4 @@ def open_frozen_features(
     if live_backbone and spec.masked_reference_layer4:
         b = cfg.backbone
         backbone = build_encoder(b.encoder, b.checkpoint, allow_random_init=b.checkpoint is None, **b.options, **b.path_options)
-    return FrozenFeatures(stores, backbone, identities)
+    return FrozenFeatures(stores, backbone, known)

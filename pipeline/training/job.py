@@ -41,8 +41,10 @@ from pipeline.ray_session import init_ray
 from pipeline.training.config import StoreSpec, TrainConfig
 from pipeline.training.data import load_fold_data
 from pipeline.training.features import missing_store_error, open_frozen_features, store_exists
-from pipeline.training.samplers import sampler_class
-from refseg_models.build import build_model
+from pipeline.training.prepare import FoldWriter
+from pipeline.training.prepared import PreparedRef
+from pipeline.training.sampler_registry import sampler_preparation
+from refseg_models.build import method_config
 
 # Ray Train's preemption watcher (one actor per worker group) only logs node drains for
 # `ray.train.get_preemption_info()`, which refseg does not use (a lost node restarts the worker group
@@ -107,8 +109,10 @@ def check_locations(configs: list[TrainConfig], options: JobOptions) -> None:
     through the defaults it gives."""
     first = configs[0]
     locations = {f"the {role} feature store": getattr(first, role).store for role in ("sam", "backbone")}
+    root = options.resolved_root
     locations.update({"the Ray Train checkpoints": first.storage_path, "the MLflow store": tracking_uri(options),
-                      "the summary folder": output_dir(options, first.run_name)})
+                      "the summary folder": output_dir(options, first.run_name), "the prepared folds": root.prepared,
+                      "the label masks": root.masks})
     check_durable(locations)
 
 
@@ -122,7 +126,7 @@ def _check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f"{what}: {path} is relative: give absolute paths (the Ray Train workers do not run "
                               "in this process's working directory)")
     if cfg.sampler == "segic_mixed":  # the mix's other datasets (ADE20k, LVIS, FSS-1000) too
-        from pipeline.training.segic_mixed import check_source_paths
+        from pipeline.training.segic_mixed.sources import check_source_paths
 
         check_source_paths(cfg.mix.active_sources())
 
@@ -133,7 +137,7 @@ def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) ->
     from pipeline.extraction.config import ExtractionConfig
     from pipeline.extraction.run import run_extraction
 
-    spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
+    spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
     how = {}
     for role in spec.encoders:
         store: StoreSpec = getattr(cfg, role)
@@ -159,8 +163,9 @@ def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) ->
     return how
 
 
-def validate(configs: list[TrainConfig], options: JobOptions) -> str:
-    """Everything checked before Ray starts or any training step runs; returns the tracking URI.
+def validate(configs: list[TrainConfig], options: JobOptions) -> tuple[str, dict[int, PreparedRef]]:
+    """Everything checked and prepared before Ray starts or any training step runs: the tracking
+    URI, and each fold's prepared data (all its workers read besides the stores).
 
     Prints what each fold trains and tests on, and which stores it uses (once per store)."""
     from pipeline.training import tracking
@@ -170,25 +175,33 @@ def validate(configs: list[TrainConfig], options: JobOptions) -> str:
     uri = tracking_uri(options)
     tracking.check_reachable(uri)
     said: set[str] = set()
-    for cfg in configs:
-        data = load_fold_data(cfg)
-        print("\n".join(data.describe(f"fold {cfg.fold} data")), flush=True)
-        # the sampler's own stores first (SegIC's mix extracts plain images and cached views together)
-        sampler_class(cfg.sampler).prepare(cfg, data, options.extract_missing, options.extraction_workers)
-        how = prepare_stores(cfg, options.extract_missing, options.extraction_workers)
-        spec = build_model(cfg.method, cfg.method_overrides, allow_random_init=True).feature_spec()
-        frozen = open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False)
-        note = frozen.unchecksummed_note()
-        if note:
-            print(note, file=sys.stderr, flush=True)
-        for role, store in frozen.stores.items():
-            location = getattr(cfg, role).store
-            if location not in said:
-                said.add(location)
-                state = "extracted now" if how.get(role) == "extracted" else "found, used as is"
-                print(f"{role} feature store {location}: {state} ({len(store.image_ids)} images of "
-                      f"{frozen.identities[role].describe(12)})", flush=True)
-    return uri
+    return uri, {cfg.fold: _prepare_fold(cfg, options, said) for cfg in configs}
+
+
+def _prepare_fold(cfg: TrainConfig, options: JobOptions, said: set[str]) -> PreparedRef:
+    """Read the fold from the raw dataset (once), make sure its stores exist and hold its images,
+    and write its prepared artifact (:mod:`pipeline.training.prepare`)."""
+    data = load_fold_data(cfg)
+    print("\n".join(data.describe(f"fold {cfg.fold} data")), flush=True)
+    writer = FoldWriter(cfg, data, options.resolved_root)
+    preparation = sampler_preparation(cfg.sampler)
+    if preparation is not None:  # the sampler's own stores first (SegIC's mix extracts plain images and views together)
+        preparation(cfg, data, writer, options.extract_missing, options.extraction_workers)
+    how = prepare_stores(cfg, options.extract_missing, options.extraction_workers)
+    spec = method_config(cfg.method, cfg.method_overrides).feature_spec()
+    frozen = open_frozen_features(cfg, spec, data.image_ids(), live_backbone=False)
+    note = frozen.unchecksummed_note()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    for role, store in frozen.stores.items():
+        location = getattr(cfg, role).store
+        if location not in said:
+            said.add(location)
+            state = "extracted now" if how.get(role) == "extracted" else "found, used as is"
+            print(f"{role} feature store {location}: {state} ({len(store.image_ids)} images of "
+                  f"{frozen.identities[role].describe(12)})", flush=True)
+    writer.set_frozen({role: getattr(cfg, role).store for role in frozen.stores}, frozen.identities)
+    return writer.write()
 
 
 def _identities(cfg: TrainConfig) -> dict[str, str]:
@@ -215,7 +228,7 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
 
     configs = fold_configs(base, options)
     check_locations(configs, options)
-    uri = validate(configs, options)
+    uri, prepared = validate(configs, options)
     first = configs[0]
     metric_keys = ["test_miou", "test_fbiou", "val_best_miou"] + (["test_untrained_miou"] if first.evaluate_untrained else [])
     metric_keys += [f"test_{name}_miou" for name in first.baselines]
@@ -232,7 +245,8 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
     working = [parent_id]  # the runs this driver works on now: ended KILLED / FAILED if it stops
     with _sigterm_interrupts(), tracking.ended_with_the_driver(uri, working):
         for cfg in configs:
-            summary["folds"][cfg.fold] = _run_fold(cfg, uri, experiment_id, parent_id, tags, working, options.gpus_per_worker)
+            summary["folds"][cfg.fold] = _run_fold(cfg, prepared[cfg.fold], uri, experiment_id, parent_id, tags, working,
+                                                   options.gpus_per_worker)
     folds = summary["folds"]
     finished = [f for f in folds.values() if "test_miou" in f]
     if finished:
@@ -252,8 +266,8 @@ def run_training(base: TrainConfig, options: JobOptions) -> dict[str, Any]:
     return summary
 
 
-def _run_fold(cfg: TrainConfig, uri: str, experiment_id: str, parent_id: str, tags: dict[str, str],
-              working: list[str], gpus_per_worker: float | None = None) -> dict[str, Any]:
+def _run_fold(cfg: TrainConfig, prepared: PreparedRef, uri: str, experiment_id: str, parent_id: str,
+              tags: dict[str, str], working: list[str], gpus_per_worker: float | None = None) -> dict[str, Any]:
     """Train and test one fold (or report it finished already); its row of the summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -283,7 +297,8 @@ def _run_fold(cfg: TrainConfig, uri: str, experiment_id: str, parent_id: str, ta
         os.environ.setdefault(_PREEMPTION_WATCHER_ENV, "0")  # read by the Train controller (see above)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"train": cfg.to_dict(), "tracking": {"uri": uri, "run_id": run_id}},
+            train_loop_config={"train": cfg.to_dict(), "prepared": prepared.to_dict(),
+                               "tracking": {"uri": uri, "run_id": run_id}},
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                 resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if cfg.use_gpu and gpus_per_worker else {})},

@@ -1,17 +1,21 @@
 """The training loop's data extension point: what one epoch of training samples is, and how a
 rank's rows become batches.
 
-``TrainConfig.sampler`` names a :class:`TrainingSampler` here; the loop is the same for all of them:
+``TrainConfig.sampler`` names a :class:`TrainingSampler` (registered in
+:mod:`pipeline.training.sampler_registry`, with what it feeds and whose recipe it uses); the loop
+is the same for all of them:
 
 * ``epoch_table(epoch, num_samples)``: the epoch's samples as a table (rows are data), a function of
   the configuration's seed and the epoch only: every rank draws the same table and takes its
-  disjoint share ``episode_id % world == rank`` (:func:`pipeline.training.data.rank_share`), and a
+  disjoint share ``episode_id % world == rank`` (:func:`pipeline.training.epochs.rank_share`), and a
   resumed run draws the same table again and skips the rows it already trained on;
 * ``build(rows) -> EpisodeBatch``: features + target label masks {0, 1, 255} (B x S x S, or
   B x n x S x S for several instructions per target); any randomness in it is seeded by the rows;
-* ``samples_per_epoch()``, ``summary()`` (logged once) and, on the driver before Ray starts,
-  ``prepare(cfg, data, extract_missing, workers)``: make sure the stores it reads exist and hold
-  what it reads (extracting them with ``--extract-missing``).
+* ``samples_per_epoch()``, ``summary()`` (logged once).
+
+A sampler reads the fold the driver prepared (:class:`~pipeline.training.prepared.PreparedFold`),
+never the raw dataset; what it needs beyond the fold (its stores, its own tables) its driver-side
+preparation makes (:func:`~pipeline.training.sampler_registry.sampler_preparation`).
 
 Samplers:
 
@@ -22,91 +26,51 @@ Samplers:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
-from pipeline.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.training.config import TrainConfig
-    from pipeline.training.data import FoldData
-    from pipeline.training.episode_features import EpisodeBatch
-
-SAMPLERS: dict[str, str] = {
-    "episodes": "pipeline.training.samplers:EpisodeSampler",
-    "segic_mixed": "pipeline.training.segic_mixed:SegICMixedSampler",
-}
+from pipeline.training.config import TrainConfig
+from pipeline.training.epochs import episodes_per_epoch, epoch_episodes
+from pipeline.training.episode_features import EpisodeBatch, EpisodeFeatureBuilder
+from pipeline.training.prepared import PreparedFold
+from pipeline.training.sampler_registry import SAMPLERS
 
 
 class TrainingSampler(Protocol):
-    name: ClassVar[str]
-    # The recipe's dataset key (``refseg_models.recipes.recipe_for(method, key)``); None = cfg.dataset.
-    recipe_dataset: ClassVar[str | None]
-    # The methods it can feed (None = any).
-    methods: ClassVar[tuple[str, ...] | None]
-
-    def __init__(self, cfg: "TrainConfig", data: "FoldData", model: Any, frozen: Any) -> None: ...
-
-    @classmethod
-    def prepare(cls, cfg: "TrainConfig", data: "FoldData", extract_missing: bool, workers: int = 1) -> None: ...
+    def __init__(self, cfg: TrainConfig, data: PreparedFold, model: Any, frozen: Any) -> None: ...
 
     def samples_per_epoch(self) -> int: ...
 
     def epoch_table(self, epoch: int, num_samples: int) -> pa.Table: ...
 
-    def build(self, rows: list[dict]) -> "EpisodeBatch": ...
+    def build(self, rows: list[dict]) -> EpisodeBatch: ...
 
     def summary(self) -> dict[str, float]: ...
 
 
-def sampler_class(name: str) -> type:
-    """The sampler registered under ``name`` (imported on first use)."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown training sampler {name!r}; available: {', '.join(SAMPLERS)}")
-    module, attribute = SAMPLERS[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def check_sampler(name: str, method: str) -> None:
-    """Refuse a sampler that cannot feed ``method``."""
-    cls = sampler_class(name)
-    if cls.methods is not None and method not in cls.methods:
-        raise ConfigError(f"the {name!r} sampler feeds {', '.join(cls.methods)} only, not {method}")
+def sampler_class(name: str) -> type[TrainingSampler]:
+    """The sampler registered under ``name`` (:data:`~pipeline.training.sampler_registry.SAMPLERS`)."""
+    return SAMPLERS.get(name)
 
 
 class EpisodeSampler:
     """The fold's base-class episodes: exactly the training data of every method before samplers."""
 
-    name = "episodes"
-    recipe_dataset = None
-    methods = None
-
-    def __init__(self, cfg: "TrainConfig", data: "FoldData", model: Any, frozen: Any) -> None:
-        from pipeline.training.episode_features import EpisodeFeatureBuilder
-
+    def __init__(self, cfg: TrainConfig, data: PreparedFold, model: Any, frozen: Any) -> None:
         self.cfg, self.data = cfg, data
         providers = dict(sam=frozen.stores.get("sam"), backbone_features=frozen.stores.get("backbone"), backbone=frozen.backbone)
         self.builder = EpisodeFeatureBuilder.for_method(
             model, data.masks, training=True, point_style=cfg.point_style, **providers
         )
 
-    @classmethod
-    def prepare(cls, cfg: "TrainConfig", data: "FoldData", extract_missing: bool, workers: int = 1) -> None:
-        """Nothing beyond the method's stores (the job prepares those)."""
-
     def samples_per_epoch(self) -> int:
-        from pipeline.training.data import episodes_per_epoch
-
         return episodes_per_epoch(self.cfg, self.data)
 
     def epoch_table(self, epoch: int, num_samples: int) -> pa.Table:
-        from pipeline.training.data import epoch_episodes
-
         return epoch_episodes(self.cfg, self.data, epoch, num_samples)
 
-    def build(self, rows: list[dict]) -> "EpisodeBatch":
+    def build(self, rows: list[dict]) -> EpisodeBatch:
         return self.builder(rows)
 
     def summary(self) -> dict[str, float]:

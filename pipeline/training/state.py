@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,25 @@ from refseg_models.checkpoint import atomic_torch_save
 STATE_FORMAT = "refseg-train-state/1"
 STATE_FILE = "state.pt"
 DIGEST_FILE = "state.pt.sha256"
+
+
+@dataclass
+class TrainState:
+    """Where training is (``progress``: the next step to run), the best validation weights so far
+    (``best``) and results computed once per run (``extra``): saved in every checkpoint."""
+
+    progress: dict[str, int]
+    best: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, weights: dict[str, Any]) -> "TrainState":
+        """Before the first step: the model's initial ``weights`` are the best so far."""
+        return cls({"global_step": 0, "epoch": 0, "step_in_epoch": 0}, {"val_miou": -1.0, "step": -1, "model": weights})
+
+    @property
+    def step(self) -> int:
+        return self.progress["global_step"]
 
 
 def step_seed(seed: int, rank: int, global_step: int) -> int:

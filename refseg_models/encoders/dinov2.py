@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,9 @@ def build_dinov2_encoder(
     if checkpoint is not None:
         load_state_dict_strict(vit, read_state_dict(checkpoint), str(checkpoint))
     return DinoV2Encoder(variant, vit, input_size=input_size, resize=resize)
+
+
+# The registry's builders (refseg_models.encoders.ENCODERS), one per variant.
+build_dinov2_vits14 = partial(build_dinov2_encoder, "vits14")
+build_dinov2_vitb14 = partial(build_dinov2_encoder, "vitb14")
+build_dinov2_vitl14 = partial(build_dinov2_encoder, "vitl14")

@@ -3,9 +3,9 @@
 The encoder is segment_anything's own class, built with exactly the arguments of
 ``segment_anything.build_sam._build_sam`` (image 1024, patch 16, window 14, rel-pos, LayerNorm eps
 1e-6, 256 output channels) and the per-size depth/width/heads/global-attention indexes of
-``build_sam_vit_{h,l,b}``. ``vit_tiny`` is OUR small configuration for tests and demos: same input
-size and the same 256 x 64 x 64 output, so every downstream shape is identical; it has no pretrained
-weights. The blocks' attention runs through ``F.scaled_dot_product_attention`` with SAM's decomposed
+``build_sam_vit_{h,l,b}``. ``vit_tiny`` is OUR small configuration for tests and benchmarks (they
+register it as ``sam_vit_tiny``, tests/tiny_sam.py; refseg does not): same input size and the same
+256 x 64 x 64 output, so every downstream shape is identical; it has no pretrained weights. The blocks' attention runs through ``F.scaled_dot_product_attention`` with SAM's decomposed
 relative-position bias as its mask (``sam_attention.py``: the same function and parameters, equal to
 segment_anything's ``Attention`` to 1e-5 in fp32; ``attention="segment_anything"`` keeps its own).
 
@@ -176,3 +176,11 @@ def build_sam_image_encoder(
         source = str(checkpoint)
         load_state_dict_strict(encoder, image_encoder_state_dict(read_state_dict(checkpoint), source), source)
     return SamImageEncoder(variant, encoder, preprocessing)
+
+
+# The registry's builders (refseg_models.encoders.ENCODERS), one per variant; vit_tiny's is registered
+# by the tests and benchmarks that use it (tests/tiny_sam.py), not by refseg.
+build_sam_vit_h = partial(build_sam_image_encoder, "vit_h")
+build_sam_vit_l = partial(build_sam_image_encoder, "vit_l")
+build_sam_vit_b = partial(build_sam_image_encoder, "vit_b")
+build_sam_vit_tiny = partial(build_sam_image_encoder, "vit_tiny")

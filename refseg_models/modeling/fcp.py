@@ -33,7 +33,7 @@ Choices where the paper is not explicit (stated in docs/methods.md):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,15 +43,15 @@ from torch import nn
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import FCPCriterion
 from refseg_models.errors import ModelError
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.losses import GUIDE_LOSSES, GUIDE_WEIGHTINGS
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
 from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
-from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
-from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS, config_for_sam_and_backbone
+from refseg_models.modeling.sam_decoder import SAM_EMBED_DIM, SamDecoder, upsample_logits
+from refseg_models.modeling.vrp_sam import RESNET50_CHANNELS, PromptEncoderMethod
 
 
 # The authors' min-max normalisation epsilon (transformer_decoder).
@@ -77,31 +77,25 @@ def attention_pseudo_mask(attention: torch.Tensor, size: int) -> torch.Tensor:
 class FCPDecoder(nn.Module):
     """Support / query prototype generation (T layers each) and prototype-prototype matching."""
 
-    def __init__(
-        self,
-        num_prototypes: int = 50,
-        dim: int = 256,
-        num_heads: int = 4,
-        num_layers: int = 3,
-        branch_attention_dropout: float = 0.5,
-        match_attention_dropout: float = 0.2,
-    ) -> None:
+    def __init__(self, config: FCPConfig) -> None:
         super().__init__()
-        if num_layers < 2:
-            raise ModelError(f"FCP needs T >= 2 layers (T-1 attention pseudo masks), got {num_layers}")
-        self.num_layers = num_layers
+        layers, dim, heads = config.num_layers, config.hidden_dim, config.num_heads
+        if layers < 2:
+            raise ModelError(f"FCP needs T >= 2 layers (T-1 attention pseudo masks), got {layers}")
+        self.num_layers = layers
         self.merge_sam = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, kernel_size=1, bias=False), nn.ReLU())
         self.merge_res = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, kernel_size=1, bias=False), nn.ReLU())
-        self.support_prototypes = nn.Embedding(num_prototypes, dim)
-        self.query_prototypes = nn.Embedding(num_prototypes, dim)
+        self.support_prototypes = nn.Embedding(config.num_prototypes, dim)
+        self.query_prototypes = nn.Embedding(config.num_prototypes, dim)
+        branch_dropout = config.branch_attention_dropout
         self.support_layers = nn.ModuleList(
-            CrossAttentionLayer(dim, num_heads, attention_dropout=branch_attention_dropout) for _ in range(num_layers)
+            CrossAttentionLayer(dim, heads, attention_dropout=branch_dropout) for _ in range(layers)
         )
         self.query_layers = nn.ModuleList(
-            CrossAttentionLayer(dim, num_heads, attention_dropout=branch_attention_dropout) for _ in range(num_layers)
+            CrossAttentionLayer(dim, heads, attention_dropout=branch_dropout) for _ in range(layers)
         )
-        self.match_cross = CrossAttentionLayer(dim, num_heads, attention_dropout=match_attention_dropout)
-        self.match_self = SelfAttentionLayer(dim, num_heads)
+        self.match_cross = CrossAttentionLayer(dim, heads, attention_dropout=config.match_attention_dropout)
+        self.match_self = SelfAttentionLayer(dim, heads)
 
     @staticmethod
     def _merge(conv: nn.Module, feat: torch.Tensor, prototype: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -167,36 +161,25 @@ class FCPDecoder(nn.Module):
 
 
 class FCPPromptEncoder(nn.Module):
-    """FCP's trainable part: projections + ``FCPDecoder``; features -> per-shot prompt tokens."""
+    """FCP's trainable part: projections + ``FCPDecoder``; features -> per-shot prompt tokens.
+    Built from :class:`FCPConfig` (its defaults are written there only)."""
 
-    def __init__(
-        self,
-        backbone_channels: Sequence[int] = RESNET50_CHANNELS,
-        num_prototypes: int = 50,
-        hidden_dim: int = 256,
-        num_heads: int = 4,
-        num_layers: int = 3,
-        branch_attention_dropout: float = 0.5,
-        match_attention_dropout: float = 0.2,
-        feature_dropout: float = 0.5,
-        feature_size: int = 64,
-        sam_dim: int = 256,
-    ) -> None:
+    def __init__(self, config: FCPConfig) -> None:
         super().__init__()
-        if len(backbone_channels) != 3:
-            raise ModelError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
-        c2, c3, _ = backbone_channels
-        if sam_dim != hidden_dim:
-            raise ModelError("FCP merges SAM features and prototypes at one width: sam_dim must equal hidden_dim")
-        self.num_prototypes = num_prototypes
-        self.feature_size = feature_size
+        if len(config.backbone_channels) != 3:
+            raise ModelError(f"backbone_channels must be (layer2, layer3, layer4), got {config.backbone_channels}")
+        c2, c3, _ = config.backbone_channels
+        dim = config.hidden_dim
+        if dim != SAM_EMBED_DIM:
+            raise ModelError(f"FCP merges SAM features and prototypes at one width: hidden_dim must be SAM's "
+                             f"{SAM_EMBED_DIM}, got {dim}")
+        self.num_prototypes = config.num_prototypes
+        self.feature_size = config.feature_size
         self.down = nn.Sequential(
-            nn.Conv2d(c3 + c2, hidden_dim, kernel_size=1, bias=False), nn.ReLU(), nn.Dropout2d(feature_dropout)
+            nn.Conv2d(c3 + c2, dim, kernel_size=1, bias=False), nn.ReLU(), nn.Dropout2d(config.feature_dropout)
         )
-        self.sam_proj = nn.Sequential(nn.Conv2d(sam_dim, hidden_dim, kernel_size=1, bias=False), nn.ReLU())
-        self.decoder = FCPDecoder(
-            num_prototypes, hidden_dim, num_heads, num_layers, branch_attention_dropout, match_attention_dropout
-        )
+        self.sam_proj = nn.Sequential(nn.Conv2d(SAM_EMBED_DIM, dim, kernel_size=1, bias=False), nn.ReLU())
+        self.decoder = FCPDecoder(config)
 
     def _project(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         s = self.feature_size
@@ -268,14 +251,15 @@ class FCPConfig(MethodConfig):
     guide_weighting: str = "authors"
     guide_loss: str = "authors"
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, reference_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
 
-class FCP(RefSegMethod):
+
+class FCP(PromptEncoderMethod):
     """FCP on features: ``FCPPromptEncoder`` (trainable) + frozen SAM decoding."""
 
-    name = "fcp"
     config_class = FCPConfig
-    uses_sam_decoder = True
-    logits_frame = "backbone"
+    prompt_encoder_class = FCPPromptEncoder
 
     def __init__(self, config: FCPConfig, prompt_encoder: FCPPromptEncoder, sam_decoder: SamDecoder) -> None:
         super().__init__()
@@ -291,29 +275,6 @@ class FCP(RefSegMethod):
             config.bce_weight, config.dice_weight, config.guide_weight, config.ortho_weight, config.guide_weighting,
             config.guide_loss,
         )
-
-    @classmethod
-    def from_config(cls, config: FCPConfig, sam_decoder: SamDecoder | None = None) -> "FCP":
-        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
-        encoder = FCPPromptEncoder(
-            config.backbone_channels,
-            config.num_prototypes,
-            config.hidden_dim,
-            config.num_heads,
-            config.num_layers,
-            config.branch_attention_dropout,
-            config.match_attention_dropout,
-            config.feature_dropout,
-            config.feature_size,
-        )
-        return cls(config, encoder, sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, reference_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
-
-    @classmethod
-    def config_for_features(cls, config: FCPConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> FCPConfig:
-        return config_for_sam_and_backbone(config, shapes)
 
     def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
         """B x k x 50 x 256 per-shot prompt tokens."""

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import PromptMaskCriterion
 from refseg_models.errors import ModelError
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
+from refseg_models.feature_spec import FeatureSpec
+from refseg_models.method import RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.sam_decoder import SAM_INPUT_SIZE, SamDecoder
 
@@ -126,9 +127,11 @@ class PerSamConfig(MethodConfig):
     bce_weight: float = 1.0
     dice_weight: float = 1.0
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, reference_sam=True)
+
 
 class PerSAM(RefSegMethod):
-    name = "persam"
     config_class = PerSamConfig
     uses_sam_decoder = True
     logits_frame = "sam"
@@ -149,9 +152,6 @@ class PerSAM(RefSegMethod):
     def from_config(cls, config: PerSamConfig, sam_decoder: SamDecoder | None = None) -> "PerSAM":
         check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
         return cls(config, sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, reference_sam=True)
 
     def frame_size(self) -> int:
         return self.input_size  # SAM's prompt frame (1024): points and valid sizes live there

@@ -28,15 +28,9 @@ from torch.nn import functional as F
 
 from refseg_models.criterion import PromptMaskCriterion
 from refseg_models.errors import ModelError
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
-from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
+from refseg_models.modeling.inputs import EpisodeFeatures
 from refseg_models.modeling.sam_decoder import SamDecoder, upsample_logits
-from refseg_models.modeling.vrp_sam import (
-    VisualReferencePromptEncoder,
-    VRPSamConfig,
-    build_prompt_encoder,
-    config_for_sam_and_backbone,
-)
+from refseg_models.modeling.vrp_sam import PromptEncoderMethod, VisualReferencePromptEncoder, VRPSamConfig
 
 DISTRIBUTIONS = ("student_t", "gaussian")
 INFERENCE_STRATEGIES = (
@@ -100,13 +94,11 @@ class ProSamConfig(VRPSamConfig):
     mu_init: str = "default"
 
 
-class ProSam(RefSegMethod):
+class ProSam(PromptEncoderMethod):
     """ProSAM on features: VRP-SAM's prompt encoder + mu / sigma heads; frozen SAM decoding."""
 
-    name = "prosam"
     config_class = ProSamConfig
-    uses_sam_decoder = True
-    logits_frame = "backbone"
+    prompt_encoder_class = VisualReferencePromptEncoder
 
     def __init__(self, config: ProSamConfig, prompt_encoder: VisualReferencePromptEncoder, sam_decoder: SamDecoder) -> None:
         super().__init__()
@@ -141,18 +133,6 @@ class ProSam(RefSegMethod):
         self.distribution = config.distribution
         self.output_size = config.output_size
         self.criterion = PromptMaskCriterion(config.bce_weight, config.dice_weight)
-
-    @classmethod
-    def from_config(cls, config: ProSamConfig, sam_decoder: SamDecoder | None = None) -> "ProSam":
-        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
-        return cls(config, build_prompt_encoder(config), sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
-
-    @classmethod
-    def config_for_features(cls, config: ProSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> ProSamConfig:
-        return config_for_sam_and_backbone(config, shapes)
 
     def distribution_params(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """mu, sigma: B x (k*50) x 256 (sigma = softplus(s) + 1e-4); pseudo_mask: B x k x 64 x 64."""

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import PromptMaskCriterion
-from refseg_models.method import FeatureSpec, RefSegMethod
+from refseg_models.feature_spec import FeatureSpec
+from refseg_models.method import RefSegMethod
 from refseg_models.modeling.inputs import EpisodeFeatures
 
 
@@ -28,9 +29,11 @@ class PrototypeMatchingConfig(MethodConfig):
     scale: float = 10.0
     eps: float = 1e-6
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(backbone=(self.feature,))
+
 
 class PrototypeMatching(RefSegMethod):
-    name = "prototype_matching"
     config_class = PrototypeMatchingConfig
     uses_sam_decoder = False
     logits_frame = "backbone"
@@ -49,9 +52,6 @@ class PrototypeMatching(RefSegMethod):
     @classmethod
     def from_config(cls, config: PrototypeMatchingConfig, sam_decoder: Any = None) -> "PrototypeMatching":
         return cls(config)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(backbone=(self.feature,))
 
     def forward(self, features: EpisodeFeatures) -> dict[str, torch.Tensor]:
         """

@@ -57,7 +57,8 @@ from torch import nn
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import SegICCriterion
 from refseg_models.errors import ModelError
-from refseg_models.method import FeatureSpec, RefSegMethod
+from refseg_models.feature_spec import FeatureSpec
+from refseg_models.method import RefSegMethod
 from refseg_models.modeling.inputs import EpisodeFeatures, InstructionSet
 from refseg_models.modeling.segic_instructions import geometric_instruction, instance_features, masks_to_boxes
 from refseg_models.modeling.segic_neck import SegICNeck
@@ -111,9 +112,11 @@ class SegICConfig(MethodConfig):
     # at inference. Adds an Embedding(2, 256): 512 trainable parameters.
     cross_instance_prompt: bool = True
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(backbone=(self.feature_key,), target_boxes=True)
+
 
 class SegIC(RefSegMethod):
-    name = "segic"
     config_class = SegICConfig
     uses_sam_decoder = False
     logits_frame = "backbone"
@@ -188,9 +191,6 @@ class SegIC(RefSegMethod):
         # the authors' inst_type_embed = nn.Embedding(2, 256) (model/segic.py lines 209-210)
         types = nn.Embedding(2, config.embed_dim) if config.cross_instance_prompt else None
         return cls(config, neck, prompt_encoder, mask_decoder, nn.Linear(config.in_channels, config.embed_dim), meta, types)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(backbone=(self.feature_key,), target_boxes=True)
 
     def frame_size(self) -> int:
         return self.input_size

@@ -18,19 +18,20 @@ grid likewise; with the paper's dilated ResNet-50 every map is already 64 x 64 a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from refseg_models.errors import ModelError
+from refseg_models.feature_spec import FeatureSpec
 from refseg_models.config import MethodConfig
 from refseg_models.criterion import PromptMaskCriterion
 from refseg_models.modeling.attention import CrossAttentionLayer, SelfAttentionLayer
 from refseg_models.modeling.features import masked_average_pool, resize_mask_nearest, resize_to_grid
-from refseg_models.method import FeatureSpec, RefSegMethod, check_sam_decoder_grid
+from refseg_models.method import RefSegMethod, check_sam_decoder_grid
 from refseg_models.modeling.inputs import BACKBONE_LAYERS, EpisodeFeatures
 from refseg_models.modeling.position_encoding import sine_position_encoding
 from refseg_models.modeling.pseudo_mask import prior_pseudo_mask
@@ -42,7 +43,7 @@ RESNET50_CHANNELS = (512, 1024, 2048)
 class VRPDecoder(nn.Module):
     """50 learned queries -> cross(reference) -> self -> cross(target) -> self (one layer)."""
 
-    def __init__(self, num_queries: int = 50, dim: int = 256, num_heads: int = 4) -> None:
+    def __init__(self, num_queries: int, dim: int, num_heads: int) -> None:
         super().__init__()
         self.queries = nn.Embedding(num_queries, dim)
         self.cross_reference = CrossAttentionLayer(dim, num_heads)
@@ -65,28 +66,24 @@ class VRPDecoder(nn.Module):
 
 
 class VisualReferencePromptEncoder(nn.Module):
-    """VRP-SAM's trainable prompt encoder: features of an episode batch -> sparse prompt tokens."""
+    """VRP-SAM's trainable prompt encoder: features of an episode batch -> sparse prompt tokens.
 
-    def __init__(
-        self,
-        backbone_channels: Sequence[int] = RESNET50_CHANNELS,
-        num_queries: int = 50,
-        hidden_dim: int = 256,
-        num_heads: int = 4,
-        feature_dropout: float = 0.5,
-        feature_size: int = 64,
-    ) -> None:
+    Built from a config with VRP-SAM's fields (:class:`VRPSamConfig`, ProSAM's): its defaults are
+    written there only."""
+
+    def __init__(self, config: VRPSamConfig) -> None:
         super().__init__()
-        if len(backbone_channels) != 3:
-            raise ModelError(f"backbone_channels must be (layer2, layer3, layer4), got {backbone_channels}")
-        c2, c3, _ = backbone_channels
-        self.num_queries = num_queries
-        self.feature_size = feature_size
+        if len(config.backbone_channels) != 3:
+            raise ModelError(f"backbone_channels must be (layer2, layer3, layer4), got {config.backbone_channels}")
+        c2, c3, _ = config.backbone_channels
+        dim = config.hidden_dim
+        self.num_queries = config.num_queries
+        self.feature_size = config.feature_size
         self.down = nn.Sequential(
-            nn.Conv2d(c2 + c3, hidden_dim, kernel_size=1, bias=False), nn.ReLU(), nn.Dropout2d(feature_dropout)
+            nn.Conv2d(c2 + c3, dim, kernel_size=1, bias=False), nn.ReLU(), nn.Dropout2d(config.feature_dropout)
         )
-        self.merge = nn.Sequential(nn.Conv2d(2 * hidden_dim + 1, hidden_dim, kernel_size=1, bias=False), nn.ReLU())
-        self.decoder = VRPDecoder(num_queries, hidden_dim, num_heads)
+        self.merge = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, kernel_size=1, bias=False), nn.ReLU())
+        self.decoder = VRPDecoder(config.num_queries, dim, config.num_heads)
 
     def _project(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         s = self.feature_size
@@ -144,6 +141,9 @@ class VRPSamConfig(MethodConfig):
     bce_weight: float = 1.0
     dice_weight: float = 1.0
 
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
+
 
 def config_for_sam_and_backbone(config: Any, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Any:
     """VRP-SAM / ProSAM / FCP configs on given features: the SAM grid G (``feature_size``) from the
@@ -156,25 +156,30 @@ def config_for_sam_and_backbone(config: Any, shapes: Mapping[str, Mapping[str, t
     return config.replace(**changes)
 
 
-def build_prompt_encoder(config: Any) -> VisualReferencePromptEncoder:
-    """VRP-SAM's prompt encoder from a config with VRP-SAM's fields (VRP-SAM, ProSAM)."""
-    return VisualReferencePromptEncoder(
-        config.backbone_channels,
-        config.num_queries,
-        config.hidden_dim,
-        config.num_heads,
-        config.feature_dropout,
-        config.feature_size,
-    )
+class PromptEncoderMethod(RefSegMethod):
+    """A trainable prompt encoder in front of a frozen SAM decoder, on a SAM grid and a backbone's
+    layer2/3/4 (VRP-SAM, ProSAM, FCP): built the same way, ``cls(config, prompt_encoder(config),
+    sam_decoder)``, and adapted to the features at hand the same way."""
 
-
-class VRPSam(RefSegMethod):
-    """VRP-SAM on features: prompt encoder (trainable) + SAM prompt encoder / mask decoder (frozen)."""
-
-    name = "vrp_sam"
-    config_class = VRPSamConfig
     uses_sam_decoder = True
     logits_frame = "backbone"
+    prompt_encoder_class: ClassVar[type[nn.Module]]  # built from the method's config alone
+
+    @classmethod
+    def from_config(cls, config: Any, sam_decoder: SamDecoder | None = None) -> "PromptEncoderMethod":
+        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
+        return cls(config, cls.prompt_encoder_class(config), sam_decoder)
+
+    @classmethod
+    def config_for_features(cls, config: Any, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Any:
+        return config_for_sam_and_backbone(config, shapes)
+
+
+class VRPSam(PromptEncoderMethod):
+    """VRP-SAM on features: prompt encoder (trainable) + SAM prompt encoder / mask decoder (frozen)."""
+
+    config_class = VRPSamConfig
+    prompt_encoder_class = VisualReferencePromptEncoder
 
     def __init__(self, config: VRPSamConfig, prompt_encoder: VisualReferencePromptEncoder, sam_decoder: SamDecoder):
         super().__init__()
@@ -183,18 +188,6 @@ class VRPSam(RefSegMethod):
         self.sam_decoder = sam_decoder
         self.output_size = config.output_size
         self.criterion = PromptMaskCriterion(config.bce_weight, config.dice_weight)
-
-    @classmethod
-    def from_config(cls, config: VRPSamConfig, sam_decoder: SamDecoder | None = None) -> "VRPSam":
-        check_sam_decoder_grid(sam_decoder, config.feature_size, cls.name)
-        return cls(config, build_prompt_encoder(config), sam_decoder)
-
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(target_sam=True, backbone=BACKBONE_LAYERS, masked_reference_layer4=True)
-
-    @classmethod
-    def config_for_features(cls, config: VRPSamConfig, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> VRPSamConfig:
-        return config_for_sam_and_backbone(config, shapes)
 
     def prompt_tokens(self, features: EpisodeFeatures) -> torch.Tensor:
         """B x (k*50) x 256 tokens that go to SAM (deterministic in eval mode)."""
