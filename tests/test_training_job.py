@@ -136,6 +136,11 @@ def test_two_worker_run_lands_in_mlflow_and_the_loss_falls(workspace: dict, vrp_
                 "memory/peak_rss_mb", "time/data_share"):
         assert key in metrics, key
     assert any(key.startswith("test_iou/") for key in metrics)
+    # the run's training rate: both ranks' episodes of a step over rank 0's step (with its data wait)
+    rates = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "time/episodes_per_s")}
+    steps = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "time/step_s")}
+    waits = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "time/data_s")}
+    assert rates and all(rate == pytest.approx(8 / (steps[s] + waits[s]), rel=1e-6) for s, rate in rates.items())
     assert child.data.params["method"] == "vrp_sam" and child.data.tags["refseg.world_size"] == "2"
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)} | {
         a.path for d in ("test", "model", "overlays") for a in client.list_artifacts(child.info.run_id, d)}

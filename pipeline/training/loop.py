@@ -133,8 +133,10 @@ def train_one_epoch(worker: FoldWorker, state: TrainState, epoch: int, logger: R
         state.progress["step_in_epoch"] += 1
         if logger is not None and (state.step % cfg.log_every == 0 or state.step == 1):
             logged = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
+            # every rank steps in lockstep (DDP), so rank 0's step time gives the run's rate
             logged.update({"train/lr": worker.optimizer.param_groups[0]["lr"], "time/data_s": data_s,
-                           "time/step_s": step_s, "time/data_share": data_s / max(data_s + step_s, 1e-9), "epoch": epoch})
+                           "time/step_s": step_s, "time/data_share": data_s / max(data_s + step_s, 1e-9),
+                           "time/episodes_per_s": batch.target_masks.shape[0] * worker.world / max(data_s + step_s, 1e-9), "epoch": epoch})
             logger.add(logged, state.step)
         if state.progress["step_in_epoch"] == worker.steps_per_epoch:
             state.progress["epoch"], state.progress["step_in_epoch"] = epoch + 1, 0
