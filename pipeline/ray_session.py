@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 from typing import Any
@@ -24,10 +25,38 @@ _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _HOST_PORT = re.compile(r"^[\w.\-]+:\d+$")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+_PORTS_FROM = 20000  # above Ray's worker ports (10002-19999 by default)
+
+
+def free_port(host: str = "") -> int:
+    """A port free on ``host`` now, not handed out before by this process, and below the kernel's
+    ephemeral range. Not ``bind(0)``: that gives an ephemeral port, which the kernel may hand to the
+    next ``bind(0)`` once released, and a starting Ray node picks its other ports that way; the GCS
+    then finds its port taken and the head exits."""
+    low, high = _PORTS_FROM, _ephemeral_low()
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high} on {host or 'any address'}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (Linux default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _job_sets_address() -> bool:
@@ -56,7 +85,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     env_vars: dict[str, str] = {}
     previous_port = os.environ.get(_GCS_PORT_ENV)
     if target is None:
-        port = _free_port()
+        port = free_port()
         os.environ[_GCS_PORT_ENV] = str(port)
         env_vars[_ADDRESS_ENV] = f"{ray.util.get_node_ip_address()}:{port}"
     elif _HOST_PORT.match(target) and not _job_sets_address():

@@ -31,15 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.ray_session import free_port  # noqa: F401  (the tests' one way to choose a port)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "refseg-multinode"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.5, alive=None) -> None:
@@ -284,21 +280,32 @@ class RayCluster:
             args.append(f"--resources={json.dumps(resources)}")
         return args
 
-    def start_head(self, object_store_bytes: int = 400 * 1024**2) -> RayNode:
+    def start_head(self, object_store_bytes: int = 400 * 1024**2, attempts: int = 3) -> RayNode:
+        """Starts the head; a head that exits while starting (a port taken after it was chosen: every
+        attempt chooses new ports) is started again, and the last failure names its log's tail."""
         ip = self._ip()
-        self.gcs_port, self.dashboard_port = free_port(ip), free_port(ip)
         temp_dir = Path(self.workdir) / "ray"  # short: Ray's unix socket paths must stay < 108 chars
-        args = [
-            str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", f"--node-ip-address={ip}",
-            f"--port={self.gcs_port}", f"--dashboard-host={ip}", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port(ip)}", f"--dashboard-agent-listen-port={free_port(ip)}",
-            f"--temp-dir={temp_dir}", f"--object-store-memory={object_store_bytes}",
-            *self._resource_args(self.head_resources),
-        ]
-        node = RayNode(ip, Service("ray-head", args, self.node_env, Path(self.workdir) / "head.log").start(), True)
-        self.nodes.append(node)
-        wait_until(lambda: self._dashboard_up(), 120, "ray head", alive=node.service.alive)
-        return node
+        for attempt in range(1, attempts + 1):
+            self.gcs_port, self.dashboard_port = free_port(ip), free_port(ip)
+            args = [
+                str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", f"--node-ip-address={ip}",
+                f"--port={self.gcs_port}", f"--dashboard-host={ip}", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port(ip)}", f"--dashboard-agent-listen-port={free_port(ip)}",
+                f"--temp-dir={temp_dir}", f"--object-store-memory={object_store_bytes}",
+                *self._resource_args(self.head_resources),
+            ]
+            service = Service("ray-head", args, self.node_env, Path(self.workdir) / f"head-{attempt}.log").start()
+            node = RayNode(ip, service, True)
+            self.nodes.append(node)
+            try:
+                wait_until(lambda: self._dashboard_up(), 120, "ray head", alive=service.alive)
+                return node
+            except (RuntimeError, TimeoutError) as error:
+                self.nodes.remove(node)
+                service.stop()
+                if attempt == attempts:
+                    raise RuntimeError(f"{error} ({attempts} attempts); the last log ends:\n{service.tail()}") from error
+        raise ValueError(f"attempts must be >= 1, not {attempts}")
 
     def add_worker(self, resources: dict[str, float], object_store_bytes: int = 400 * 1024**2) -> RayNode:
         ip = self._ip()
@@ -310,7 +317,10 @@ class RayCluster:
         ]
         node = RayNode(ip, Service(f"ray-worker-{ip}", args, self.node_env, Path(self.workdir) / f"worker-{ip}.log").start(), False)
         self.nodes.append(node)
-        wait_until(lambda: ip in self.alive_node_ips(), 120, f"ray worker {ip}", alive=node.service.alive)
+        try:
+            wait_until(lambda: ip in self.alive_node_ips(), 120, f"ray worker {ip}", alive=node.service.alive)
+        except (RuntimeError, TimeoutError) as error:
+            raise RuntimeError(f"{error}; its log ends:\n{node.service.tail()}") from error
         return node
 
     def stop(self) -> None:

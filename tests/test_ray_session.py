@@ -59,3 +59,25 @@ def test_a_detached_actor_of_the_job_finds_its_cluster_beside_another_ray() -> N
     finally:
         os.killpg(other.pid, signal.SIGTERM)
         other.wait(timeout=60)
+
+
+def test_ports_are_free_distinct_and_never_the_kernels_ephemeral_ones(monkeypatch) -> None:
+    """A starting Ray node takes its other ports with ``bind(0)``, i.e. from the kernel's ephemeral
+    range: a GCS port chosen there may be handed to one of them, and the head exits (seen in CI)."""
+    import socket
+
+    from pipeline import ray_session
+
+    ephemeral_low = ray_session._ephemeral_low()
+    ports = [ray_session.free_port("127.0.0.1") for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(ray_session._PORTS_FROM <= port < ephemeral_low for port in ports)
+    # a port in use is never chosen
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        monkeypatch.setattr(ray_session, "_PORTS_FROM", busy)
+        monkeypatch.setattr(ray_session, "_ephemeral_low", lambda: busy + 2)
+        ray_session._HANDED_OUT.discard(busy + 1)
+        assert ray_session.free_port("127.0.0.1") == busy + 1

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster_helpers import free_port
 from environment import import_or_missing, missing
 from pipeline.store import StoreMismatchError, open_store, verify_store
 
@@ -19,19 +20,13 @@ from test_store_readwrite import KEY, features_of, write_store
 pafs = import_or_missing("pyarrow.fs")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """``127.0.0.1:<port>`` of a moto S3 server (loopback only) with the bucket ``refseg-test``."""
     moto_server = Path(sys.executable).with_name("moto_server")
     if not moto_server.exists():
         missing("moto_server is not installed (pip install 'moto[server]')")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [str(moto_server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
