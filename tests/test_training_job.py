@@ -24,7 +24,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_helpers import free_port
 from coco_helpers import coco_subset
 
 pytestmark = [pytest.mark.real_data, pytest.mark.real_weights, pytest.mark.slow]
@@ -91,7 +91,8 @@ def _statuses(workspace: dict, run_name: str) -> tuple[str, str]:
 
 
 NOISE = ("creating index", "index created", "Found multiple active Ray instances", "PlacementGroupCleaner",
-         "PreemptionWatcher", "A run snapshot was found", "Reporting training result")
+         "PreemptionWatcher", "A run snapshot was found", "Reporting training result", "Successfully registered model",
+         "Created version")
 
 
 def _steps(workspace: dict, run_id: str, key: str = "train/loss") -> list[int]:
@@ -105,7 +106,7 @@ VRP = ["--method", "vrp_sam", "--epochs", "3", "--episodes-per-epoch", "32", "--
 def vrp_run(workspace: dict) -> dict:
     result = _train(workspace, *VRP, "--extract-missing", "--evaluate-untrained", "--baseline", "prototype_matching")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {"stdout": result.stdout, "digest": _tree_digest(workspace["root"] / "stores")}
+    return {"stdout": result.stdout, "stderr": result.stderr, "digest": _tree_digest(workspace["root"] / "stores")}
 
 
 def test_two_worker_run_lands_in_mlflow_and_the_loss_falls(workspace: dict, vrp_run: dict) -> None:
@@ -119,7 +120,8 @@ def test_two_worker_run_lands_in_mlflow_and_the_loss_falls(workspace: dict, vrp_
     assert f"sam feature store {root / 'stores' / 'coco_mini_subset-sam_proxy_mobilenet_v2'}: extracted now" in out
     assert f"training vrp fold 0 on 2 worker(s) (Ray run {root / 'outputs' / 'ray'}/vrp-fold0" in out
     assert out.rstrip().splitlines()[-1] == f"  summary: {root / 'outputs' / 'vrp' / 'summary.json'}"
-    assert not [line for line in out.splitlines() if any(noise in line for noise in NOISE)]
+    noise = [line for line in (out + vrp_run["stderr"]).splitlines() if any(n in line for n in NOISE)]
+    assert not noise, noise
     children = _child_runs(workspace, "vrp")
     assert len(children) == 1
     child = children[0]
@@ -275,12 +277,6 @@ def test_stopped_driver_ends_its_runs_killed_and_resumes_them(workspace: dict, v
     assert done.returncode == 0 and "already finished" in done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def readme_submit_command() -> list[str]:
     """The `ray job submit` command of the README's "Running on a cluster", as tokens."""
     readme = (REPO / "README.md").read_text()
@@ -292,7 +288,7 @@ def readme_submit_command() -> list[str]:
 def test_ray_job_submit_runs_the_readme_command(workspace: dict, vrp_run: dict, coco_mini_dir: Path,
                                                  mobilenet_v2_weights: Path, coco20i_lists_dir: Path) -> None:
     root = workspace["root"]
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # The README's command with the test's data and cluster filled in, the test's size appended.
     filled = {"/abs/refseg-root": str(root), "/abs/instances.json": str(root / "subset.json"),
               "/abs/images": str(coco_mini_dir / "images"), "/abs/mobilenet_v2_imagenet.pth": str(mobilenet_v2_weights),

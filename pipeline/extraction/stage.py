@@ -23,6 +23,7 @@ the writes, :mod:`.chunks` the per-chunk work without Ray.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -251,6 +252,11 @@ def _plan(
     )
 
 
+def _bars_off_notice(record: logging.LogRecord) -> bool:
+    """False for Ray Data's warning that its progress bars are off (we turned them off for our own)."""
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
 def _execute(
     builder: StoreBuilder, pending: list[ShardSpec], plan: _Plan, encoder_kwargs: dict, *, num_actors: int,
     actor_num_cpus: float, decode_num_cpus: float, writer: str, lease_ttl_s: float, progress: bool,
@@ -266,6 +272,14 @@ def _execute(
     saved = (context.execution_options.preserve_order, context.enable_progress_bars)
     context.execution_options.preserve_order = True  # rows arrive in plan order -> streaming writes
     context.enable_progress_bars = False  # one bar (ours, images/s) instead of one per operator
+    # Ray Data's INFO lines (dataset registered, execution plan, finished in N s) stay in its log file
+    # (ray-data.log in the Ray session's logs): the console shows our bar and summary only
+    console = [h for h in logging.getLogger("ray.data").handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    console_levels = [h.level for h in console]
+    for handler in console:
+        handler.setLevel(max(handler.level, logging.WARNING))
+        handler.addFilter(_bars_off_notice)
     try:
         if writer == "actors":
             rows = _actor_writer_dataset(builder, pending, plan, encoder_kwargs, num_actors, actor_num_cpus,
@@ -286,6 +300,9 @@ def _execute(
         raise user_error from error
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
+        for handler, level in zip(console, console_levels):
+            handler.setLevel(level)
+            handler.removeFilter(_bars_off_notice)
 
 
 def _actor_pool(plan: _Plan, num_actors: int, actor_num_cpus: float) -> dict:

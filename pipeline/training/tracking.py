@@ -334,23 +334,31 @@ class RunLogger:
         version's ``models:/<name>/<version>`` URI (also the run's ``refseg.model_uri`` tag).
         """
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.models import Model
 
-        # Model.log works on MLflow's global tracking URI and active experiment (else "Default"), and
-        # registers in the global registry: refseg's registry is the tracking store, whatever
-        # MLFLOW_REGISTRY_URI a parent process left in the environment (mlflow.set_registry_uri sets it)
+        # Model.log works on MLflow's global tracking URI and active experiment (else "Default")
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
         info = Model.log(
             artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=self.run_id, loader_module=LOADER_MODULE, data_path=str(checkpoint),
-            pip_requirements=_pip_requirements(), registered_model_name=registered_name, tags=dict(tags), step=step,
+            pip_requirements=_pip_requirements(), tags=dict(tags), step=step,
             metadata={"refseg_checkpoint": CHECKPOINT_NAME}, model_config=dict(LOAD_CONFIG),
         )
-        registered = self.client.get_registered_model(registered_name)
-        if not registered.description:
-            self.client.update_registered_model(registered_name, description=description)
-        uri = f"models:/{registered_name}/{info.registered_model_version}"
+        # Registered through this run's client (the registry is the tracking store, whatever
+        # MLFLOW_REGISTRY_URI a parent process left), not by Model.log's registered_model_name: that
+        # goes through mlflow.register_model, which prints two lines per fold to stderr.
+        try:
+            self.client.create_registered_model(registered_name, description=description)
+        except MlflowException as error:  # another fold or seed registered it first
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            if not self.client.get_registered_model(registered_name).description:
+                self.client.update_registered_model(registered_name, description=description)
+        version = self.client.create_model_version(
+            registered_name, source=f"models:/{info.model_id}", run_id=self.run_id, tags=dict(tags), model_id=info.model_id,
+        )
+        uri = f"models:/{registered_name}/{version.version}"
         self.client.set_tag(self.run_id, TAG_MODEL, uri)
         return uri
 
