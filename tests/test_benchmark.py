@@ -62,6 +62,7 @@ def write_table(folder: Path, **changes) -> Path:
     ({"colour": "blue"}, "unknown key 'colour'"),
     ({"training": {"recipe": {"seed": 3}}}, "the seeds are the table's 'seeds'"),
     ({"scaling": {"gpus_per_worker": 0.25}}, "scaling.gpus_per_worker needs scaling.use_gpu: true"),
+    ({"training": {"precision": "float16"}}, "training.precision must be one of ('float32', 'bfloat16')"),
 ])
 def test_a_bad_table_is_one_line_naming_the_file_and_the_value(data: dict, change: dict, message: str) -> None:
     path = write_table(data["root"], **change)
@@ -128,6 +129,11 @@ def test_cells_expand_in_order_and_each_is_the_training_job_it_names(data: dict)
     # the same cell twice: the same identity (a re-run finds it)
     again = expand_cells(load_table(write_table(data["root"])), str(data["root"] / "bench"))
     assert again.training[1].run_name == cell.run_name
+    # a bf16 table's cells train at bf16: other cells, other runs
+    training = {"recipe": {"epochs": 1}, "episodes_per_epoch": 16, "test_episodes": 8, "precision": "bfloat16"}
+    bf16 = expand_cells(load_table(write_table(data["root"], training=training)), str(data["root"] / "bench")).training[1]
+    assert bf16.config.precision == "bfloat16" and bf16.run_name != cell.run_name
+    assert configs_from_args(parser.parse_args(shlex.split(bf16.command())[2:]), "coco20i")[0].precision == "bfloat16"
 
 
 def test_tracks_add_evaluation_and_curve_cells(data: dict) -> None:

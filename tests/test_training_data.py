@@ -3,6 +3,7 @@ validation / test manifests, and the checks that refuse bad input before any tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def test_config_round_trips_and_names_runs_deterministically(fold_config: TrainC
     # folds share one configuration (parent run); the recipe is the paper's unless overridden
     assert fold_config.replace(fold=2).default_run_name() == fold_config.default_run_name()
     assert fold_config.replace(shot=5).default_run_name() != fold_config.default_run_name()
+    # a bf16 run is another configuration; at fp32 (the default) the name is the one it had before
+    # the precision field existed (the field is left out of the fingerprint at its default)
+    assert fold_config.replace(precision="bfloat16").default_run_name() != fold_config.default_run_name()
+    payload = {k: v for k, v in fold_config.to_dict().items()
+               if k not in ("fold", "run_name", "storage_path", "experiment", "max_failures", "log_every", "overlays",
+                            "sampler", "mix", "precision")}
+    assert fold_config.fingerprint() == hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
     assert fold_config.recipe.lr == 1e-4 and fold_config.recipe.epochs == 50 and fold_config.batch_per_worker == 4
     assert fold_config.replace(recipe_overrides={"epochs": 3}).recipe.epochs == 3
 
@@ -51,6 +59,7 @@ def test_config_round_trips_and_names_runs_deterministically(fold_config: TrainC
         ({"baselines": ("nope",)}, "unknown baseline"),
         ({"recipe_overrides": {"schedule": "linear"}}, "schedule"),
         ({"method_overrides": {"num_querys": 3}}, "unknown option"),
+        ({"precision": "float16"}, "precision must be one of"),
     ],
 )
 def test_bad_configurations_are_refused_up_front(fold_config: TrainConfig, change: dict, message: str) -> None:

@@ -215,3 +215,28 @@ def test_fused_adamw_updates_like_the_plain_adamw(method):
     error = _relative(fused_update, plain_update)
     print(f"{method}: fused AdamW update relative difference {error:.2e} after 3 steps")
     assert plain_update.norm() > 0 and error < FUSED_ADAMW_BOUND, error
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_loops_train_step_runs_at_the_configured_precision(precision):
+    """``TrainConfig.precision`` reaches the Ray loop's step: its gradient is the one of a step at that
+    precision (and not the other's); weights stay fp32."""
+    from types import SimpleNamespace
+
+    from pipeline.training.loop import train_step
+
+    model = _model("vrp_sam")
+    reference = copy.deepcopy(model)
+    features, targets, valid = _batch("vrp_sam")
+    optimizer = build_optimizer(model, recipe_for("vrp_sam", "coco20i"))
+    worker = SimpleNamespace(
+        model=model, train_model=model, device=torch.device("cpu"), optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), cfg=SimpleNamespace(precision=precision),
+    )
+    train_step(worker, SimpleNamespace(features=features, target_masks=targets.to(torch.uint8)))
+    stepped = _flat(_gradients(model))
+    expected = {p: _step_gradients(reference, features, targets, valid, p)["loss"] for p in ("float32", "bfloat16")}
+    other = "float32" if precision == "bfloat16" else "bfloat16"
+    assert _relative(stepped, expected[precision]) < 1e-6
+    assert _relative(stepped, expected[other]) > 1e-4
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -78,7 +78,8 @@ class TrainingCell:
         for key, flag in (("episodes_per_epoch", "--episodes-per-epoch"), ("val_episodes", "--val-episodes"),
                           ("test_episodes", "--test-episodes"), ("test_seed", "--test-seed"),
                           ("point_style", "--point-style"), ("novel_policy", "--novel-policy"),
-                          ("checkpoints_per_epoch", "--checkpoints-per-epoch"), ("log_every", "--log-every")):
+                          ("checkpoints_per_epoch", "--checkpoints-per-epoch"), ("log_every", "--log-every"),
+                          ("precision", "--precision")):
             if key in training:
                 args += [flag, str(training[key])]
         if training.get("sampler", "episodes") != "episodes":

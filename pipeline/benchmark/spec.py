@@ -35,6 +35,7 @@ from pipeline.data.folds import NUM_FOLDS
 from pipeline.errors import ConfigError
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models, method_class
+from refseg_models.encoders.precision import PRECISIONS
 
 TRACKS = ("unseen", "coco2pascal", "fss1000", "robustness")
 DATASETS = ("coco20i", "pascal5i")
@@ -49,7 +50,7 @@ _DATA_PATHS = ("annotations", "images", "lists_dir", "pascal_root", "pascal_list
 _DATA = (*_DATA_PATHS, "layout", "feature_dataset")
 _ENCODER = ("encoder", "checkpoint", "store")  # builder options: the encoders' defaults (the training job takes none)
 _TRAINING = ("recipe", "method_options", "episodes_per_epoch", "val_episodes", "test_episodes", "test_seed",
-             "point_style", "novel_policy", "crowd", "sampler", "mix", "checkpoints_per_epoch", "log_every")
+             "point_style", "novel_policy", "crowd", "sampler", "mix", "checkpoints_per_epoch", "log_every", "precision")
 _EVALUATION = ("episodes", "seed", "num_workers", "resolution_size")
 _ROBUSTNESS = ("noise_scales", "relative", "episodes")
 _SCALING = ("num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "concurrency", "extraction_workers")
@@ -276,6 +277,8 @@ def parse_table(raw: Any, path: str, folder: Path, environ: dict[str, str] | Non
     _known(training, _TRAINING, f"{path}: training")
     if training.get("point_style", "pixel") not in POINT_STYLES:
         raise ConfigError(f"{path}: training.point_style must be one of {POINT_STYLES}")
+    if training.get("precision", "float32") not in PRECISIONS:
+        raise ConfigError(f"{path}: training.precision must be one of {PRECISIONS}")
     for key in ("recipe", "method_options", "mix"):
         if not isinstance(training.get(key, {}), dict):
             raise ConfigError(f"{path}: training.{key} must be a mapping")

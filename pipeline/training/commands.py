@@ -18,6 +18,7 @@ from pipeline.training.sampler_registry import SAMPLERS
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models, method_config
 from refseg_models.encoders import available_encoders, encoder_options
+from refseg_models.encoders.precision import PRECISIONS
 from refseg_models.encoders.sam_proxy import PROXY_ENCODER as DEFAULT_SAM_ENCODER  # the CPU default (docs/proxy_sam.md)
 
 
@@ -91,6 +92,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     scale.add_argument("--use-gpu", action="store_true")
     scale.add_argument("--cpus-per-worker", type=float, default=1.0)
     scale.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    scale.add_argument("--precision", choices=PRECISIONS, default="float32",
+                       help="training steps' forward and loss: float32, or bfloat16 autocast (GPU); evaluation stays float32")
     scale.add_argument("--ray-address", help="default: RAY_ADDRESS (ray job submit) or an embedded local Ray")
 
     run = parser.add_argument_group("the run")
@@ -186,7 +189,7 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         backbone=StoreSpec(args.backbone, str(Path(args.backbone_checkpoint).resolve()),
                            _location(args.backbone_store) or root.store(feature_dataset, args.backbone)),
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-        loader_workers=args.loader_workers, run_name=args.run_name or "", storage_path=args.storage_path or "",
+        loader_workers=args.loader_workers, precision=args.precision, run_name=args.run_name or "", storage_path=args.storage_path or "",
         experiment=args.experiment, max_failures=args.max_failures, checkpoints_per_epoch=args.checkpoints_per_epoch,
         log_every=args.log_every,
         evaluate_untrained=args.evaluate_untrained, baselines=tuple(args.baseline),

@@ -21,6 +21,7 @@ from pipeline.training.sampler_registry import check_sampler, recipe_dataset
 from refseg_models.annotations import ANNOTATION_TYPES, POINT_STYLES
 from refseg_models.build import available_models, method_class, method_config
 from refseg_models.config import FrozenConfig
+from refseg_models.encoders.precision import PRECISIONS
 from refseg_models.errors import ModelError
 from refseg_models.recipes import Recipe, recipe_for
 
@@ -83,6 +84,9 @@ class TrainConfig(FrozenConfig):
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     loader_workers: int = 0
+    # The trainable model's forward and loss in a training step: "float32", or "bfloat16" autocast (the
+    # tensor-core rate on a GPU; weights, gradients and the optimizer stay fp32). Evaluation runs fp32.
+    precision: str = "float32"
     # -- the run
     run_name: str = ""
     storage_path: str = ""
@@ -120,6 +124,8 @@ class TrainConfig(FrozenConfig):
         if self.cpus_per_worker <= 0 or self.loader_workers < 0 or self.max_failures < -1:
             raise ConfigError("cpus_per_worker must be > 0, loader_workers >= 0, max_failures >= -1")
         check_sampler(self.sampler, self.method)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.mix, MixConfig):
             raise ConfigError(f"mix must be a MixConfig, got {type(self.mix).__name__}")
         try:
@@ -182,6 +188,8 @@ class TrainConfig(FrozenConfig):
         if self.sampler == "episodes" and self.mix == MixConfig():
             # fields added with the samplers: left out at their defaults, so earlier runs keep their names
             payload.pop("sampler"), payload.pop("mix")
+        if self.precision == "float32":  # added later: left out at its default, as above
+            payload.pop("precision")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:

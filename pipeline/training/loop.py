@@ -42,6 +42,7 @@ from pipeline.training.failures import keeps_traceback
 from pipeline.training.state import TrainState, gather_extra_state, save_state, step_seed
 from pipeline.training.tracking import RunLogger
 from pipeline.training.worker import FoldWorker, resume, setup_worker
+from refseg_models.encoders.precision import encoder_autocast
 
 
 @keeps_traceback  # a user error ends the run without a retry, its traceback kept for the driver's log
@@ -153,8 +154,9 @@ def train_step(worker: FoldWorker, batch: EpisodeBatch) -> dict[str, torch.Tenso
     targets = (batch.target_masks == 1).float().to(device)
     valid = (batch.target_masks != 255).float().to(device)
     features = batch.features.to(device)
-    outputs = worker.train_model(features)
-    losses = model.loss(outputs, targets, valid)
+    with encoder_autocast(device, worker.cfg.precision):  # bf16: forward and loss; backward follows autocast's casts
+        outputs = worker.train_model(features)
+        losses = model.loss(outputs, targets, valid)
     worker.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     worker.optimizer.step()

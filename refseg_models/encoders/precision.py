@@ -28,7 +28,8 @@ def check_precision(precision: str) -> str:
 
 
 def encoder_autocast(device: torch.device | str, precision: str) -> ContextManager:
-    """The context an encoder's forward runs in on ``device`` at ``precision``."""
+    """The context a forward runs in on ``device`` at ``precision``: a frozen encoder's during
+    extraction, and a training step's forward and loss (``TrainConfig.precision``)."""
     if check_precision(precision) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
