@@ -49,8 +49,11 @@ class Root:
             return "/".join([self.location.rstrip("/"), *parts])
         return str(Path(self.location, *parts))
 
-    def store(self, feature_dataset: str, encoder: str) -> str:
-        return self.join("stores", f"{feature_dataset}-{encoder}")
+    def store(self, feature_dataset: str, encoder: str, precision: str = "float32") -> str:
+        """``<root>/stores/<feature dataset>-<encoder>``, ``-<precision>`` appended when not fp32 (a bf16
+        extraction is another feature set: it gets a store of its own)."""
+        suffix = "" if precision == "float32" else f"-{precision}"
+        return self.join("stores", f"{feature_dataset}-{encoder}{suffix}")
 
     @property
     def prepared(self) -> str:

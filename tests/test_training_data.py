@@ -41,9 +41,15 @@ def test_config_round_trips_and_names_runs_deterministically(fold_config: TrainC
     # a bf16 run is another configuration; at fp32 (the default) the name is the one it had before
     # the precision field existed (the field is left out of the fingerprint at its default)
     assert fold_config.replace(precision="bfloat16").default_run_name() != fold_config.default_run_name()
+    bf16_store = fold_config.replace(backbone=fold_config.backbone.replace(precision="bfloat16"))
+    assert bf16_store.default_run_name() != fold_config.default_run_name()
+    # the fingerprint of the configuration as it was before the fields added later (sampler, mix, the
+    # precisions): all at their defaults, so earlier runs keep their names
     payload = {k: v for k, v in fold_config.to_dict().items()
                if k not in ("fold", "run_name", "storage_path", "experiment", "max_failures", "log_every", "overlays",
                             "sampler", "mix", "precision")}
+    for role in ("sam", "backbone"):
+        payload[role] = {k: v for k, v in payload[role].items() if k != "precision"}
     assert fold_config.fingerprint() == hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
     assert fold_config.recipe.lr == 1e-4 and fold_config.recipe.epochs == 50 and fold_config.batch_per_worker == 4
     assert fold_config.replace(recipe_overrides={"epochs": 3}).recipe.epochs == 3
@@ -60,6 +66,7 @@ def test_config_round_trips_and_names_runs_deterministically(fold_config: TrainC
         ({"recipe_overrides": {"schedule": "linear"}}, "schedule"),
         ({"method_overrides": {"num_querys": 3}}, "unknown option"),
         ({"precision": "float16"}, "precision must be one of"),
+        ({"backbone": StoreSpec("mobilenet_v2", precision="fp8")}, "backbone.precision must be one of"),
     ],
 )
 def test_bad_configurations_are_refused_up_front(fold_config: TrainConfig, change: dict, message: str) -> None:
@@ -132,6 +139,7 @@ def test_missing_and_mismatched_stores_are_named(fold_config: TrainConfig, tmp_p
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         extract_store(items, str(tmp_path / "small"), encoder, "coco_mini", progress=False)
+        extract_store(items, str(tmp_path / "small_bf16"), encoder, "coco_mini", progress=False, precision="bfloat16")
         with pytest.raises(Stopped):
             extract_store(items, str(tmp_path / "cut"), encoder, "coco_mini", progress=False, images_per_shard=1,
                           on_shard_done=stop)
@@ -152,6 +160,14 @@ def test_missing_and_mismatched_stores_are_named(fold_config: TrainConfig, tmp_p
     other = cfg.replace(backbone=StoreSpec("mobilenet_v2", None, str(tmp_path / "small")))
     with pytest.raises(DataError, match=f"weights_sha256: store has '{sha}', requested 'random-init'"):
         open_frozen_features(other, spec, live_backbone=False)
+    # a bf16 extraction is read by a configuration that says so, and by no other
+    bf16 = cfg.replace(backbone=StoreSpec("mobilenet_v2", str(mobilenet_v2_weights), str(tmp_path / "small_bf16"),
+                                          precision="bfloat16"))
+    assert open_frozen_features(bf16, spec, {items[0][0]}, live_backbone=False).stores["backbone"]
+    with pytest.raises(DataError, match="precision: store has 'bfloat16', requested 'float32'"):
+        open_frozen_features(bf16.replace(backbone=bf16.backbone.replace(precision="float32")), spec, live_backbone=False)
+    with pytest.raises(DataError, match="precision: store has 'float32', requested 'bfloat16'"):
+        open_frozen_features(cfg.replace(backbone=cfg.backbone.replace(precision="bfloat16")), spec, live_backbone=False)
     with pytest.raises(ConfigError, match="training-free: nothing to train"):
         cfg.replace(method="prototype_matching")
 
@@ -193,3 +209,21 @@ def test_the_fold_data_is_described_in_words(fold_data, fold_config: TrainConfig
     assert missing > 100_000 and any(f"the official lists name {missing} (class, image) entries whose image is not in this "
                                      "dataset" in line for line in lines)
     assert not any("skipped" in line for line in lines)
+
+
+def test_a_bf16_store_is_named_by_the_command_line_and_gets_a_location_of_its_own(tmp_path: Path) -> None:
+    import argparse
+
+    from pipeline.training.commands import add_train_arguments, configs_from_args
+    from pipeline.training.features import extraction_command
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser, "coco20i")
+    common = ["--annotations", "a.json", "--images", "images", "--backbone-checkpoint", "b.pth", "--root", str(tmp_path)]
+    plain, _ = configs_from_args(parser.parse_args(common), "coco20i")
+    bf16, _ = configs_from_args(parser.parse_args([*common, "--sam-precision", "bfloat16"]), "coco20i")
+    assert (plain.sam.precision, bf16.sam.precision, bf16.backbone.precision) == ("float32", "bfloat16", "float32")
+    assert bf16.sam.store == plain.sam.store + "-bfloat16" and bf16.backbone.store == plain.backbone.store
+    assert "--precision bfloat16" in extraction_command(bf16, "sam")
+    assert "--precision" not in extraction_command(plain, "sam")
+    assert bf16.default_run_name() != plain.default_run_name()

@@ -85,6 +85,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     frozen.add_argument("--backbone", default="mobilenet_v2", choices=available_encoders())
     frozen.add_argument("--backbone-checkpoint", required=True, help="backbone weights file")
     frozen.add_argument("--backbone-store", help="default: <root>/stores/<feature dataset>-<backbone>")
+    for role in ("sam", "backbone"):
+        frozen.add_argument(f"--{role}-precision", choices=PRECISIONS, default="float32",
+                            help=f"what the {role} encoder ran in for its store (refseg extract --precision; a bfloat16 "
+                                 f"store's default location ends in -bfloat16)")
     frozen.add_argument("--extract-missing", action="store_true", help="extract missing stores first")
 
     scale = parser.add_argument_group("scaling")
@@ -170,8 +174,8 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         # Builder options that are paths (the proxy SAM's MobileNetV2 weights) stay out of the config record.
         sam_paths = {"backbone_checkpoint": args.backbone_checkpoint} if "backbone_checkpoint" in encoder_options(args.sam_encoder) else {}
         sam = StoreSpec(args.sam_encoder, str(Path(sam_checkpoint).resolve()),
-                        _location(args.sam_store) or root.store(feature_dataset, args.sam_encoder),
-                        path_options={k: str(Path(v).resolve()) for k, v in sam_paths.items()})
+                        _location(args.sam_store) or root.store(feature_dataset, args.sam_encoder, args.sam_precision),
+                        path_options={k: str(Path(v).resolve()) for k, v in sam_paths.items()}, precision=args.sam_precision)
     recipe = dict(args.recipe_options)
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
@@ -187,7 +191,8 @@ def configs_from_args(args: argparse.Namespace, dataset: str) -> tuple[TrainConf
         test_seed=args.test_seed, feature_dataset=feature_dataset,
         sam=sam, sampler=args.sampler, mix=_mix_config(args) if args.sampler != "episodes" else MixConfig(),
         backbone=StoreSpec(args.backbone, str(Path(args.backbone_checkpoint).resolve()),
-                           _location(args.backbone_store) or root.store(feature_dataset, args.backbone)),
+                           _location(args.backbone_store) or root.store(feature_dataset, args.backbone, args.backbone_precision),
+                           precision=args.backbone_precision),
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         loader_workers=args.loader_workers, precision=args.precision, run_name=args.run_name or "", storage_path=args.storage_path or "",
         experiment=args.experiment, max_failures=args.max_failures, checkpoints_per_epoch=args.checkpoints_per_epoch,

@@ -36,7 +36,8 @@ class StoreSpec(FrozenConfig):
     sha256 is part of the store's feature-set key); ``options``: builder options with no paths
     (e.g. ``{"preprocessing": ...}``); ``path_options``: builder options that are paths (e.g. the
     proxy SAM's ``backbone_checkpoint``), kept apart so checkpoints never record machine paths;
-    ``store``: the store location (path or ``s3://``).
+    ``store``: the store location (path or ``s3://``); ``precision``: what the encoder ran in when the
+    store was extracted (``refseg extract --precision``; part of the store's feature-set key).
     """
 
     encoder: str = ""
@@ -44,6 +45,7 @@ class StoreSpec(FrozenConfig):
     store: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     path_options: dict[str, str] = field(default_factory=dict)
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,10 @@ class TrainConfig(FrozenConfig):
         if self.cpus_per_worker <= 0 or self.loader_workers < 0 or self.max_failures < -1:
             raise ConfigError("cpus_per_worker must be > 0, loader_workers >= 0, max_failures >= -1")
         check_sampler(self.sampler, self.method)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for what, precision in (("precision", self.precision), ("sam.precision", self.sam.precision),
+                                ("backbone.precision", self.backbone.precision)):
+            if precision not in PRECISIONS:
+                raise ConfigError(f"{what} must be one of {PRECISIONS}, got {precision!r}")
         if not isinstance(self.mix, MixConfig):
             raise ConfigError(f"mix must be a MixConfig, got {type(self.mix).__name__}")
         try:
@@ -188,8 +192,11 @@ class TrainConfig(FrozenConfig):
         if self.sampler == "episodes" and self.mix == MixConfig():
             # fields added with the samplers: left out at their defaults, so earlier runs keep their names
             payload.pop("sampler"), payload.pop("mix")
-        if self.precision == "float32":  # added later: left out at its default, as above
+        if self.precision == "float32":  # added later: left out at their defaults, as above
             payload.pop("precision")
+        for role in ("sam", "backbone"):
+            if payload[role].get("precision") == "float32":
+                payload[role].pop("precision")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_run_name(self) -> str:

@@ -36,7 +36,8 @@ def expected_key(cfg: TrainConfig, role: str, identity: EncoderIdentity | None =
     """The feature-set key the store of ``role`` must have for this configuration (``identity``: the
     encoder's, when known already)."""
     identity = identity or encoder_identity(getattr(cfg, role))
-    return FeatureSetKey(cfg.feature_dataset, identity.encoder_id, identity.weights_sha256, identity.preprocessing_id, STORE_DTYPE)
+    return FeatureSetKey(cfg.feature_dataset, identity.encoder_id, identity.weights_sha256, identity.preprocessing_id, STORE_DTYPE,
+                         getattr(cfg, role).precision)
 
 
 def extraction_command(cfg: TrainConfig, role: str) -> str:
@@ -47,6 +48,8 @@ def extraction_command(cfg: TrainConfig, role: str) -> str:
     ]
     if spec.checkpoint:
         parts.append(f"--checkpoint {spec.checkpoint}")
+    if spec.precision != "float32":
+        parts.append(f"--precision {spec.precision}")
     options = {**spec.options, **spec.path_options}
     if options:
         import json

@@ -153,7 +153,7 @@ def prepare_stores(cfg: TrainConfig, extract_missing: bool, workers: int = 1) ->
                 encoder_options={**store.options, **store.path_options},
                 coco_annotations=cfg.annotations if cfg.dataset == "coco20i" else None,
                 image_dir=cfg.images if cfg.dataset == "coco20i" else str(Path(cfg.images) / "JPEGImages"),
-                num_actors=workers,
+                num_actors=workers, precision=store.precision,
             )
         )
         print(summary.text(), flush=True)

@@ -104,7 +104,7 @@ def _extract(cfg: TrainConfig, data: Any, uri: str, group: list[ResolvedPart], w
     print(f"extracting {len(items)} images / views into {uri} ({b.encoder}) ...", flush=True)
     summary = extract(
         sorted(items.items()), uri, encoder, group[0].part.feature_dataset, num_actors=workers, progress=False,
-        config={"segic_mix": [one.part.spec.to_dict() for one in group]},
+        precision=b.precision, config={"segic_mix": [one.part.spec.to_dict() for one in group]},
     )
     print(summary.text(), flush=True)
     if summary.failed:
