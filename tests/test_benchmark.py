@@ -63,6 +63,8 @@ def write_table(folder: Path, **changes) -> Path:
     ({"training": {"recipe": {"seed": 3}}}, "the seeds are the table's 'seeds'"),
     ({"scaling": {"gpus_per_worker": 0.25}}, "scaling.gpus_per_worker needs scaling.use_gpu: true"),
     ({"training": {"precision": "float16"}}, "training.precision must be one of ('float32', 'bfloat16')"),
+    ({"encoders": {"sam": {"precision": "half"}, "backbone": {"encoder": "mobilenet_v2", "checkpoint": "b.pth"}}},
+     "encoders.sam.precision must be one of ('float32', 'bfloat16')"),
 ])
 def test_a_bad_table_is_one_line_naming_the_file_and_the_value(data: dict, change: dict, message: str) -> None:
     path = write_table(data["root"], **change)
@@ -134,6 +136,11 @@ def test_cells_expand_in_order_and_each_is_the_training_job_it_names(data: dict)
     bf16 = expand_cells(load_table(write_table(data["root"], training=training)), str(data["root"] / "bench")).training[1]
     assert bf16.config.precision == "bfloat16" and bf16.run_name != cell.run_name
     assert configs_from_args(parser.parse_args(shlex.split(bf16.command())[2:]), "coco20i")[0].precision == "bfloat16"
+    # a bf16 SAM store: its own store, read at bf16 by every cell
+    encoders = {"sam": {"precision": "bfloat16"}, "backbone": {"encoder": "mobilenet_v2", "checkpoint": "backbone.pth"}}
+    bf16 = expand_cells(load_table(write_table(data["root"], encoders=encoders)), str(data["root"] / "bench")).training[1]
+    assert (bf16.config.sam.precision, bf16.config.backbone.precision) == ("bfloat16", "float32")
+    assert bf16.config.sam.store == cfg.sam.store + "-bfloat16" and bf16.config.backbone.store == cfg.backbone.store
 
 
 def test_tracks_add_evaluation_and_curve_cells(data: dict) -> None:

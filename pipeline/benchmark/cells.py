@@ -91,6 +91,9 @@ class TrainingCell:
             args += ["--sam-store", sam.store]
         if backbone.store:
             args += ["--backbone-store", backbone.store]
+        for role, encoder in (("sam", sam), ("backbone", backbone)):
+            if encoder.precision != "float32":
+                args += [f"--{role}-precision", encoder.precision]
         args += ["--num-workers", str(scaling.num_workers), "--cpus-per-worker", str(scaling.cpus_per_worker)]
         if scaling.use_gpu:
             args.append("--use-gpu")

@@ -48,7 +48,7 @@ _TOP = ("name", "description", "experiment", "tracks", "dataset", "methods", "ba
         "evaluation", "robustness", "scaling")
 _DATA_PATHS = ("annotations", "images", "lists_dir", "pascal_root", "pascal_lists", "fss1000_root", "fss1000_lists")
 _DATA = (*_DATA_PATHS, "layout", "feature_dataset")
-_ENCODER = ("encoder", "checkpoint", "store")  # builder options: the encoders' defaults (the training job takes none)
+_ENCODER = ("encoder", "checkpoint", "store", "precision")  # builder options: the encoders' defaults (the training job takes none)
 _TRAINING = ("recipe", "method_options", "episodes_per_epoch", "val_episodes", "test_episodes", "test_seed",
              "point_style", "novel_policy", "crowd", "sampler", "mix", "checkpoints_per_epoch", "log_every", "precision")
 _EVALUATION = ("episodes", "seed", "num_workers", "resolution_size")
@@ -59,11 +59,13 @@ _SCALING = ("num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker", "con
 @dataclass(frozen=True)
 class EncoderSpec:
     """A frozen encoder of the table: registry name, weights file (None: the proxy SAM's shipped
-    file), store location (None: ``<root>/stores/<feature dataset>-<encoder>``)."""
+    file), store location (None: ``<root>/stores/<feature dataset>-<encoder>``, ``-bfloat16`` appended
+    for a bf16 store), precision the encoder runs in for its store (``refseg extract --precision``)."""
 
     encoder: str
     checkpoint: str | None = None
     store: str | None = None
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,10 @@ def _encoders(raw: dict[str, Any], path: str, folder: Path) -> dict[str, Encoder
         if entry["encoder"] not in available_encoders():
             raise ConfigError(f"{path}: encoders.{role}: unknown encoder {entry['encoder']!r}; "
                               f"available: {', '.join(available_encoders())}")
-        out[role] = EncoderSpec(entry["encoder"], _resolve(folder, entry.get("checkpoint")), _resolve(folder, entry.get("store")))
+        if entry.get("precision", "float32") not in PRECISIONS:
+            raise ConfigError(f"{path}: encoders.{role}.precision must be one of {PRECISIONS}")
+        out[role] = EncoderSpec(entry["encoder"], _resolve(folder, entry.get("checkpoint")), _resolve(folder, entry.get("store")),
+                                entry.get("precision", "float32"))
     if out["backbone"].checkpoint is None:
         raise ConfigError(f"{path}: encoders.backbone.checkpoint is required (the backbone's weights file)")
     if out["sam"].encoder != PROXY_ENCODER and out["sam"].checkpoint is None:
