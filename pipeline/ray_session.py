@@ -35,6 +35,8 @@ def free_port(host: str = "") -> int:
     next ``bind(0)`` once released, and a starting Ray node picks its other ports that way; the GCS
     then finds its port taken and the head exits."""
     low, high = _PORTS_FROM, _ephemeral_low()
+    if high <= low:  # a kernel whose ephemeral range starts below 20000: the ports above Ray's, all of them
+        high = 65536
     rng = random.Random()
     for _ in range(1000):
         port = rng.randrange(low, high)

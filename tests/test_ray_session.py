@@ -81,3 +81,10 @@ def test_ports_are_free_distinct_and_never_the_kernels_ephemeral_ones(monkeypatc
         monkeypatch.setattr(ray_session, "_ephemeral_low", lambda: busy + 2)
         ray_session._HANDED_OUT.discard(busy + 1)
         assert ray_session.free_port("127.0.0.1") == busy + 1
+
+
+def test_a_kernel_whose_ephemeral_range_starts_low_still_gets_a_port(monkeypatch) -> None:
+    from pipeline import ray_session
+
+    monkeypatch.setattr(ray_session, "_ephemeral_low", lambda: 10000)
+    assert ray_session._PORTS_FROM <= ray_session.free_port("127.0.0.1") < 65536
